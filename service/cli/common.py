@@ -1,0 +1,91 @@
+"""What every command shares: building settings once, running a coroutine, and turning domain
+errors into one clear line and an exit code.
+
+Exit codes: 0 ok, 1 unexpected, 2 bad input (unknown patient, bad setting or file),
+3 the FHIR server could not be reached or failed, 4 the model or prompt could not be used.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import sys
+from collections.abc import Callable, Coroutine
+from typing import Any, NoReturn, TypeVar
+
+import click
+from pydantic import ValidationError
+
+from fhir_adapters.errors import FhirError, FhirPermanentError, FhirRetryableError
+from service.config import Settings
+from service.llm.base import EngineError
+from service.logging import configure_logging
+from service.prompts import PromptError
+
+T = TypeVar("T")
+
+EXIT_BAD_INPUT = 2
+EXIT_SERVER = 3
+EXIT_MODEL = 4
+
+
+def fail(message: str, code: int) -> NoReturn:
+    click.echo(f"chartbrief: {message}", err=True)
+    sys.exit(code)
+
+
+def build_settings(**overrides: Any) -> Settings:
+    """Settings from the environment, with command-line values (already env-aware) on top."""
+    try:
+        settings = Settings()
+        data = settings.model_dump()
+        for dotted, value in overrides.items():
+            if value is None:
+                continue
+            section, _, name = dotted.partition("__")
+            if name:
+                data[section][name] = value
+            else:
+                data[section] = value
+        settings = Settings.model_validate(data)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"CHARTBRIEF_{'__'.join(str(p).upper() for p in err['loc'])}: {err['msg']}" for err in exc.errors()
+        )
+        fail(f"invalid setting: {problems}", EXIT_BAD_INPUT)
+    configure_logging(fmt=settings.log_format, level=settings.log_level)
+    return settings
+
+
+def describe_fhir_error(exc: FhirError) -> str:
+    where = f" ({exc.url})" if getattr(exc, "url", None) else ""
+    status = f"HTTP {exc.status}: " if exc.status else ""
+    return f"{type(exc).__name__}{where}: {status}{exc.diagnostics}"
+
+
+def run(coro_fn: Callable[..., Coroutine[Any, Any, T]]) -> Callable[..., T]:
+    """Run an async command body and map domain errors to exit codes."""
+
+    @functools.wraps(coro_fn)
+    def wrapper(*args: Any, **kwargs: Any) -> T:
+        try:
+            return asyncio.run(coro_fn(*args, **kwargs))
+        except FhirPermanentError as exc:
+            fail(describe_fhir_error(exc), EXIT_BAD_INPUT)
+        except FhirRetryableError as exc:
+            fail(describe_fhir_error(exc), EXIT_SERVER)
+        except FhirError as exc:
+            fail(describe_fhir_error(exc), EXIT_SERVER)
+        except (EngineError, PromptError) as exc:
+            fail(str(exc), EXIT_MODEL)
+
+    return wrapper
+
+
+fhir_base_option = click.option(
+    "--fhir-base",
+    envvar="CHARTBRIEF_FHIR__BASE_URL",
+    show_envvar=True,
+    required=True,
+    help="FHIR R4 base URL (the EHR, HAPI's sandbox, or a local server).",
+)

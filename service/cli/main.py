@@ -1,0 +1,23 @@
+"""`chartbrief` - the command-line entry. Each command lives in its own module and calls one
+function of the service layer."""
+
+from __future__ import annotations
+
+import click
+
+from service.cli.sandbox import sandbox
+from service.cli.summarize import summarize
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="chartbrief")
+def cli() -> None:
+    """Grounded, AI-labelled clinical summaries from a FHIR R4 server, with a local model."""
+
+
+cli.add_command(summarize)
+cli.add_command(sandbox)
+
+
+def main() -> None:
+    cli()

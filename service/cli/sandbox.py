@@ -1,0 +1,46 @@
+"""`chartbrief sandbox load`: put Synthea test patients into a FHIR sandbox (HAPI's or a local one)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+from fhir_adapters.client import FhirClient
+from fhir_adapters.sandbox import load_files
+from service.cli.common import EXIT_BAD_INPUT, build_settings, fail, fhir_base_option, run
+
+
+@click.group()
+def sandbox() -> None:
+    """Developer sandbox: load Synthea patients."""
+
+
+@sandbox.command("load")
+@fhir_base_option
+@click.option("--json", "as_json", is_flag=True, help="Print {\"patients\": [{id, name, source_file}]}.")
+@click.argument("files", nargs=-1, required=True, type=click.Path(path_type=Path))
+@run
+async def load(fhir_base: str, as_json: bool, files: tuple[Path, ...]) -> None:
+    """Load Synthea transaction bundles (.json or .json.gz) into a FHIR server.
+
+    Synthea 3.x conditional references to practitioners, organizations and locations are
+    created first, so every bundle loads on a fresh server.
+    """
+    missing = [str(f) for f in files if not f.is_file()]
+    if missing:
+        fail(f"no such file: {', '.join(missing)}", EXIT_BAD_INPUT)
+    settings = build_settings(fhir__base_url=fhir_base)
+    async with FhirClient.from_settings(settings.fhir) as client:
+        loaded = await load_files(client, list(files))
+    if as_json:
+        click.echo(
+            json.dumps(
+                {"patients": [{"id": p.id, "name": p.name, "source_file": p.source_file} for p in loaded]},
+                indent=2,
+            )
+        )
+    else:
+        for p in loaded:
+            click.echo(f"{p.id}\t{p.name}\t{p.source_file}\t{p.resources} resources")
