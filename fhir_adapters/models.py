@@ -111,6 +111,7 @@ class Fact:
     code: str | None = None  # system|code of the main coding, when coded
     display: str | None = None  # the main human label (condition name, medication name, lab name)
     value: str | None = None  # value with unit for observations ("7.2 %")
+    category: str | None = None  # Observation category code ("laboratory", "vital-signs", "survey", ...)
 
 
 @dataclass

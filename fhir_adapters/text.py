@@ -70,6 +70,29 @@ def decode_base64(data: str) -> bytes:
         raise UnsupportedContent("attachment data is not valid base64") from exc
 
 
+def ensure_supported(content_type: str | None) -> tuple[str, str]:
+    """The media type and the Python codec to decode it with; raises when chartbrief cannot read it.
+
+    >>> ensure_supported("text/markdown; charset=latin-1")
+    ('text/markdown', 'iso8859-1')
+    >>> ensure_supported("text/plain; charset=klingon")
+    Traceback (most recent call last):
+    ...
+    fhir_adapters.text.UnsupportedContent: unknown charset klingon
+    """
+    media, charset = parse_content_type(content_type)
+    if not media:
+        raise UnsupportedContent("missing contentType")
+    if media not in SUPPORTED_TYPES:
+        raise UnsupportedContent(f"unsupported contentType {media}")
+    try:
+        codec = codecs.lookup(charset or "utf-8").name
+    except LookupError as exc:
+        raise UnsupportedContent(f"unknown charset {charset}") from exc
+    # utf-8-sig drops a byte-order mark that would otherwise start the first line.
+    return media, "utf-8-sig" if codec == "utf-8" else codec
+
+
 def decode_text(content: bytes, content_type: str | None) -> str:
     """Readable text of an attachment: its charset honoured (UTF-8 when none), HTML stripped.
 
@@ -82,19 +105,7 @@ def decode_text(content: bytes, content_type: str | None) -> str:
     ...
     fhir_adapters.text.UnsupportedContent: unsupported contentType application/pdf
     """
-    media, charset = parse_content_type(content_type)
-    if not media:
-        raise UnsupportedContent("missing contentType")
-    if media not in SUPPORTED_TYPES:
-        raise UnsupportedContent(f"unsupported contentType {media}")
-    encoding = charset or "utf-8"
-    try:
-        codecs.lookup(encoding)
-    except LookupError as exc:
-        raise UnsupportedContent(f"unknown charset {encoding}") from exc
-    # utf-8-sig drops a byte-order mark that would otherwise start the first line.
-    if codecs.lookup(encoding).name == "utf-8":
-        encoding = "utf-8-sig"
+    media, encoding = ensure_supported(content_type)
     # A few undecodable bytes should not cost the whole note; they become U+FFFD.
     text = content.decode(encoding, errors="replace")
     if media in (HTML, "application/xhtml+xml"):
@@ -107,12 +118,15 @@ class _TextExtractor(HTMLParser):
         super().__init__(convert_charrefs=True)
         self.parts: list[str] = []
         self._hidden_depth = 0
+        self._pre_depth = 0
 
     def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:  # noqa: ARG002
         if tag in _HIDDEN_TAGS:
             self._hidden_depth += 1
         elif tag in _BLOCK_TAGS:
             self.parts.append("\n")
+            if tag == "pre":
+                self._pre_depth += 1
 
     def handle_startendtag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:  # noqa: ARG002
         if tag in _BLOCK_TAGS:
@@ -123,23 +137,28 @@ class _TextExtractor(HTMLParser):
             self._hidden_depth = max(0, self._hidden_depth - 1)
         elif tag in _BLOCK_TAGS:
             self.parts.append("\n")
+            if tag == "pre":
+                self._pre_depth = max(0, self._pre_depth - 1)
 
     def handle_data(self, data: str) -> None:
-        if not self._hidden_depth:
-            self.parts.append(data)
+        if self._hidden_depth:
+            return
+        # Outside <pre>, HTML collapses whitespace: source line breaks are not the reader's.
+        self.parts.append(data if self._pre_depth else re.sub(r"\s+", " ", data))
 
 
 def html_to_text(html: str) -> str:
     """Visible text of an HTML document, one line per block element; script and style dropped.
 
-    >>> html_to_text("<html><head><style>p{}</style></head><body><h1>Plan</h1>"
-    ...              "<p>Start <b>metformin</b> &amp; diet.</p><ul><li>A1c</li><li>BMP</li></ul></body></html>")
+    >>> html_to_text("<html><head><style>p{}</style></head><body><h1>Plan</h1><p>Start"
+    ...              " <b>metformin</b> &amp;\\n  diet.</p><ul><li>A1c</li><li>BMP</li></ul></body></html>")
     'Plan\\nStart metformin & diet.\\nA1c\\nBMP'
     """
     parser = _TextExtractor()
     parser.feed(html)
     parser.close()
-    return tidy_text("".join(parser.parts))
+    lines = (line.strip() for line in "".join(parser.parts).split("\n"))
+    return "\n".join(line for line in lines if line)
 
 
 def tidy_text(text: str) -> str:

@@ -147,11 +147,13 @@ def compose_markdown(
     if kept:
         lines += [f"- {c.text} [{', '.join(c.citations)}]" for c in kept]
     else:
-        lines.append("_No model statement could be verified against the record; see the coded sections above._")
+        lines.append(
+            "_No model statement could be verified against the record; see the coded sections above._"
+        )
     if dropped:
         lines += [
             "",
-            f"_{len(dropped)} model statement(s) were removed because the cited sources do not support them._",
+            f"_{len(dropped)} model statement(s) removed: the cited sources do not support them._",
         ]
     if omitted:
         left = ", ".join(f"{n} {kind}" for kind, n in sorted(omitted.items()))
@@ -177,9 +179,11 @@ def structured_json(
     structured: StructuredSummary, kept: list[Claim], dropped: list[DroppedClaim], ctx: ClinicalContext
 ) -> dict[str, Any]:
     by_key = ctx.by_key()
-    keys = structured.cited_keys() | {k for c in kept for k in c.citations} | {
-        k for d in dropped for k in d.claim.citations if k in by_key
-    }
+    keys = (
+        structured.cited_keys()
+        | {k for c in kept for k in c.citations}
+        | {k for d in dropped for k in d.claim.citations if k in by_key}
+    )
     return {
         "structured": structured.to_json(),
         "narrative": [{"text": c.text, "citations": list(c.citations)} for c in kept],
@@ -212,7 +216,12 @@ async def summarize_patient(
         encounter_ref = ctx.encounter
         inputs = record.sources
         key = idempotency_key(inputs, rendered.identity, svc.engine.identity, encounter_ref)
-        log.info("summary.generate", facts=len(ctx.facts), notes=len(record.notes), packed=len(packed.facts_included))
+        log.info(
+            "summary.generate",
+            facts=len(ctx.facts),
+            notes=len(record.notes),
+            packed=len(packed.facts_included),
+        )
         gen_started = time.perf_counter()
         generation = await svc.engine.generate(request)
         generated = time.perf_counter()

@@ -13,11 +13,13 @@ from typing import Any
 import pytest
 import yaml
 
+from service.cli.main import cli
+
 ROOT = Path(__file__).resolve().parents[1]
 DOCKER = ROOT / "docker"
 DOCKERFILES = [DOCKER / "Dockerfile", DOCKER / "Dockerfile.cuda"]
 # The CLI's subcommands; kept in step with service.cli.main.
-SUBCOMMANDS = {"serve", "summarize", "sandbox", "batch"}
+SUBCOMMANDS = set(cli.commands)
 MODEL_SUFFIXES = (".gguf", ".bin", ".safetensors", ".pt", ".onnx")
 
 

@@ -50,7 +50,8 @@ def build_settings(**overrides: Any) -> Settings:
         settings = Settings.model_validate(data)
     except ValidationError as exc:
         problems = "; ".join(
-            f"CHARTBRIEF_{'__'.join(str(p).upper() for p in err['loc'])}: {err['msg']}" for err in exc.errors()
+            f"CHARTBRIEF_{'__'.join(str(p).upper() for p in err['loc'])}: {err['msg']}"
+            for err in exc.errors()
         )
         fail(f"invalid setting: {problems}", EXIT_BAD_INPUT)
     configure_logging(fmt=settings.log_format, level=settings.log_level)

@@ -8,7 +8,7 @@ from pathlib import Path
 import click
 
 from fhir_adapters.client import FhirClient
-from fhir_adapters.sandbox import load_files
+from fhir_adapters.sandbox import LoadFailure, load_files
 from service.cli.common import EXIT_BAD_INPUT, build_settings, fail, fhir_base_option, run
 
 
@@ -19,10 +19,17 @@ def sandbox() -> None:
 
 @sandbox.command("load")
 @fhir_base_option
-@click.option("--json", "as_json", is_flag=True, help="Print {\"patients\": [{id, name, source_file}]}.")
+@click.option("--json", "as_json", is_flag=True, help='Print {"patients": [{id, name, source_file}]}.')
+@click.option(
+    "--timeout",
+    default=300.0,
+    show_default=True,
+    type=click.FloatRange(1, 3600),
+    help="Seconds one request may take (a 1,000-entry transaction is slow on some servers).",
+)
 @click.argument("files", nargs=-1, required=True, type=click.Path(path_type=Path))
 @run
-async def load(fhir_base: str, as_json: bool, files: tuple[Path, ...]) -> None:
+async def load(fhir_base: str, as_json: bool, timeout: float, files: tuple[Path, ...]) -> None:
     """Load Synthea transaction bundles (.json or .json.gz) into a FHIR server.
 
     Synthea 3.x conditional references to practitioners, organizations and locations are
@@ -31,16 +38,20 @@ async def load(fhir_base: str, as_json: bool, files: tuple[Path, ...]) -> None:
     missing = [str(f) for f in files if not f.is_file()]
     if missing:
         fail(f"no such file: {', '.join(missing)}", EXIT_BAD_INPUT)
-    settings = build_settings(fhir__base_url=fhir_base)
+    settings = build_settings(fhir__base_url=fhir_base, fhir__timeout_seconds=timeout)
+    failures: list[LoadFailure] = []
     async with FhirClient.from_settings(settings.fhir) as client:
-        loaded = await load_files(client, list(files))
+        loaded = await load_files(client, list(files), failures=failures)
     if as_json:
-        click.echo(
-            json.dumps(
-                {"patients": [{"id": p.id, "name": p.name, "source_file": p.source_file} for p in loaded]},
-                indent=2,
-            )
-        )
+        payload = {
+            "patients": [{"id": p.id, "name": p.name, "source_file": p.source_file} for p in loaded],
+            "failed": [{"source_file": f.source_file, "reason": f.reason} for f in failures],
+        }
+        click.echo(json.dumps(payload, indent=2))
     else:
         for p in loaded:
             click.echo(f"{p.id}\t{p.name}\t{p.source_file}\t{p.resources} resources")
+    for f in failures:
+        click.echo(f"chartbrief: not loaded: {f.source_file}: {f.reason}", err=True)
+    if failures:
+        raise SystemExit(EXIT_BAD_INPUT)

@@ -18,10 +18,18 @@ from service.runtime import open_services
 @click.option("--dry-run", is_flag=True, help="Summarize and print, but write nothing to the server.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of text.")
 @click.option(
-    "--db-url", envvar="CHARTBRIEF_DB__URL", show_envvar=True, default=None, help="Where summaries are recorded."
+    "--db-url",
+    envvar="CHARTBRIEF_DB__URL",
+    show_envvar=True,
+    default=None,
+    help="Where summaries are recorded.",
 )
 @click.option(
-    "--model-path", envvar="CHARTBRIEF_LLM__MODEL_PATH", show_envvar=True, default=None, help="GGUF model file."
+    "--model-path",
+    envvar="CHARTBRIEF_LLM__MODEL_PATH",
+    show_envvar=True,
+    default=None,
+    help="GGUF model file.",
 )
 @click.pass_context
 @run

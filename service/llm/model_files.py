@@ -22,9 +22,9 @@ from pathlib import Path
 
 import structlog
 
+from fhir_adapters.models import ModelIdentity
 from service.config import LlmSettings
 from service.llm.base import EngineError
-from fhir_adapters.models import ModelIdentity
 
 log = structlog.get_logger(__name__)
 
@@ -103,7 +103,9 @@ def resolve_model_path(settings: LlmSettings) -> Path:
     except IsADirectoryError as exc:
         raise EngineError(f"{MODEL_PATH_SETTING}: {path} is a directory, not a GGUF file") from exc
     except OSError as exc:
-        raise EngineError(f"{MODEL_PATH_SETTING}: model file {path} is not readable ({exc.strerror})") from exc
+        raise EngineError(
+            f"{MODEL_PATH_SETTING}: model file {path} is not readable ({exc.strerror})"
+        ) from exc
     if magic != GGUF_MAGIC:
         raise EngineError(
             f"{MODEL_PATH_SETTING}: {path} is not a GGUF file (it does not start with the GGUF magic bytes)"
