@@ -429,20 +429,33 @@ def _identifier_matches(resource: JsonObject, system: str, value: str | None = N
 
 
 def latest_previous(
-    candidates: Sequence[JsonObject], settings: WriterSettings, key: str
+    candidates: Sequence[JsonObject], settings: WriterSettings, key: str, encounter: str | None = None
 ) -> JsonObject | None:
-    """The newest current chartbrief summary other than this one (`None` if there is none)."""
+    """The newest current, unreviewed chartbrief draft for the same focus other than this one.
+
+    A draft a clinician approved (`docStatus=final`) is never superseded by a new AI draft: it
+    stays the reviewed record until a clinician replaces it. A summary focused on an encounter
+    only replaces an earlier one with the same focus.
+    """
     ours = [
         doc
         for doc in candidates
         if doc.get("resourceType") == "DocumentReference"
         and doc.get("status") == "current"
+        and doc.get("docStatus") != "final"
+        and _encounter_of(doc) == encounter
         and _identifier_matches(doc, settings.identifier_system)
         and not _identifier_matches(doc, settings.identifier_system, key)
     ]
     if not ours:
         return None
     return max(ours, key=_recency)
+
+
+def _encounter_of(doc: JsonObject) -> str | None:
+    encounters = (doc.get("context") or {}).get("encounter") or []
+    refs = [e.get("reference") for e in encounters if isinstance(e, dict)]
+    return str(refs[0]) if refs and refs[0] else None
 
 
 def _recency(doc: JsonObject) -> tuple[str, str]:
@@ -494,7 +507,8 @@ async def write_summary(client: WriteClient, draft: SummaryDraft, settings: Writ
             "identifier": f"{settings.identifier_system}|",
         },
     )
-    previous = latest_previous(candidates, settings, key)
+    focus = draft.encounter.reference if draft.encounter else None
+    previous = latest_previous(candidates, settings, key, focus)
     bundle = build_transaction(draft, settings, previous=previous)
     try:
         response = await client.transaction(bundle, idempotent=True)

@@ -382,9 +382,23 @@ def test_latest_previous_picks_the_newest_current_chartbrief_summary_only() -> N
     same_key = previous_doc("same", key=key) | {"date": "2025-01-01T00:00:00+00:00"}
     superseded = previous_doc("gone", key="3" * 64) | {"status": "superseded", "date": "2025-01-01T00:00:00Z"}
     foreign = previous_doc("foreign", key="4" * 64) | {"identifier": [{"system": "urn:other", "value": "x"}]}
-    chosen = latest_previous([older, newer, same_key, superseded, foreign], settings, key)
+    focus = make_draft().encounter
+    enc = focus.reference if focus else None
+    chosen = latest_previous([older, newer, same_key, superseded, foreign], settings, key, enc)
     assert chosen is not None and chosen["id"] == "newer"
-    assert latest_previous([same_key, foreign], settings, key) is None
+    assert latest_previous([same_key, foreign], settings, key, enc) is None
+
+
+def test_latest_previous_never_supersedes_an_approved_summary_or_another_focus() -> None:
+    settings = WriterSettings()
+    key = make_draft().idempotency_key
+    focus = make_draft().encounter
+    enc = focus.reference if focus else None
+    approved = previous_doc("approved", key="5" * 64) | {"docStatus": "final"}
+    draft = previous_doc("draft", key="6" * 64)
+    assert latest_previous([approved], settings, key, enc) is None
+    assert latest_previous([approved, draft], settings, key, enc)["id"] == "draft"  # type: ignore[index]
+    assert latest_previous([draft], settings, key, "Encounter/some-other") is None
 
 
 @pytest.mark.parametrize(
