@@ -32,6 +32,7 @@ from service.db.store import SummaryStore
 from service.grounding import Claim, DroppedClaim, ground, parse_claims
 from service.llm.base import Engine
 from service.prompts import PackedContext, build_request, load_prompt
+from service.safety import quarantine_instructions
 from service.structured import StructuredSummary, build_structured
 
 log = structlog.get_logger(__name__)
@@ -209,7 +210,7 @@ async def summarize_patient(
             max_concurrency=settings.fhir.max_concurrency,
         )
         fetched = time.perf_counter()
-        ctx = normalize(record)
+        ctx = quarantine_instructions(normalize(record))
         structured = build_structured(ctx)
         template = load_prompt(settings.prompt, settings.prompts_dir)
         request, rendered, packed = build_request(template, ctx, svc.engine, settings.llm)
