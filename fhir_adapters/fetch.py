@@ -8,9 +8,11 @@ de-duplicated by the sha256 of their whitespace-normalized text.
 
 Bad data never crashes a fetch: an invalid resource, a resource of another patient, an
 unreadable attachment or a search the server refuses is recorded in `record.skipped` (ids and
-short reasons only) and the rest is kept. Errors that say the fetch itself is wrong propagate:
-the Patient read (an unknown patient is the source's `FhirNotFound`), the focus Encounter read,
-and retryable server errors (the caller's job may retry later).
+short reasons only) and the rest is kept. A server that refuses `_sort` gets a plain search and
+the newest Observations are chosen here. Errors that say the fetch itself is wrong propagate:
+the Patient read (an unknown patient is the source's `FhirNotFound`), the focus Encounter read
+(`EncounterNotOfPatient` when it is someone else's), and retryable server errors (the caller's
+job may retry later).
 
 What it must not do: interpret clinical meaning (that is `normalize`), talk HTTP directly (the
 `FhirSource` does), or log anything but ids, counts and reasons.
@@ -28,7 +30,7 @@ import structlog
 from fhir.resources.R4B import get_fhir_model_class
 from pydantic import ValidationError
 
-from fhir_adapters.errors import FhirPermanentError
+from fhir_adapters.errors import FhirBadRequest, FhirPermanentError
 from fhir_adapters.models import Note, PatientRecord, Skipped, SourceRef
 from fhir_adapters.text import UnsupportedContent, decode_base64, decode_text, ensure_supported, text_sha256
 
@@ -93,15 +95,14 @@ async def fetch_record(
         skipped.append(Skipped(f"Patient/{patient_id}", f"{problem}; demographics may be incomplete"))
 
     semaphore = asyncio.Semaphore(max_concurrency)
-    limits = {"Observation": observation_limit}
     searches = [
-        _limited(
-            semaphore, source.search_all(rtype, search_params(rtype, patient_id), limit=limits.get(rtype))
-        )
+        _search(source, semaphore, rtype, patient_id, observation_limit if rtype == "Observation" else None)
         for rtype in SEARCHED_TYPES
     ]
     focus = _limited(semaphore, source.read("Encounter", encounter_id)) if encounter_id else _none()
     *results, focus_result = await asyncio.gather(*searches, focus, return_exceptions=True)
+    if isinstance(focus_result, BaseException):
+        raise focus_result
 
     resources: dict[str, list[JsonObject]] = {}
     for rtype, result in zip(SEARCHED_TYPES, results, strict=True):
@@ -114,10 +115,9 @@ async def fetch_record(
         resources[rtype] = kept
         skipped.extend(rejected)
 
-    if isinstance(focus_result, BaseException):
-        raise focus_result
-    if encounter_id and focus_result is not None:
-        _add_focus_encounter(resources, focus_result, encounter_id, patient_id)
+    if encounter_id and isinstance(focus_result, dict):
+        focus_skips = _add_focus_encounter(resources, focus_result, encounter_id, patient_id)
+        skipped.extend(s for s in focus_skips if s not in skipped)
 
     notes, note_skips = await read_notes(
         source, resources.get("DocumentReference", []), resources.get("DiagnosticReport", []), semaphore
@@ -158,6 +158,35 @@ def search_params(resource_type: str, patient_id: str) -> dict[str, str]:
     return {"patient": patient_id}
 
 
+async def _search(
+    source: FhirSource, semaphore: asyncio.Semaphore, resource_type: str, patient_id: str, limit: int | None
+) -> list[JsonObject]:
+    params = search_params(resource_type, patient_id)
+    try:
+        async with semaphore:
+            return await source.search_all(resource_type, params, limit=limit)
+    except FhirBadRequest:
+        if "_sort" not in params:
+            raise
+    # A server that cannot sort still answers the plain search; the newest are then chosen here,
+    # which needs every result (a limit on an unsorted search would keep arbitrary ones).
+    log.warning("fetch.sort_unsupported", resource_type=resource_type)
+    async with semaphore:
+        found = await source.search_all(resource_type, {"patient": patient_id}, limit=None)
+    found.sort(key=lambda r: _effective(r) or "", reverse=True)
+    return found[:limit] if limit is not None else found
+
+
+def _effective(resource: JsonObject) -> str | None:
+    period = resource.get("effectivePeriod")
+    return (
+        _str(resource.get("effectiveDateTime"))
+        or (_str(period.get("start")) if isinstance(period, dict) else None)
+        or _str(resource.get("effectiveInstant"))
+        or _str(resource.get("issued"))
+    )
+
+
 async def _limited(semaphore: asyncio.Semaphore, call: Awaitable[T]) -> T:
     async with semaphore:
         return await call
@@ -169,9 +198,13 @@ async def _none() -> None:
 
 def _search_refused(resource_type: str, error: FhirPermanentError) -> Skipped:
     """A refused search (no scope, unsupported parameter) costs one type, not the whole record."""
-    status = f"status {error.status}" if error.status else type(error).__name__
     log.warning("fetch.search_refused", resource_type=resource_type, status=error.status)
-    return Skipped(resource_type, f"search refused by the server ({status})")
+    return Skipped(resource_type, f"search refused by the server ({_why(error)})")
+
+
+def _why(error: FhirPermanentError) -> str:
+    """The status, or the error class for a request refused before it was sent (another origin)."""
+    return f"status {error.status}" if error.status else type(error).__name__
 
 
 def validation_problem(resource: JsonObject) -> str | None:
@@ -263,16 +296,20 @@ def _rejection(resource_type: str, resource: JsonObject, patient_id: str) -> str
 
 def _add_focus_encounter(
     resources: dict[str, list[JsonObject]], encounter: JsonObject, encounter_id: str, patient_id: str
-) -> None:
+) -> list[Skipped]:
+    """Make sure the focus Encounter is among the encounters read (a search may have missed it)."""
     subject = encounter.get("subject")
     if not refers_to_patient(subject.get("reference") if isinstance(subject, dict) else None, patient_id):
+        # Not bad data but a request for someone else's chart: never summarize it.
         raise EncounterNotOfPatient(f"Encounter/{encounter_id} does not belong to Patient/{patient_id}")
     encounters = resources.setdefault("Encounter", [])
-    if not any(str(e.get("id")) == str(encounter.get("id")) for e in encounters):
-        problem = validation_problem(encounter)
-        if problem:
-            raise ValueError(f"Encounter/{encounter_id}: {problem}")
-        encounters.append(encounter)
+    if any(str(e.get("id")) == str(encounter.get("id")) for e in encounters):
+        return []
+    problem = validation_problem(encounter)
+    if problem:
+        return [Skipped(f"Encounter/{encounter_id}", problem)]
+    encounters.append(encounter)
+    return []
 
 
 # ---------------------------------------------------------------------------
@@ -317,7 +354,7 @@ async def read_notes(
                 skipped.append(Skipped(item.label, str(content)))
                 continue
             if isinstance(content, FhirPermanentError):
-                reason = f"attachment url could not be read (status {content.status})"
+                reason = f"attachment url could not be read ({_why(content)})"
                 skipped.append(Skipped(item.label, reason))
                 continue
             raise content

@@ -13,8 +13,8 @@ date first and ties by resource id, so the same record always gives the same key
 | L | Observation (not vital-signs) | latest of each code |
 | V | Observation (vital-signs) | latest of each code |
 | R | Procedure | latest of each code; `value` holds the reason |
-| I | Immunization | latest of each vaccine |
-| N | notes (DocumentReference, DiagnosticReport.presentedForm) | every one, truncated on a line |
+| I | Immunization | latest of each vaccine and status |
+| N | notes (DocumentReference, DiagnosticReport.presentedForm) | every one; the text cut on a line |
 
 Resources entered in error, refuted, or without any human label cannot be stated and are
 added to `skipped` with the reason; the record's own skipped items carry over.
@@ -113,7 +113,8 @@ def normalize(record: PatientRecord, *, note_chars: int = 4000, today: date | No
     for prefix in KEY_ORDER[1:]:
         facts.extend(_keyed(prefix, _latest_per_group([d for d in drafts if d.prefix == prefix])))
     facts = [
-        replace(f, text=redact(f.text), display=redact(f.display) if f.display else f.display) for f in facts
+        replace(f, text=redact(f.text), display=_maybe(redact, f.display), value=_maybe(redact, f.value))
+        for f in facts
     ]
     return ClinicalContext(
         patient=patient_ref,
@@ -248,9 +249,14 @@ def _last_encounter_day(record: PatientRecord) -> str | None:
 def name_redactor(patient: JsonObject) -> Callable[[str], str]:
     """A function replacing the patient's name parts (given, family, text) by `[name]`.
 
-    >>> redact = name_redactor({"name": [{"given": ["Beatris270"], "family": "Bogan287"}]})
-    >>> redact("Beatris270\\n is a 8 year-old. BOGAN287 has asthma.")
-    '[name]\\n is a 8 year-old. [name] has asthma.'
+    Names are matched as written, in capitals and capitalized, not in lower case: a patient
+    called May or Hope must not turn "may" and "hope" in a note into `[name]`. Titles ("Mr.")
+    are not name parts.
+
+    >>> redact = name_redactor({"name": [{"given": ["Beatris270", "May"], "family": "Bogan287",
+    ...                                   "text": "Ms. Beatris270 Bogan287"}]})
+    >>> redact("Beatris270\\n is a 8 year-old. BOGAN287 may have asthma. Ms. May agrees.")
+    '[name]\\n is a 8 year-old. [name] may have asthma. Ms. [name] agrees.'
     """
     tokens: set[str] = set()
     for name in patient.get("name") or []:
@@ -258,15 +264,22 @@ def name_redactor(patient: JsonObject) -> Callable[[str], str]:
             continue
         words = [*(name.get("given") or []), name.get("family"), name.get("text")]
         for word in words:
-            if isinstance(word, str):
-                tokens.update(t.strip(".,") for t in word.split() if len(t.strip(".,")) >= 2)
+            if not isinstance(word, str):
+                continue
+            for token in word.split():
+                if token.endswith(".") or len(token.strip(",")) < 2:
+                    continue
+                token = token.strip(",")
+                tokens.update({token, token.upper(), token[:1].upper() + token[1:].lower()})
     if not tokens:
         return lambda text: text
-    pattern = re.compile(
-        r"(?<!\w)(?:" + "|".join(re.escape(t) for t in sorted(tokens, key=len, reverse=True)) + r")(?!\w)",
-        re.IGNORECASE,
-    )
+    alternatives = "|".join(re.escape(t) for t in sorted(tokens, key=len, reverse=True))
+    pattern = re.compile(rf"(?<!\w)(?:{alternatives})(?!\w)")
     return lambda text: pattern.sub(NAME_PLACEHOLDER, text)
+
+
+def _maybe(redact: Callable[[str], str], text: str | None) -> str | None:
+    return redact(text) if text else text
 
 
 def _focus_encounter(record: PatientRecord) -> SourceRef | None:
@@ -455,17 +468,16 @@ def _immunization(resource: JsonObject) -> _Draft | str:
 
 
 def _note(note: Note, seq: int, note_chars: int) -> _Draft:
-    day = _day(note.date)
-    title = note.title or "Clinical note"
-    header = f"Note {day or 'date not recorded'}: {title} ({note.status or 'status not recorded'})"
+    # The text is the note alone: date, title and status travel in their own fields, and the
+    # prompt renders its own header from them.
     fact = Fact(
         key="",
         kind="note",
-        text=f"{header}\n{truncate_on_line(note.text, note_chars)}",
+        text=truncate_on_line(note.text, note_chars),
         source=note.source,
-        date=day,
+        date=_day(note.date),
         status=note.status,
-        display=title,
+        display=note.title or "Clinical note",
     )
     # `seq` keeps two attachments of one resource in their record order.
     return _Draft(fact, "N", f"{note.date or ''}#{seq:06d}")

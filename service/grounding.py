@@ -35,8 +35,10 @@ from fhir_adapters.models import ClinicalContext, Fact
 
 MAX_WORDS = 60
 NOT_JSON = "model output was not valid JSON"
+NO_CLAIMS = 'model output has no "claims" list'
 
 _INLINE_KEY = re.compile(r"\[([A-Za-z]{1,3}[0-9]+)\]")
+_LIST_MARKER = re.compile(r"^(?:\d{1,2}[.)]|[-*\u2022])\s+")
 _MAX_JSON_STARTS = 200  # bounds the search for JSON in long garbage output
 
 
@@ -73,15 +75,17 @@ def parse_claims(output: str) -> tuple[list[Claim], list[DroppedClaim]]:
     Output that is not valid JSON gives one DroppedClaim holding the raw text; whole claim
     objects inside it (output cut off at max_tokens) are still recovered.
     """
+    raw = Claim(output.strip(), ())
     document = _first_json(output)
     if document is None:
-        parsed = [_claim_from(item) for item in _claim_objects(output)]
-        recovered = [c for c in parsed if isinstance(c, Claim)]
-        return recovered, [DroppedClaim(Claim(output.strip(), ()), NOT_JSON)]
+        whole = [_claim_from(item) for item in _claim_objects(output)]
+        recovered = [c for c in whole if isinstance(c, Claim)]
+        if not recovered and _is_json(output):
+            return [], [DroppedClaim(raw, NO_CLAIMS)]
+        return recovered, [DroppedClaim(raw, NOT_JSON)]
     items = document.get("claims") if isinstance(document, dict) else document
     if not isinstance(items, list):
-        raw = Claim(output.strip(), ())
-        return [], [DroppedClaim(raw, 'model output has no "claims" list')]
+        return [], [DroppedClaim(raw, NO_CLAIMS)]
     claims: list[Claim] = []
     dropped: list[DroppedClaim] = []
     for number, item in enumerate(items, 1):
@@ -107,6 +111,14 @@ def _first_json(output: str) -> dict[str, Any] | list[Any] | None:
         if isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
             return value
     return None
+
+
+def _is_json(output: str) -> bool:
+    try:
+        json.loads(output)
+    except ValueError:
+        return False
+    return True
 
 
 def _claim_objects(output: str) -> list[dict[str, Any]]:
@@ -145,7 +157,9 @@ def _claim_from(item: object) -> Claim | str:
     if not any(keys):
         # A model that ignores the schema may still cite inline: "... [C1]".
         keys = [_normal_key(k) for k in _INLINE_KEY.findall(text)]
-    return Claim(" ".join(text.split()), tuple(dict.fromkeys(k for k in keys if k)))
+    # List markers ("1. ", "- ") are layout, not a stated number.
+    text = _LIST_MARKER.sub("", " ".join(text.split()))
+    return Claim(text, tuple(dict.fromkeys(k for k in keys if k)))
 
 
 def _normal_key(key: str) -> str:
@@ -187,7 +201,7 @@ def _problem(
     words = len(text.split())
     if words > MAX_WORDS:
         return f"has {words} words, more than the {MAX_WORDS}-word limit"
-    fingerprint = " ".join(re.findall(r"[a-z0-9.]+", _INLINE_KEY.sub(" ", text.lower())))
+    fingerprint = " ".join(re.findall(r"\d+(?:\.\d+)?|[a-z]+", _INLINE_KEY.sub(" ", text.lower())))
     if fingerprint in seen:
         return "repeats an earlier claim"
     seen.add(fingerprint)
@@ -204,7 +218,7 @@ def _problem(
     missing = [d.shown for d in stated.dates if not evidence.supports_date(d)]
     missing += [n.shown for n in stated.numbers if not evidence.supports_number(n)]
     if missing:
-        return f"states {_join(missing)} not found in cited sources {where}"
+        return f"states {_join(list(dict.fromkeys(missing)))} not found in cited sources {where}"
     unnamed = sorted(w for w in stated.words & medication_words if w not in evidence.words)
     if unnamed:
         return f"names {_join(unnamed)}, not in cited sources {where}"

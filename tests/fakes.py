@@ -88,6 +88,7 @@ class FakeFhirSource:
         self._strays: dict[str, list[JsonObject]] = {}
         self._next_id = 0
         self.delay = delay
+        self.supports_sort = True  # False: `_sort` is refused with a 400, as some servers do
         self.calls: list[tuple[str, str, dict[str, Any]]] = []
         self.in_flight = 0
         self.max_in_flight = 0
@@ -178,7 +179,8 @@ class FakeFhirSource:
         async with self._call("search", resource_type, {**params, "_limit": limit}):
             if resource_type in self._refused:
                 raise self._refused[resource_type]
-            unknown = set(params) - _SUPPORTED_PARAMS
+            supported = _SUPPORTED_PARAMS if self.supports_sort else _SUPPORTED_PARAMS - {"_sort"}
+            unknown = set(params) - supported
             if unknown:
                 raise FhirBadRequest(f"fake server does not support {sorted(unknown)}", status=400)
             found = list(self._store.get(resource_type, {}).values())

@@ -17,6 +17,7 @@ import click
 from pydantic import ValidationError
 
 from fhir_adapters.errors import FhirError, FhirPermanentError, FhirRetryableError
+from fhir_adapters.fetch import EncounterNotOfPatient
 from service.config import Settings
 from service.llm.base import EngineError
 from service.logging import configure_logging
@@ -71,6 +72,8 @@ def run(coro_fn: Callable[..., Coroutine[Any, Any, T]]) -> Callable[..., T]:
     def wrapper(*args: Any, **kwargs: Any) -> T:
         try:
             return asyncio.run(coro_fn(*args, **kwargs))
+        except EncounterNotOfPatient as exc:
+            fail(str(exc), EXIT_BAD_INPUT)
         except FhirPermanentError as exc:
             fail(describe_fhir_error(exc), EXIT_BAD_INPUT)
         except FhirRetryableError as exc:

