@@ -32,7 +32,7 @@ from service.db.store import SummaryStore
 from service.grounding import Claim, DroppedClaim, ground, parse_claims
 from service.llm.base import Engine
 from service.prompts import PackedContext, build_request, load_prompt
-from service.safety import quarantine_instructions
+from service.safety import quarantine_instructions, without_ai_documents
 from service.structured import StructuredSummary, build_structured
 
 log = structlog.get_logger(__name__)
@@ -209,6 +209,7 @@ async def summarize_patient(
             observation_limit=settings.fhir.observation_limit,
             max_concurrency=settings.fhir.max_concurrency,
         )
+        record = without_ai_documents(record, settings.writer.identifier_system)
         fetched = time.perf_counter()
         ctx = quarantine_instructions(normalize(record))
         structured = build_structured(ctx)

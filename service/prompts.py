@@ -273,7 +273,7 @@ _CONTROL_CHARS = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 def defuse(text: str) -> str:
     """Record text made safe to place in a prompt: no chat control tokens, no control characters."""
     text = _CONTROL_CHARS.sub(" ", text)
-    return _CONTROL_TOKENS.sub(lambda m: m.group(0).strip("<>[]|/").replace("|", " "), text)
+    return _CONTROL_TOKENS.sub(lambda m: f" {m.group(0).strip('<>[]|/').replace('|', ' ')} ", text)
 
 
 def fact_line(fact: Fact) -> str:

@@ -12,7 +12,11 @@ from __future__ import annotations
 import re
 from dataclasses import replace
 
-from fhir_adapters.models import ClinicalContext, Skipped
+from typing import Any
+
+from fhir_adapters.models import ClinicalContext, PatientRecord, Skipped, SourceRef
+
+AIAST_SYSTEM = "http://terminology.hl7.org/CodeSystem/v3-ObservationValue"
 
 # Phrases that address an AI system rather than describe a patient. Matched case-insensitively
 # on whitespace-normalized text; kept narrow so ordinary clinical prose never matches.
@@ -57,3 +61,33 @@ def quarantine_instructions(ctx: ClinicalContext) -> ClinicalContext:
         else:
             kept.append(fact)
     return replace(ctx, facts=kept, skipped=skipped)
+
+
+def is_ai_asserted(resource: dict[str, Any], identifier_system: str) -> bool:
+    """True for a resource labelled AI-asserted (AIAST) or written by chartbrief itself."""
+    security = (resource.get("meta") or {}).get("security") or []
+    if any(
+        s.get("system") == AIAST_SYSTEM and s.get("code") == "AIAST" for s in security if isinstance(s, dict)
+    ):
+        return True
+    idents = resource.get("identifier") or []
+    return any(isinstance(i, dict) and i.get("system") == identifier_system for i in idents)
+
+
+def without_ai_documents(record: PatientRecord, identifier_system: str) -> PatientRecord:
+    """The record without AI-written documents, each named in `skipped`.
+
+    A summary must rest on what people and devices recorded, not on earlier AI drafts (its own
+    included: counting them as inputs would also change the summary's key at every run).
+    """
+    docs = record.of_type("DocumentReference")
+    ai = {SourceRef.of(d).reference for d in docs if is_ai_asserted(d, identifier_system)}
+    if not ai:
+        return record
+    resources = dict(record.resources)
+    resources["DocumentReference"] = [d for d in docs if SourceRef.of(d).reference not in ai]
+    skipped = list(record.skipped) + [
+        Skipped(ref, "AI-asserted document (AIAST): not used as a source") for ref in sorted(ai)
+    ]
+    notes = [n for n in record.notes if n.source.reference not in ai]
+    return replace(record, resources=resources, notes=notes, skipped=skipped)
