@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
-import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -227,9 +226,10 @@ def _assert_matches_summary_schema(document: Any, keys: set[str]) -> None:
 def real_engine(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Engine]:
     from service.llm.llamacpp import LlamaCppEngine
 
-    threads = min(2, os.cpu_count() or 1)
+    # One thread: llama.cpp's threads spin while waiting for each other, which is slow on a busy,
+    # shared CPU; the tiny model is fast enough on one.
     engine = LlamaCppEngine(
-        LlmSettings(n_ctx=2048, n_threads=threads), cache_dir=tmp_path_factory.mktemp("model-cache")
+        LlmSettings(n_ctx=2048, n_threads=1), cache_dir=tmp_path_factory.mktemp("model-cache")
     )
     yield engine
     asyncio.run(engine.aclose())
