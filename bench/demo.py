@@ -83,7 +83,11 @@ async def run(fhir_base: str, files: list[Path], report_path: Path) -> dict[str,
     summaries = [r for r in results if r["document_reference"]]
     report = {
         "fhir_base": fhir_base,
-        "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()},
+        "machine": {
+            "cpus": os.cpu_count(),
+            "python": platform.python_version(),
+            "platform": platform.platform(),
+        },
         "model": results[0]["model"] if results else None,
         "prompt": results[0]["prompt"] if results else None,
         "seconds_total": round(total, 2),
@@ -114,7 +118,9 @@ async def run(fhir_base: str, files: list[Path], report_path: Path) -> dict[str,
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--report", type=Path, default=REPO / ".demo" / "report.json")
     parser.add_argument("--fhir-base", default=None, help="use this FHIR server instead of starting one")
     parser.add_argument("files", nargs="*", type=Path, help="Synthea bundles (default: three fixtures)")

@@ -13,7 +13,9 @@ only when:
 - every medication it names - any significant word of a medication in the record - appears in
   a cited fact;
 - it is about what it cites: it states a (supported) number or date, or shares a content word
-  with the cited facts ("allergic" meets "allergy" through a crude five-letter stem).
+  with the cited facts ("allergic" meets "allergy" through a crude five-letter stem);
+- it says little beyond what it cites: at most a quarter of its content words (and at least one)
+  may be absent from the cited facts, so a supported date cannot carry unsupported diagnoses.
 
 Each drop carries a specific reason, shown to the reviewing clinician. What this does not catch:
 a condition or drug named in a claim but absent from the whole record, and wrong meaning built
@@ -34,6 +36,8 @@ from typing import Any
 from fhir_adapters.models import ClinicalContext, Fact
 
 MAX_WORDS = 60
+# Share of a claim's content words that may be absent from its cited sources (at least one may).
+MAX_UNSUPPORTED_SHARE = 0.25
 NOT_JSON = "model output was not valid JSON"
 NO_CLAIMS = 'model output has no "claims" list'
 
@@ -225,6 +229,12 @@ def _problem(
     # A claim must be about what it cites: a supported number or date, or a shared content word.
     if not (stated.stems & evidence.stems or stated.numbers or stated.dates):
         return f"shares no words with cited sources {where}"
+    # ... and must not say much more than it cites: a sentence that strings supported dates to
+    # unsupported diagnoses is not grounded because its date is.
+    unsupported = sorted(stated.stems - evidence.stems)
+    if len(unsupported) > max(1, int(len(stated.stems) * MAX_UNSUPPORTED_SHARE)):
+        shown = [w for w in stated.content_words if w[:5] in unsupported][:4]
+        return f"says {_join(shown)}, not found in cited sources {where}"
     return None
 
 
@@ -348,6 +358,9 @@ _COMMON_WORDS = frozenset(
     about after also active been before being current currently date does from have having into
     most other over patient patients prescribed recent recently record since some still that their
     there these they this those time very were what when which while will with without years
+    history diagnosed diagnosis treated taking takes known noted shows showed reports reported
+    presents presented including underwent received status condition visit visits encounter
+    episode ongoing previously documented recorded listed includes
     """.split()
 )
 
@@ -368,13 +381,16 @@ class Statement:
     numbers: list[StatedNumber]
     words: frozenset[str]
     stems: frozenset[str]
+    content_words: tuple[str, ...] = ()  # in order of appearance, for messages
 
     @classmethod
     def of(cls, text: str) -> Statement:
         text = _INLINE_KEY.sub(" ", text)  # "[C1]" is a citation, not a stated number
         dates, rest = find_dates(text)
         words = _words(text)
-        return cls(dates=dates, numbers=find_numbers(rest), words=words, stems=content_stems(words))
+        stems = content_stems(words)
+        ordered = tuple(dict.fromkeys(w for w in re.findall(r"[a-z]+", text.lower()) if w[:5] in stems))
+        return cls(dates=dates, numbers=find_numbers(rest), words=words, stems=stems, content_words=ordered)
 
 
 @dataclass(frozen=True)

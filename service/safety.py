@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import re
 from dataclasses import replace
-
 from typing import Any
 
 from fhir_adapters.models import ClinicalContext, PatientRecord, Skipped, SourceRef

@@ -20,13 +20,13 @@ from fhir_adapters.sandbox import (
     read_bundle,
     with_shared_providers,
 )
-from tests.integration.conftest import EXTERNAL_BASE_ENV
 from service.devserver import (
     LOAD_TIMEOUT_SECONDS,
     LocalFhirServer,
     LocalFhirServerError,
     synthea_files,
 )
+from tests.integration.conftest import EXTERNAL_BASE_ENV
 
 pytestmark = pytest.mark.integration
 

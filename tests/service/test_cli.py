@@ -31,7 +31,9 @@ def _env(tmp_path) -> dict[str, str]:
 def test_unknown_patient_exits_2_with_the_servers_diagnostics(tmp_path) -> None:
     outcome = {
         "resourceType": "OperationOutcome",
-        "issue": [{"severity": "error", "code": "not-found", "diagnostics": "Resource Patient/nope is not known"}],
+        "issue": [
+            {"severity": "error", "code": "not-found", "diagnostics": "Resource Patient/nope is not known"}
+        ],
     }
     with respx.mock(base_url=BASE, assert_all_called=False) as router:
         router.get("/Patient/nope").mock(return_value=httpx.Response(404, json=outcome))

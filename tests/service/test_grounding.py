@@ -74,6 +74,8 @@ KEPT = [
     ("Allergic to penicillin.", ("A1",)),
     ("Hypertensive since 2012.", ("C2",)),
     ("Had a general examination in 2023-04.", ("E1",)),
+    ("History of essential hypertension, diagnosed 2012.", ("C2",)),
+    ("Type 2 diabetes mellitus, well controlled.", ("C1",)),  # one unsupported content word is allowed
 ]
 
 
@@ -101,6 +103,16 @@ DROPPED = [
     ("Has cancer.", ("C1",), "shares no words with cited sources [C1]"),
     ("P1", ("C2",), "shares no words with cited sources [C2]"),
     ("Has diabetes.", (), "cites no source"),
+    (
+        "History of streptococcal sore throat, otitis media and acute pharyngitis, recorded 2015-06-01.",
+        ("C1",),
+        "says streptococcal, throat, otitis and media, not found in cited sources [C1]",
+    ),
+    (
+        "Diabetes mellitus with severe diabetic retinopathy and nephropathy.",
+        ("C1",),
+        "says severe, retinopathy and nephropathy, not found in cited sources [C1]",
+    ),
     ("   ", ("C1",), "is empty"),
     (" ".join(["diabetes"] * 61), ("C1",), f"has 61 words, more than the {MAX_WORDS}-word limit"),
 ]
