@@ -9,9 +9,12 @@ from __future__ import annotations
 
 from pathlib import Path
 from typing import Literal
+from urllib.parse import urlsplit
 
-from pydantic import BaseModel, Field, HttpUrl, field_validator
+from pydantic import BaseModel, Field, HttpUrl, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+_LOOPBACK = frozenset({"localhost", "127.0.0.1", "::1"})
 
 
 class FhirSettings(BaseModel):
@@ -51,8 +54,8 @@ class LlmSettings(BaseModel):
     n_threads: int | None = Field(default=None, ge=1, le=256, description="CPU threads (None = all cores).")
     n_gpu_layers: int = Field(default=0, ge=-1, description="Layers offloaded to the GPU (-1 = all).")
     seed: int = Field(default=42, ge=0, description="Sampling seed; fixed so a summary is reproducible.")
-    temperature: float = Field(default=0.0, ge=0, le=2)
-    top_p: float = Field(default=1.0, gt=0, le=1)
+    temperature: float = Field(default=0.0, ge=0, le=2, description="Sampling temperature (0 = greedy).")
+    top_p: float = Field(default=1.0, gt=0, le=1, description="Nucleus sampling cut-off.")
     max_tokens: int | None = Field(
         default=None, ge=16, le=8192, description="Override the prompt's max_tokens for the narrative."
     )
@@ -84,7 +87,10 @@ class Settings(BaseSettings):
         env_prefix="CHARTBRIEF_", env_nested_delimiter="__", extra="ignore", validate_default=True
     )
 
-    environment: Literal["development", "production"] = "development"
+    environment: Literal["development", "production"] = Field(
+        default="development",
+        description="Run mode; production logs JSON and refuses a plain-http FHIR server off loopback.",
+    )
     fhir: FhirSettings = Field(default_factory=FhirSettings)
     llm: LlmSettings = Field(default_factory=LlmSettings)
     db: DbSettings = Field(default_factory=DbSettings)
@@ -93,5 +99,23 @@ class Settings(BaseSettings):
         default=None, description="Folder of versioned prompts; empty = the prompts/ shipped with chartbrief."
     )
     prompt: str = Field(default="summary/v1", description="Prompt id/version used for the narrative.")
-    log_format: Literal["console", "json"] = "console"
-    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    log_format: Literal["console", "json"] = Field(
+        default="console", description="console for people, json for log collectors (PHI-free either way)."
+    )
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
+        default="INFO", description="Log threshold."
+    )
+
+    @model_validator(mode="after")
+    def _production_is_strict(self) -> Settings:
+        if self.environment != "production":
+            return self
+        base = self.fhir.base_url
+        if base and urlsplit(base).scheme != "https" and urlsplit(base).hostname not in _LOOPBACK:
+            raise ValueError(
+                "CHARTBRIEF_FHIR__BASE_URL must use https in production (patient data and tokens cross "
+                "the network); plain http is accepted only for loopback addresses"
+            )
+        if self.log_format != "json":
+            self.log_format = "json"
+        return self
