@@ -22,6 +22,11 @@ $(FHIR_VENV)/.installed:
 	$(FHIR_VENV)/bin/python -m pip install -q sekmet-fhir==$(SEKMET_VERSION)
 	touch $@
 
+# Debian's Chromium drives the review screen in the browser tests (no browser download at run time).
+.browser-installed:
+	command -v chromium >/dev/null 2>&1 || { apt-get update && apt-get install -y chromium; }
+	touch $@
+
 setup: $(VENV)/.installed $(FHIR_VENV)/.installed
 
 # Start a local FHIR server, load sample Synthea patients, summarize each with the default
@@ -29,7 +34,7 @@ setup: $(VENV)/.installed $(FHIR_VENV)/.installed
 demo: setup
 	$(PY) bench/demo.py --report .demo/report.json
 
-test: setup
+test: setup .browser-installed
 	$(PY) -m pytest
 
 test-unit: setup
@@ -39,4 +44,4 @@ lint: setup
 	$(VENV)/bin/ruff check .
 
 clean:
-	rm -rf .demo .pytest_cache .ruff_cache
+	rm -rf .demo .pytest_cache .ruff_cache .browser-installed

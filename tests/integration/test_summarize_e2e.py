@@ -255,3 +255,24 @@ def test_cli_unknown_patient_on_a_real_server_exits_2_with_its_diagnostics(
     assert result.exit_code == 2, result.output
     assert "FhirNotFound" in result.output
     assert "no-such-patient-0" in result.output
+
+
+async def test_logs_of_a_whole_summary_carry_no_name_birth_date_or_note_text(
+    fhir_base: str, loaded_patients: dict[str, LoadedPatient], tmp_path: Path
+) -> None:
+    from structlog.testing import capture_logs
+
+    patient = loaded_patients[NOTES]
+    async with FhirClient(fhir_base) as client:
+        raw = await client.read("Patient", patient.id)
+    names = {n for name in raw["name"] for n in [*name.get("given", []), name.get("family", "")] if n}
+    engine = FakeEngine()
+    engine.enqueue('{"claims": [{"text": "Allergic to bee venom.", "citations": ["A1"]}]}')
+    with capture_logs() as logs:
+        result = await _summarize(fhir_base, tmp_path, engine, patient.id, dry_run=True)
+    assert result.facts > 0 and any(f for f in result.structured.sections)
+    text = json.dumps(logs, default=str)
+    assert len(logs) > 10
+    for secret in [*names, raw["birthDate"], "Bee venom", "bee venom"]:
+        assert secret not in text, f"log carries {secret!r}"
+    assert patient.id in text  # ids are what logs are for
