@@ -11,10 +11,13 @@ from pathlib import Path
 from typing import Literal
 from urllib.parse import urlsplit
 
-from pydantic import BaseModel, Field, HttpUrl, field_validator, model_validator
+from pydantic import BaseModel, Field, HttpUrl, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 _LOOPBACK = frozenset({"localhost", "127.0.0.1", "::1"})
+# The development default of `smart.session_secret`; production refuses to start with it.
+PLACEHOLDER_SESSION_SECRET = "development-only-session-secret-change-me"  # noqa: S105 - a known placeholder
+MIN_SESSION_SECRET_CHARS = 32
 
 
 class FhirSettings(BaseModel):
@@ -59,6 +62,19 @@ class LlmSettings(BaseModel):
     max_tokens: int | None = Field(
         default=None, ge=16, le=8192, description="Override the prompt's max_tokens for the narrative."
     )
+    servers: list[str] = Field(
+        default_factory=list,
+        description=(
+            "OpenAI-compatible llama.cpp servers (llama-server, python -m llama_cpp.server) as base URLs "
+            "ending in /v1, JSON list; empty = run the model in-process. They must serve the model_path GGUF."
+        ),
+    )
+    per_server_concurrency: int = Field(
+        default=1, ge=1, le=256, description="Requests one model server takes at once."
+    )
+    request_timeout_seconds: float = Field(
+        default=300.0, gt=0, le=3600, description="Seconds one generation on a model server may take."
+    )
 
 
 class DbSettings(BaseModel):
@@ -82,6 +98,165 @@ class WriterSettings(BaseModel):
     )
 
 
+def _http_url(value: str, field: str) -> str:
+    """`value` without a trailing slash, after checking it is an absolute http(s) URL."""
+    try:
+        HttpUrl(value)
+    except ValueError as exc:
+        raise ValueError(f"{field}: {value!r} is not an absolute http(s) URL") from exc
+    return value.rstrip("/")
+
+
+def _is_plain_http_off_loopback(url: str) -> bool:
+    parts = urlsplit(url)
+    return parts.scheme != "https" and parts.hostname not in _LOOPBACK
+
+
+class SmartSettings(BaseModel):
+    client_id: str = Field(
+        default="chartbrief", min_length=1, description="OAuth client id registered with the EHR."
+    )
+    client_secret: SecretStr | None = Field(
+        default=None,
+        description="Client secret of a confidential client (client_secret_basic); empty = public client "
+        "or private_key_jwt. Never logged.",
+    )
+    private_key_path: Path | None = Field(
+        default=None,
+        description="PEM private key for private_key_jwt client authentication (takes precedence over the "
+        "secret).",
+    )
+    private_key_kid: str | None = Field(
+        default=None, description="Key id (kid) of that key in the JWKS registered with the EHR."
+    )
+    private_key_alg: Literal["RS384", "ES384"] = Field(
+        default="RS384", description="Signing algorithm of the private_key_jwt client assertion."
+    )
+    allowed_issuers: list[str] = Field(
+        default_factory=list,
+        description="FHIR base URLs (iss) allowed to launch chartbrief, as a JSON list "
+        '(["https://ehr/fhir"]); any other iss is refused.',
+    )
+    standalone_issuer: str | None = Field(
+        default=None,
+        description="FHIR base for a standalone launch (/launch without iss); must be one of "
+        "allowed_issuers. Empty = the only allowed issuer when there is exactly one.",
+    )
+    public_base_url: str = Field(
+        default="http://127.0.0.1:8000",
+        description="chartbrief's own URL as the browser reaches it; the redirect_uri is this + /callback.",
+    )
+    scope: str | None = Field(
+        default=None,
+        description="Scopes requested at launch; empty = the narrow SMART v2 set chartbrief needs.",
+    )
+    session_secret: SecretStr = Field(
+        default=SecretStr(PLACEHOLDER_SESSION_SECRET),
+        description="Secret (at least 32 characters) that encrypts stored tokens and signs CSRF tokens; "
+        "production refuses the development placeholder.",
+    )
+    session_ttl_seconds: int = Field(
+        default=8 * 3600, ge=300, le=24 * 3600, description="Lifetime of a review session after launch."
+    )
+    state_ttl_seconds: int = Field(
+        default=600,
+        ge=60,
+        le=3600,
+        description="How long an authorize request may take before its state expires.",
+    )
+    frame_ancestors: list[str] = Field(
+        default_factory=list,
+        description="Origins allowed to embed the review screen (CSP frame-ancestors), as a JSON list; "
+        "empty = the origins of allowed_issuers.",
+    )
+    cookie_samesite: Literal["lax", "strict", "none"] = Field(
+        default="lax",
+        description="SameSite of chartbrief's cookies; `none` only when the EHR embeds it from another site.",
+    )
+
+    @field_validator("allowed_issuers", "frame_ancestors")
+    @classmethod
+    def _check_urls(cls, v: list[str]) -> list[str]:
+        return [_http_url(url.strip(), "a URL in the list") for url in v]
+
+    @field_validator("standalone_issuer")
+    @classmethod
+    def _check_standalone(cls, v: str | None) -> str | None:
+        return None if v is None else _http_url(v.strip(), "standalone_issuer")
+
+    @field_validator("public_base_url")
+    @classmethod
+    def _check_public(cls, v: str) -> str:
+        return _http_url(v.strip(), "public_base_url")
+
+    @model_validator(mode="after")
+    def _standalone_is_allowed(self) -> SmartSettings:
+        if self.standalone_issuer and self.standalone_issuer not in self.allowed_issuers:
+            raise ValueError(
+                "CHARTBRIEF_SMART__STANDALONE_ISSUER must be one of CHARTBRIEF_SMART__ALLOWED_ISSUERS"
+            )
+        return self
+
+    @property
+    def redirect_uri(self) -> str:
+        return f"{self.public_base_url}/callback"
+
+    def standalone_iss(self) -> str | None:
+        """The FHIR base a launch without `iss` goes to, if one can be chosen without guessing."""
+        if self.standalone_issuer:
+            return self.standalone_issuer
+        return self.allowed_issuers[0] if len(self.allowed_issuers) == 1 else None
+
+
+ApiAlgorithm = Literal["RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512"]
+
+
+class ApiSettings(BaseModel):
+    jwt_issuer: str | None = Field(
+        default=None,
+        description="Issuer (iss) of the bearer JWTs the REST API accepts; empty = JWTs are refused "
+        "(API keys still work).",
+    )
+    jwks_url: str | None = Field(default=None, description="JWKS URL with that issuer's public keys.")
+    audience: str | None = Field(
+        default=None,
+        description="The aud a JWT must carry; empty = smart.public_base_url.",
+    )
+    jwt_algorithms: list[ApiAlgorithm] = Field(
+        default_factory=lambda: ["RS256", "RS384", "ES256", "ES384"],
+        min_length=1,
+        description="Accepted JWT signature algorithms (asymmetric only: never none or HMAC).",
+    )
+    leeway_seconds: int = Field(
+        default=30, ge=0, le=300, description="Clock skew allowed on exp / nbf / iat."
+    )
+    jwks_cache_seconds: int = Field(
+        default=300, ge=0, le=86400, description="How long fetched JWKS keys are reused before a refetch."
+    )
+    max_jobs: int = Field(
+        default=1000,
+        ge=10,
+        le=100000,
+        description="Summary jobs remembered in memory for GET /api/summaries/{id}; the oldest finished "
+        "go first.",
+    )
+    docs_enabled: bool = Field(default=True, description="Serve the OpenAPI docs at /docs and /openapi.json.")
+
+    @field_validator("jwt_issuer", "jwks_url", "audience")
+    @classmethod
+    def _check_url(cls, v: str | None) -> str | None:
+        # An audience may be any string in principle; chartbrief's is its own URL.
+        return None if v is None else v.strip().rstrip("/")
+
+    @model_validator(mode="after")
+    def _issuer_needs_keys(self) -> ApiSettings:
+        if self.jwt_issuer and not self.jwks_url:
+            raise ValueError("CHARTBRIEF_API__JWKS_URL is needed when CHARTBRIEF_API__JWT_ISSUER is set")
+        if self.jwks_url:
+            _http_url(self.jwks_url, "jwks_url")
+        return self
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="CHARTBRIEF_", env_nested_delimiter="__", extra="ignore", validate_default=True
@@ -95,6 +270,8 @@ class Settings(BaseSettings):
     llm: LlmSettings = Field(default_factory=LlmSettings)
     db: DbSettings = Field(default_factory=DbSettings)
     writer: WriterSettings = Field(default_factory=WriterSettings)
+    smart: SmartSettings = Field(default_factory=SmartSettings)
+    api: ApiSettings = Field(default_factory=ApiSettings)
     prompts_dir: Path | None = Field(
         default=None, description="Folder of versioned prompts; empty = the prompts/ shipped with chartbrief."
     )
@@ -116,6 +293,25 @@ class Settings(BaseSettings):
                 "CHARTBRIEF_FHIR__BASE_URL must use https in production (patient data and tokens cross "
                 "the network); plain http is accepted only for loopback addresses"
             )
+        _check_production_security(self)
         if self.log_format != "json":
             self.log_format = "json"
         return self
+
+
+def _check_production_security(settings: Settings) -> None:
+    """Refuse settings that are fine on a laptop and dangerous with real patients."""
+    secret = settings.smart.session_secret.get_secret_value()
+    if secret == PLACEHOLDER_SESSION_SECRET or len(secret) < MIN_SESSION_SECRET_CHARS:
+        raise ValueError(
+            "CHARTBRIEF_SMART__SESSION_SECRET must be set to a random value of at least "
+            f"{MIN_SESSION_SECRET_CHARS} characters in production (it encrypts stored tokens)"
+        )
+    if _is_plain_http_off_loopback(settings.smart.public_base_url):
+        raise ValueError("CHARTBRIEF_SMART__PUBLIC_BASE_URL must use https in production")
+    for url in settings.smart.allowed_issuers:
+        if _is_plain_http_off_loopback(url):
+            raise ValueError(f"CHARTBRIEF_SMART__ALLOWED_ISSUERS: {url} must use https in production")
+    for name, url in (("JWKS_URL", settings.api.jwks_url),):
+        if url and _is_plain_http_off_loopback(url):
+            raise ValueError(f"CHARTBRIEF_API__{name} must use https in production")

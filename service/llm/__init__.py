@@ -12,10 +12,15 @@ __all__ = ["Engine", "EngineError", "Generation", "GenerationRequest", "create_e
 
 
 def create_engine(settings: LlmSettings) -> Engine:
-    """The engine the settings ask for: today the in-process llama.cpp engine.
+    """The engine the settings ask for: a pool of llama.cpp servers when `servers` lists any,
+    else the in-process llama.cpp engine.
 
     Loads the model (seconds for a large GGUF): call it once at process start, not per request.
     """
+    if settings.servers:
+        from service.llm.remote import RemoteLlamaPool  # deferred: loads the native library
+
+        return RemoteLlamaPool(settings)
     from service.llm.llamacpp import LlamaCppEngine  # deferred: loads the native library
 
     return LlamaCppEngine(settings)
