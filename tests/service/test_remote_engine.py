@@ -57,7 +57,9 @@ async def test_a_failing_server_rests_and_the_request_moves_on() -> None:
     try:
         with respx.mock(assert_all_called=False) as router:
             bad = router.post(f"{A}/chat/completions").mock(return_value=httpx.Response(503))
-            good = router.post(f"{B}/chat/completions").mock(return_value=httpx.Response(200, json=_completion()))
+            good = router.post(f"{B}/chat/completions").mock(
+                return_value=httpx.Response(200, json=_completion())
+            )
             results = [await engine.generate(_request()) for _ in range(3)]
         assert [r.text for r in results] == ['{"claims": []}'] * 3
         assert bad.call_count == 1  # tried once, then resting
