@@ -83,8 +83,11 @@ class LocalFhirServer:
         port: int | None = None,
         startup_timeout: float = 60.0,
         stop_timeout: float = 10.0,
+        overrides: dict[str, Any] | None = None,
     ) -> None:
         self.executable = executable
+        # Top-level sekmet settings replaced as given (e.g. {"server_auth": {...}} to require SMART tokens).
+        self.overrides = dict(overrides or {})
         self.port = port
         self.startup_timeout = startup_timeout
         self.stop_timeout = stop_timeout
@@ -115,7 +118,7 @@ class LocalFhirServer:
         self._workdir = Path(tempfile.mkdtemp(prefix="chartbrief-fhir-"))
         data_dir = self._workdir / "data"
         config = self._workdir / "settings.yaml"
-        config.write_text(yaml.safe_dump(sekmet_settings(data_dir, self.port)))
+        config.write_text(yaml.safe_dump(sekmet_settings(data_dir, self.port) | self.overrides))
         self._log_file = (self._workdir / "server.log").open("wb")
         command = [
             str(self.executable),

@@ -93,3 +93,20 @@ def test_summarize_help_lists_env_twins() -> None:
     result = CliRunner().invoke(cli, ["summarize", "--help"])
     assert result.exit_code == 0
     assert "CHARTBRIEF_FHIR__BASE_URL" in result.output
+
+
+def test_keys_generate_writes_a_private_key_only_the_owner_reads_and_prints_the_jwks(tmp_path) -> None:
+    import json
+    import stat
+
+    from fhir_adapters.backend_auth import public_jwk
+
+    out = tmp_path / "k" / "backend.pem"
+    result = CliRunner().invoke(cli, ["keys", "generate", "--alg", "ES384", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    jwks = json.loads(result.stdout)
+    assert stat.S_IMODE(out.stat().st_mode) == 0o600
+    assert jwks["keys"] == [public_jwk(out.read_bytes(), "ES384")]
+    assert "PRIVATE" not in result.stdout
+    again = CliRunner().invoke(cli, ["keys", "generate", "--out", str(out)])
+    assert again.exit_code == 2 and "--force" in again.output
