@@ -9,7 +9,7 @@ API and batch workers share it.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Any
 
@@ -30,7 +30,7 @@ from fhir_adapters.writer import WriteResult, idempotency_key, write_summary
 from service.config import Settings
 from service.db.store import SummaryStore
 from service.grounding import Claim, DroppedClaim, ground, parse_claims
-from service.llm.base import Engine
+from service.llm.base import Engine, Generation, GenerationRequest
 from service.prompts import PackedContext, build_request, load_prompt
 from service.safety import quarantine_instructions, without_ai_documents
 from service.structured import StructuredSummary, build_structured
@@ -76,7 +76,7 @@ class SummaryResult:
     write: WriteResult | None = None
     dry_run: bool = False
     facts: int = 0
-    timings: dict[str, float] = field(default_factory=dict)
+    unchanged: bool = False  # an earlier summary of the same key stands; nothing was generated
 
     def to_json(self) -> dict[str, Any]:
         """The CLI's `--json` object."""
@@ -90,6 +90,7 @@ class SummaryResult:
             "created": w.created if w else False,
             "superseded": w.superseded if w else None,
             "dry_run": self.dry_run,
+            "unchanged": self.unchanged,
             "idempotency_key": self.idempotency_key,
             "claims_kept": len(self.kept),
             "claims_dropped": len(self.dropped),
@@ -195,91 +196,193 @@ def structured_json(
     }
 
 
-async def summarize_patient(
-    svc: Services, patient_id: str, *, encounter_id: str | None = None, dry_run: bool = False
-) -> SummaryResult:
+@dataclass
+class PreparedSummary:
+    """Everything decided before the model runs: what was read, what the model will see, the key."""
+
+    patient_id: str
+    encounter_id: str | None
+    ctx: ClinicalContext
+    structured: StructuredSummary
+    request: GenerationRequest
+    prompt: PromptIdentity
+    packed: PackedContext
+    model: ModelIdentity
+    inputs: list[SourceRef]
+    idempotency_key: str
+    notes: int
+    started: float
+    seconds_fetch: float
+
+
+def variant_identity(model: ModelIdentity, variant: int) -> ModelIdentity:
+    """The model identity of a regenerated draft: another seed, so another key and another text."""
+    if variant == 0:
+        return model
+    return replace(model, sampling=f"{model.sampling} variant={variant}".strip())
+
+
+async def prepare_summary(
+    svc: Services, patient_id: str, *, encounter_id: str | None = None, variant: int = 0
+) -> PreparedSummary:
+    """Fetch, normalize and build the model request; compute the idempotency key. No generation."""
     settings = svc.settings
     started = time.perf_counter()
+    record = await fetch_record(
+        svc.client,
+        patient_id,
+        encounter_id=encounter_id,
+        observation_limit=settings.fhir.observation_limit,
+        max_concurrency=settings.fhir.max_concurrency,
+    )
+    record = without_ai_documents(record, settings.writer.identifier_system)
+    fetched = time.perf_counter()
+    ctx = quarantine_instructions(normalize(record))
+    template = load_prompt(settings.prompt, settings.prompts_dir)
+    request, rendered, packed = build_request(template, ctx, svc.engine, settings.llm)
+    if variant:
+        request = replace(request, seed=request.seed + variant)
+    model = variant_identity(svc.engine.identity, variant)
+    inputs = record.sources
+    return PreparedSummary(
+        patient_id=patient_id,
+        encounter_id=encounter_id,
+        ctx=ctx,
+        structured=build_structured(ctx),
+        request=request,
+        prompt=rendered.identity,
+        packed=packed,
+        model=model,
+        inputs=inputs,
+        idempotency_key=idempotency_key(inputs, rendered.identity, model, ctx.encounter),
+        notes=len(record.notes),
+        started=started,
+        seconds_fetch=fetched - started,
+    )
+
+
+async def complete_summary(
+    svc: Services, prep: PreparedSummary, generation: Generation, *, dry_run: bool = False
+) -> SummaryResult:
+    """Ground the model's output, write the draft back (unless dry run), record it."""
+    ctx, structured = prep.ctx, prep.structured
+    claims, unparsable = parse_claims(generation.text)
+    grounded = ground(claims, ctx)
+    dropped = unparsable + grounded.dropped
+    markdown = compose_markdown(ctx, structured, grounded.kept, dropped, prep.packed.omitted)
+    cited_keys = structured.cited_keys() | {k for c in grounded.kept for k in c.citations}
+    draft = SummaryDraft(
+        patient=ctx.patient,
+        markdown=markdown,
+        structured=structured_json(structured, grounded.kept, dropped, ctx),
+        cited=cited_refs(ctx, cited_keys),
+        inputs=prep.inputs,
+        model=prep.model,
+        prompt=prep.prompt,
+        idempotency_key=prep.idempotency_key,
+        created=datetime.now(UTC).isoformat(timespec="seconds"),
+        encounter=ctx.encounter,
+        **_period(ctx),
+    )
+    write = None if dry_run else await write_summary(svc.client, draft, svc.settings.writer)
+    result = SummaryResult(
+        patient=prep.patient_id,
+        encounter=prep.encounter_id,
+        idempotency_key=prep.idempotency_key,
+        model=prep.model,
+        prompt=prep.prompt,
+        markdown=markdown,
+        structured=structured,
+        kept=grounded.kept,
+        dropped=dropped,
+        omitted=prep.packed.omitted,
+        skipped=ctx.skipped,
+        inputs=prep.inputs,
+        prompt_tokens=generation.prompt_tokens,
+        completion_tokens=generation.completion_tokens,
+        finish_reason=generation.finish_reason,
+        seconds=time.perf_counter() - prep.started,
+        seconds_fetch=prep.seconds_fetch,
+        seconds_generate=generation.seconds,
+        write=write,
+        dry_run=dry_run,
+        facts=len(ctx.facts),
+    )
+    _record(svc, result)
+    log.info(
+        "summary.done",
+        kept=len(result.kept),
+        dropped=len(result.dropped),
+        written=bool(write and write.created),
+        document_reference=write.document_reference if write else None,
+        seconds=round(result.seconds, 2),
+    )
+    return result
+
+
+def unchanged_result(svc: Services, prep: PreparedSummary) -> SummaryResult | None:
+    """The earlier summary of exactly these inputs, prompt and model, if one was written: then a
+    rerun costs one hash and no generation."""
+    row = svc.store.find(svc.client.base_url, prep.idempotency_key)
+    if row is None or not row.document_reference:
+        return None
+    write = WriteResult(
+        document_reference=row.document_reference,
+        provenance=row.provenance or "",
+        device=row.device or "",
+        created=False,
+    )
+    log.info("summary.unchanged", document_reference=row.document_reference)
+    return SummaryResult(
+        patient=prep.patient_id,
+        encounter=prep.encounter_id,
+        idempotency_key=prep.idempotency_key,
+        model=prep.model,
+        prompt=prep.prompt,
+        markdown="",
+        structured=prep.structured,
+        kept=[],
+        dropped=[],
+        omitted=prep.packed.omitted,
+        skipped=prep.ctx.skipped,
+        inputs=prep.inputs,
+        prompt_tokens=0,
+        completion_tokens=0,
+        seconds=time.perf_counter() - prep.started,
+        seconds_fetch=prep.seconds_fetch,
+        seconds_generate=0.0,
+        write=write,
+        facts=len(prep.ctx.facts),
+        unchanged=True,
+    )
+
+
+async def summarize_patient(
+    svc: Services,
+    patient_id: str,
+    *,
+    encounter_id: str | None = None,
+    dry_run: bool = False,
+    skip_unchanged: bool = False,
+    variant: int = 0,
+) -> SummaryResult:
+    """One patient end to end. `skip_unchanged`: return the recorded summary of the same key without
+    generating; `variant`: a regenerated draft (another seed) that supersedes the current one."""
     structlog.contextvars.bind_contextvars(patient_id=patient_id)
     try:
-        record = await fetch_record(
-            svc.client,
-            patient_id,
-            encounter_id=encounter_id,
-            observation_limit=settings.fhir.observation_limit,
-            max_concurrency=settings.fhir.max_concurrency,
-        )
-        record = without_ai_documents(record, settings.writer.identifier_system)
-        fetched = time.perf_counter()
-        ctx = quarantine_instructions(normalize(record))
-        structured = build_structured(ctx)
-        template = load_prompt(settings.prompt, settings.prompts_dir)
-        request, rendered, packed = build_request(template, ctx, svc.engine, settings.llm)
-        encounter_ref = ctx.encounter
-        inputs = record.sources
-        key = idempotency_key(inputs, rendered.identity, svc.engine.identity, encounter_ref)
+        prep = await prepare_summary(svc, patient_id, encounter_id=encounter_id, variant=variant)
+        if skip_unchanged and not dry_run:
+            earlier = unchanged_result(svc, prep)
+            if earlier is not None:
+                return earlier
         log.info(
             "summary.generate",
-            facts=len(ctx.facts),
-            notes=len(record.notes),
-            packed=len(packed.facts_included),
+            facts=len(prep.ctx.facts),
+            notes=prep.notes,
+            packed=len(prep.packed.facts_included),
         )
-        gen_started = time.perf_counter()
-        generation = await svc.engine.generate(request)
-        generated = time.perf_counter()
-        claims, unparsable = parse_claims(generation.text)
-        grounded = ground(claims, ctx)
-        dropped = unparsable + grounded.dropped
-        markdown = compose_markdown(ctx, structured, grounded.kept, dropped, packed.omitted)
-        cited_keys = structured.cited_keys() | {k for c in grounded.kept for k in c.citations}
-        draft = SummaryDraft(
-            patient=ctx.patient,
-            markdown=markdown,
-            structured=structured_json(structured, grounded.kept, dropped, ctx),
-            cited=cited_refs(ctx, cited_keys),
-            inputs=inputs,
-            model=svc.engine.identity,
-            prompt=rendered.identity,
-            idempotency_key=key,
-            created=datetime.now(UTC).isoformat(timespec="seconds"),
-            encounter=encounter_ref,
-            **_period(ctx),
-        )
-        write = None if dry_run else await write_summary(svc.client, draft, settings.writer)
-        finished = time.perf_counter()
-        result = SummaryResult(
-            patient=patient_id,
-            encounter=encounter_id,
-            idempotency_key=key,
-            model=svc.engine.identity,
-            prompt=rendered.identity,
-            markdown=markdown,
-            structured=structured,
-            kept=grounded.kept,
-            dropped=dropped,
-            omitted=packed.omitted,
-            skipped=ctx.skipped,
-            inputs=inputs,
-            prompt_tokens=generation.prompt_tokens,
-            completion_tokens=generation.completion_tokens,
-            finish_reason=generation.finish_reason,
-            seconds=finished - started,
-            seconds_fetch=fetched - started,
-            seconds_generate=generated - gen_started,
-            write=write,
-            dry_run=dry_run,
-            facts=len(ctx.facts),
-        )
-        _record(svc, result)
-        log.info(
-            "summary.done",
-            kept=len(result.kept),
-            dropped=len(result.dropped),
-            written=bool(write and write.created),
-            document_reference=write.document_reference if write else None,
-            seconds=round(result.seconds, 2),
-        )
-        return result
+        generation = await svc.engine.generate(prep.request)
+        return await complete_summary(svc, prep, generation, dry_run=dry_run)
     finally:
         structlog.contextvars.unbind_contextvars("patient_id")
 
@@ -321,4 +424,13 @@ def _record(svc: Services, r: SummaryResult) -> None:
     )
 
 
-__all__ = ["PackedContext", "Services", "SummaryResult", "compose_markdown", "summarize_patient"]
+__all__ = [
+    "PackedContext",
+    "PreparedSummary",
+    "Services",
+    "SummaryResult",
+    "complete_summary",
+    "compose_markdown",
+    "prepare_summary",
+    "summarize_patient",
+]

@@ -22,6 +22,8 @@ class SummaryStore(Protocol):
 
     def latest_for_patient(self, fhir_base: str, patient_id: str) -> SummaryRow | None: ...
 
+    def find(self, fhir_base: str, idempotency_key: str) -> SummaryRow | None: ...
+
 
 @dataclass
 class SqlSummaryStore:
@@ -64,6 +66,14 @@ class SqlSummaryStore:
                 select(SummaryRow)
                 .where(SummaryRow.fhir_base == fhir_base, SummaryRow.patient_id == patient_id)
                 .order_by(SummaryRow.created_at.desc())
+            ).first()
+
+    def find(self, fhir_base: str, idempotency_key: str) -> SummaryRow | None:
+        with self.sessions() as s:
+            return s.scalars(
+                select(SummaryRow).where(
+                    SummaryRow.idempotency_key == idempotency_key, SummaryRow.fhir_base == fhir_base
+                )
             ).first()
 
     def count(self) -> int:
