@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import click
 
+from service.cli.apikey import apikey
 from service.cli.keys import keys
 from service.cli.sandbox import sandbox
 from service.cli.summarize import summarize
@@ -19,6 +20,7 @@ def cli() -> None:
 cli.add_command(summarize)
 cli.add_command(sandbox)
 cli.add_command(keys)
+cli.add_command(apikey)
 
 
 def main() -> None:

@@ -1,6 +1,7 @@
 """Tables. One row per summary: what it read, with which prompt and model, what it cost, what it wrote.
 
-No PHI is stored here: resource ids and versions, hashes, counts and timings only.
+No PHI is stored in the summary table: resource ids and versions, hashes, counts and timings only. The
+review tables at the end hold one exception, said where it is: a rejection's optional free-text reason.
 """
 
 from __future__ import annotations
@@ -9,7 +10,7 @@ import uuid
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import JSON, DateTime, Float, Integer, String, UniqueConstraint
+from sqlalchemy import JSON, Boolean, DateTime, Float, Integer, String, Text, UniqueConstraint
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 
@@ -55,3 +56,87 @@ class SummaryRow(Base):
     provenance: Mapped[str | None] = mapped_column(String(200), nullable=True)
     device: Mapped[str | None] = mapped_column(String(200), nullable=True)
     superseded: Mapped[str | None] = mapped_column(String(200), nullable=True)
+
+
+# -- review, SMART launch and API access (security-relevant tables) ------------------------------------
+#
+# Secrets are never stored in the clear: launch `state`, app-session ids and API-key secrets are kept
+# as sha256 hashes; OAuth tokens are kept Fernet-encrypted. Audit rows carry ids, never PHI content.
+
+
+class LaunchState(Base):
+    """One SMART authorize round trip in flight: single use, expiring, bound to a browser session."""
+
+    __tablename__ = "launch_states"
+
+    state_hash: Mapped[str] = mapped_column(String(64), primary_key=True)  # sha256 of the raw state
+    browser_session_hash: Mapped[str] = mapped_column(String(64))
+    iss: Mapped[str] = mapped_column(String(500))
+    code_verifier: Mapped[str] = mapped_column(String(200))
+    launch: Mapped[str | None] = mapped_column(String(500), nullable=True)
+    redirect_uri: Mapped[str] = mapped_column(String(500))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now)
+    expires_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), index=True)
+    used_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+
+
+class AppSession(Base):
+    """A clinician's session after a SMART launch; tokens stay here, encrypted, never in the browser."""
+
+    __tablename__ = "app_sessions"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)  # sha256 of the cookie value
+    browser_session_hash: Mapped[str] = mapped_column(String(64))
+    iss: Mapped[str] = mapped_column(String(500))
+    patient_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    encounter_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    fhir_user: Mapped[str | None] = mapped_column(String(500), nullable=True)
+    scope: Mapped[str] = mapped_column(Text)
+    need_patient_banner: Mapped[bool] = mapped_column(Boolean, default=True)
+    token_set_encrypted: Mapped[str] = mapped_column(Text)
+    expires_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), index=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now)
+
+
+class AuditEvent(Base):
+    """Who did what to which resource of which patient, and how it ended. No PHI content."""
+
+    __tablename__ = "audit_events"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now, index=True)
+    actor: Mapped[str] = mapped_column(String(500))  # fhirUser reference, "apikey:<id>", "system"
+    action: Mapped[str] = mapped_column(String(50))  # approve | edit | reject | regenerate | read ...
+    patient_id: Mapped[str | None] = mapped_column(String(64), nullable=True, index=True)
+    resource: Mapped[str | None] = mapped_column(String(200), nullable=True)  # "DocumentReference/x"
+    outcome: Mapped[str] = mapped_column(String(10))  # ok | denied | error
+    detail: Mapped[str | None] = mapped_column(String(200), nullable=True)  # short, fixed phrases only
+    request_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
+
+
+class Rejection(Base):
+    """A clinician's rejection of a draft, with the optional reason: a monitoring signal, never logged."""
+
+    __tablename__ = "rejections"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    document_reference: Mapped[str] = mapped_column(String(200), index=True)
+    patient_id: Mapped[str] = mapped_column(String(64), index=True)
+    reason: Mapped[str | None] = mapped_column(Text, nullable=True)  # clinician free text (may hold PHI)
+    who: Mapped[str] = mapped_column(String(500))
+    at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now)
+
+
+class ApiKey(Base):
+    """A static API key for a service account; only the sha256 of its secret is stored."""
+
+    __tablename__ = "api_keys"
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True, default=_uuid)
+    name: Mapped[str] = mapped_column(String(100))
+    key_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    prefix: Mapped[str] = mapped_column(String(8), index=True)  # first 8 characters, for lookup
+    scopes: Mapped[list[str]] = mapped_column(JSON)
+    patient_id: Mapped[str | None] = mapped_column(String(64), nullable=True)  # key limited to one patient
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now)
+    revoked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)

@@ -1,0 +1,585 @@
+"""A clinician's verdict on an AI draft, written to the EHR: approve, edit, reject.
+
+What each action writes (STANDARDS.md "Writing the summary back", AI Transparency IG):
+
+- **approve**: the DocumentReference becomes `docStatus=final` and its `author` gains the clinician
+  (the AI Device stays); the draft's AI-Provenance (id `writer.provenance_id(key)`) gains an agent of
+  type `verifier`. Both are PUT in ONE transaction, each guarded by If-Match.
+- **edit**: a new version of the DocumentReference holding the clinician's markdown (an extension and
+  the description say a person changed the AI text), plus a NEW Provenance: target the new version,
+  activity UPDATE, agent author = the clinician, entity role `revision` = the previous version.
+  The draft stays preliminary: approval is a separate, explicit step.
+- **reject**: `status=entered-in-error` (If-Match), plus a Provenance with activity NULLIFY naming who
+  did it. The clinician's reason is NOT written to the EHR; the service layer keeps it for monitoring.
+
+Only chartbrief drafts (an identifier in the configured system) may be acted on, and only by a
+Practitioner or PractitionerRole (the SMART `fhirUser`). A write refused because the draft changed
+since the clinician opened it raises `ReviewConflict`.
+
+```
+ReviewError               not a chartbrief draft, wrong state, bad verifier / text / time
+├── ReviewNotFound        no such DocumentReference (or its Provenance is gone)
+├── ReviewForbidden       the draft belongs to another patient than the session's
+└── ReviewConflict        the draft changed since it was opened (version mismatch, 409/412)
+```
+
+Other `FhirError`s (transport, auth, 5xx) pass through unchanged. Builders are pure; `approve`,
+`edit` and `reject` are the only IO. What this module must not do: log or write the clinician's
+reason, log document text, or touch a resource that chartbrief did not write.
+"""
+
+from __future__ import annotations
+
+import base64
+import copy
+import hashlib
+import re
+from collections.abc import Mapping
+from datetime import datetime
+from typing import Any, Protocol
+
+import structlog
+
+from fhir_adapters.errors import FhirConflict, FhirNotFound
+from fhir_adapters.writer import MARKDOWN, SAMPLING_EXTENSION_URL, provenance_id
+from service.config import WriterSettings
+
+JsonObject = dict[str, Any]
+
+_log = structlog.get_logger(__name__)
+
+PARTICIPANT_TYPE_SYSTEM = "http://terminology.hl7.org/CodeSystem/provenance-participant-type"
+PARTICIPANT_VERIFIER = {"system": PARTICIPANT_TYPE_SYSTEM, "code": "verifier", "display": "Verifier"}
+PARTICIPANT_AUTHOR = {"system": PARTICIPANT_TYPE_SYSTEM, "code": "author", "display": "Author"}
+PARTICIPANT_PERFORMER = {"system": PARTICIPANT_TYPE_SYSTEM, "code": "performer", "display": "Performer"}
+DATA_OPERATION_SYSTEM = "http://terminology.hl7.org/CodeSystem/v3-DataOperation"
+DATA_OPERATION_UPDATE = {"system": DATA_OPERATION_SYSTEM, "code": "UPDATE", "display": "revise"}
+DATA_OPERATION_NULLIFY = {"system": DATA_OPERATION_SYSTEM, "code": "NULLIFY", "display": "nullify"}
+
+EDITED_BY_URL = "urn:chartbrief:edited-by"
+EDITED_TITLE = "Clinical summary (AI draft, edited by a clinician)"
+EDITED_DESCRIPTION = (
+    "AI-generated draft summary (chartbrief), edited by a clinician. Preliminary until a clinician "
+    "approves it."
+)
+APPROVED_DESCRIPTION = (
+    "AI-generated summary (chartbrief), reviewed and approved by a clinician; every statement cites "
+    "its sources."
+)
+APPROVED_EDITED_DESCRIPTION = (
+    "AI-generated summary (chartbrief), edited, reviewed and approved by a clinician."
+)
+REJECTED_DESCRIPTION = "AI-generated draft summary (chartbrief), rejected by a clinician: not for use."
+
+# Who may review: the SMART fhirUser of a clinician, relative (`Practitioner/1`) or absolute.
+REVIEWER_TYPES = ("Practitioner", "PractitionerRole")
+_REVIEWER = re.compile(r"^(?:https?://[^\s]+/)?(Practitioner|PractitionerRole)/[A-Za-z0-9\-.]{1,64}$")
+_FHIR_ID = re.compile(r"^[A-Za-z0-9\-.]{1,64}$")
+# The clinician's text is stored as one attachment; far larger than any summary means a mistake.
+MAX_MARKDOWN_CHARS = 100_000
+REVIEW_PROVENANCE_HEX = 40
+
+
+class ReviewError(Exception):
+    """The action cannot be done on this resource; the message says why, for a person (no PHI)."""
+
+
+class ReviewNotFound(ReviewError):
+    """The DocumentReference (or its Provenance) does not exist on the server."""
+
+
+class ReviewForbidden(ReviewError):
+    """The draft is another patient's than the one the caller is allowed to act for."""
+
+
+class ReviewConflict(ReviewError):
+    """The draft changed on the server since the clinician opened it."""
+
+    def __init__(self, document_reference: str, message: str | None = None) -> None:
+        super().__init__(
+            message
+            or f"{document_reference}: the draft changed since you opened it; reload it and review again"
+        )
+        self.document_reference = document_reference
+
+
+class ReviewClient(Protocol):
+    """What the actions need from a FHIR client (`fhir_adapters.client.FhirClient` has it)."""
+
+    async def read(self, resource_type: str, id: str) -> JsonObject: ...
+
+    async def update(self, resource: JsonObject, *, if_match: str | None = None) -> JsonObject: ...
+
+    async def transaction(self, bundle: JsonObject, *, idempotent: bool = False) -> JsonObject: ...
+
+
+# -- checks (pure) -------------------------------------------------------------------------------------
+
+
+def check_reviewer(reference: str, field: str = "verifier") -> str:
+    """A clinician's reference as given, or ReviewError naming the field.
+
+    >>> check_reviewer("Practitioner/dr-1")
+    'Practitioner/dr-1'
+    >>> check_reviewer("https://ehr.example/fhir/PractitionerRole/7")
+    'https://ehr.example/fhir/PractitionerRole/7'
+    """
+    if not isinstance(reference, str) or not _REVIEWER.match(reference.strip()):
+        kind = reference.split("/")[-2] if isinstance(reference, str) and "/" in reference else "?"
+        raise ReviewError(
+            f"{field} must be a Practitioner or PractitionerRole reference (the SMART fhirUser), "
+            f"got a {kind!s} reference"
+        )
+    return reference.strip()
+
+
+def check_when(when: str) -> str:
+    """An ISO 8601 instant with a time zone (what Provenance.recorded needs), or ReviewError."""
+    try:
+        parsed = datetime.fromisoformat(when.replace("Z", "+00:00"))
+    except (AttributeError, ValueError) as exc:
+        raise ReviewError(f"when must be an ISO 8601 instant, got {when!r}") from exc
+    if parsed.tzinfo is None:
+        raise ReviewError(f"when must carry a time zone, got {when!r}")
+    return when
+
+
+def check_id(value: str, field: str = "document_reference_id") -> str:
+    """A FHIR id; `DocumentReference/x` is accepted for `x`.
+
+    >>> check_id("DocumentReference/abc-1")
+    'abc-1'
+    """
+    if isinstance(value, str) and value.startswith("DocumentReference/"):
+        value = value.split("/", 1)[1]
+    if not isinstance(value, str) or not _FHIR_ID.match(value):
+        raise ReviewError(f"{field} {value!r} is not a valid FHIR id")
+    return value
+
+
+def draft_key(doc: JsonObject, identifier_system: str) -> str:
+    """The idempotency key of a chartbrief draft (its identifier value); ReviewError for anything else."""
+    if doc.get("resourceType") != "DocumentReference":
+        raise ReviewError(f"{doc.get('resourceType')!r} is not a DocumentReference")
+    for ident in doc.get("identifier") or []:
+        if isinstance(ident, dict) and ident.get("system") == identifier_system:
+            value = ident.get("value")
+            if isinstance(value, str) and value:
+                return value
+    raise ReviewError(
+        f"DocumentReference/{doc.get('id')} was not written by chartbrief (no identifier in "
+        f"{identifier_system}): only chartbrief drafts can be reviewed here"
+    )
+
+
+def check_patient(doc: JsonObject, patient_id: str | None) -> None:
+    """ReviewForbidden unless the document's subject is `Patient/{patient_id}` (None: no check)."""
+    if patient_id is None:
+        return
+    subject = (doc.get("subject") or {}).get("reference")
+    if subject != f"Patient/{patient_id}":
+        raise ReviewForbidden(
+            f"DocumentReference/{doc.get('id')} is not a document of the patient in this session"
+        )
+
+
+def version_of(resource: JsonObject) -> str | None:
+    meta = resource.get("meta")
+    version = meta.get("versionId") if isinstance(meta, dict) else None
+    return str(version) if version else None
+
+
+def if_match(resource: JsonObject) -> str | None:
+    """The If-Match header value for the resource's version (`W/"3"`), None when it has none.
+
+    >>> if_match({"meta": {"versionId": "3"}})
+    'W/"3"'
+    """
+    version = version_of(resource)
+    return f'W/"{version}"' if version else None
+
+
+def references(resource: JsonObject, element: str) -> list[str]:
+    """`element[].reference` values (author of a DocumentReference, ...)."""
+    return [
+        str(item["reference"])
+        for item in resource.get(element) or []
+        if isinstance(item, dict) and isinstance(item.get("reference"), str)
+    ]
+
+
+def agents_of_type(provenance: JsonObject, code: str) -> list[str]:
+    """`who.reference` of every agent whose type has `code` in provenance-participant-type."""
+    found: list[str] = []
+    for agent in provenance.get("agent") or []:
+        if not isinstance(agent, dict):
+            continue
+        codings = (agent.get("type") or {}).get("coding") or []
+        if any(c.get("system") == PARTICIPANT_TYPE_SYSTEM and c.get("code") == code for c in codings):
+            who = (agent.get("who") or {}).get("reference")
+            if isinstance(who, str):
+                found.append(who)
+    return found
+
+
+def is_edited(doc: JsonObject) -> bool:
+    return any(isinstance(e, dict) and e.get("url") == EDITED_BY_URL for e in doc.get("extension") or [])
+
+
+def _for_update(resource: JsonObject) -> JsonObject:
+    """A copy without the server-managed meta fields (the server sets them anew on update)."""
+    updated = copy.deepcopy(resource)
+    meta = updated.get("meta")
+    if isinstance(meta, dict):
+        meta.pop("versionId", None)
+        meta.pop("lastUpdated", None)
+        if not meta:
+            updated.pop("meta")
+    return updated
+
+
+def _check_actionable(doc: JsonObject, action: str) -> None:
+    ref = f"DocumentReference/{doc.get('id')}"
+    status = doc.get("status")
+    if status == "entered-in-error":
+        raise ReviewError(f"{ref} was rejected (entered-in-error): it cannot be {action}")
+    if status == "superseded":
+        raise ReviewError(f"{ref} was superseded by a newer draft: open the newer one to review it")
+    if status != "current":
+        raise ReviewError(f"{ref} has status {status!r}: only a current draft can be {action}")
+
+
+def _check_version(doc: JsonObject, expected: str | None) -> None:
+    if expected is not None and version_of(doc) != str(expected):
+        raise ReviewConflict(f"DocumentReference/{doc.get('id')}")
+
+
+def _review_provenance_id(kind: str, doc_id: str, version: str | None) -> str:
+    # Derived from the document version, so a retried write overwrites instead of adding a second one.
+    digest = hashlib.sha256(f"{kind}|{doc_id}|{version}".encode()).hexdigest()
+    return f"cb-{kind}-{digest[:REVIEW_PROVENANCE_HEX]}"
+
+
+# -- builders (pure) -----------------------------------------------------------------------------------
+
+
+def approved_document(doc: JsonObject, verifier: str) -> JsonObject:
+    """The DocumentReference as approved: final, the clinician added to `author` (the Device stays)."""
+    approved = _for_update(doc)
+    approved["docStatus"] = "final"
+    authors = list(approved.get("author") or [])
+    if verifier not in references(approved, "author"):
+        authors.append({"reference": verifier})
+    approved["author"] = authors
+    approved["description"] = APPROVED_EDITED_DESCRIPTION if is_edited(doc) else APPROVED_DESCRIPTION
+    return approved
+
+
+def verified_provenance(provenance: JsonObject, verifier: str) -> JsonObject:
+    """The draft's AI-Provenance with a `verifier` agent for the clinician (once)."""
+    verified = _for_update(provenance)
+    if verifier not in agents_of_type(provenance, "verifier"):
+        agents = list(verified.get("agent") or [])
+        agents.append({"type": {"coding": [dict(PARTICIPANT_VERIFIER)]}, "who": {"reference": verifier}})
+        verified["agent"] = agents
+    return verified
+
+
+def edited_document(doc: JsonObject, markdown: str, editor: str, *, when: str) -> JsonObject:
+    """The next version of the draft holding the clinician's markdown.
+
+    The first attachment is replaced by the clinician's text; the AI's structured JSON attachment is
+    dropped because it no longer describes the text (it stays on the previous version, which the
+    edit Provenance points at). The draft stays preliminary and AI-labelled: it still holds AI text.
+    """
+    edited = _for_update(doc)
+    edited["content"] = [
+        {
+            "attachment": {
+                "contentType": MARKDOWN,
+                "data": base64.b64encode(markdown.encode("utf-8")).decode("ascii"),
+                "title": EDITED_TITLE,
+                "creation": when,
+            }
+        }
+    ]
+    extensions = [
+        e
+        for e in edited.get("extension") or []
+        if not (isinstance(e, dict) and e.get("url") == EDITED_BY_URL)
+    ]
+    extensions.append({"url": EDITED_BY_URL, "valueReference": {"reference": editor}})
+    edited["extension"] = extensions
+    edited["description"] = EDITED_DESCRIPTION
+    if editor not in references(edited, "author"):
+        edited["author"] = [*(edited.get("author") or []), {"reference": editor}]
+    return edited
+
+
+def edit_provenance(
+    doc_id: str, *, new_version: str, previous_version: str, editor: str, when: str
+) -> JsonObject:
+    """Provenance of a person's change: the new version, derived from the previous (AI) version."""
+    return {
+        "resourceType": "Provenance",
+        "id": _review_provenance_id("ed", doc_id, new_version),
+        "target": [{"reference": f"DocumentReference/{doc_id}/_history/{new_version}"}],
+        "recorded": when,
+        "activity": {"coding": [dict(DATA_OPERATION_UPDATE)], "text": "A clinician edited the AI draft"},
+        "agent": [{"type": {"coding": [dict(PARTICIPANT_AUTHOR)]}, "who": {"reference": editor}}],
+        "entity": [
+            {
+                "role": "revision",
+                "what": {"reference": f"DocumentReference/{doc_id}/_history/{previous_version}"},
+            }
+        ],
+    }
+
+
+def rejected_document(doc: JsonObject) -> JsonObject:
+    """The draft marked entered-in-error: never to be used, kept for the record."""
+    rejected = _for_update(doc)
+    rejected["status"] = "entered-in-error"
+    rejected["description"] = REJECTED_DESCRIPTION
+    return rejected
+
+
+def reject_provenance(doc_id: str, *, version: str | None, who: str, when: str) -> JsonObject:
+    """Provenance of a rejection: who nullified which version. The reason is never put here."""
+    removed = f"DocumentReference/{doc_id}/_history/{version}" if version else f"DocumentReference/{doc_id}"
+    return {
+        "resourceType": "Provenance",
+        "id": _review_provenance_id("rj", doc_id, version),
+        "target": [{"reference": f"DocumentReference/{doc_id}"}],
+        "recorded": when,
+        "activity": {"coding": [dict(DATA_OPERATION_NULLIFY)], "text": "A clinician rejected the AI draft"},
+        "agent": [{"type": {"coding": [dict(PARTICIPANT_PERFORMER)]}, "who": {"reference": who}}],
+        "entity": [{"role": "removal", "what": {"reference": removed}}],
+    }
+
+
+def put_entry(resource: JsonObject, match: str | None) -> JsonObject:
+    """A transaction entry updating `resource`, guarded by If-Match when a version is known."""
+    request: JsonObject = {"method": "PUT", "url": f"{resource['resourceType']}/{resource['id']}"}
+    if match:
+        request["ifMatch"] = match
+    return {"resource": resource, "request": request}
+
+
+def transaction(*entries: JsonObject) -> JsonObject:
+    return {"resourceType": "Bundle", "type": "transaction", "entry": list(entries)}
+
+
+# -- IO ------------------------------------------------------------------------------------------------
+
+
+def _identifier_system(settings: WriterSettings | None) -> str:
+    return (settings or WriterSettings()).identifier_system
+
+
+async def read_draft(
+    client: ReviewClient,
+    document_reference_id: str,
+    *,
+    settings: WriterSettings | None = None,
+    patient_id: str | None = None,
+) -> tuple[JsonObject, str]:
+    """The DocumentReference and its idempotency key, once checked to be a chartbrief draft of the patient."""
+    doc_id = check_id(document_reference_id)
+    try:
+        doc = await client.read("DocumentReference", doc_id)
+    except FhirNotFound as exc:
+        raise ReviewNotFound(f"DocumentReference/{doc_id} does not exist on the FHIR server") from exc
+    check_patient(doc, patient_id)
+    return doc, draft_key(doc, _identifier_system(settings))
+
+
+async def read_provenance(client: ReviewClient, doc_id: str, key: str) -> JsonObject:
+    prov_id = provenance_id(key)
+    try:
+        return await client.read("Provenance", prov_id)
+    except FhirNotFound as exc:
+        raise ReviewNotFound(
+            f"Provenance/{prov_id} of DocumentReference/{doc_id} is missing: the draft cannot be verified"
+        ) from exc
+
+
+def _approved_by(doc: JsonObject, verifier: str) -> bool:
+    return doc.get("docStatus") == "final" and verifier in references(doc, "author")
+
+
+async def approve(
+    client: ReviewClient,
+    document_reference_id: str,
+    *,
+    verifier: str,
+    when: str,
+    version: str | None = None,
+    settings: WriterSettings | None = None,
+    patient_id: str | None = None,
+) -> JsonObject:
+    """Make the draft final with `verifier` as author and as the Provenance's verifier; returns the doc.
+
+    `version` is the versionId the clinician reviewed: if the server holds another, nothing is written
+    and ReviewConflict is raised. Approving twice by the same clinician is harmless (nothing changes).
+    """
+    verifier = check_reviewer(verifier)
+    check_when(when)
+    doc, key = await read_draft(client, document_reference_id, settings=settings, patient_id=patient_id)
+    doc_id = str(doc["id"])
+    ref = f"DocumentReference/{doc_id}"
+    _check_actionable(doc, "approved")
+    already = _approved_by(doc, verifier)
+    if not already:
+        if doc.get("docStatus") == "final":
+            raise ReviewError(f"{ref} was already approved by another clinician")
+        _check_version(doc, version)
+    provenance = await read_provenance(client, doc_id, key)
+    entries: list[JsonObject] = []
+    if not already:
+        entries.append(put_entry(approved_document(doc, verifier), if_match(doc)))
+    if verifier not in agents_of_type(provenance, "verifier"):
+        entries.append(put_entry(verified_provenance(provenance, verifier), if_match(provenance)))
+    if entries:
+        try:
+            await client.transaction(transaction(*entries), idempotent=True)
+        except FhirConflict as exc:
+            # A retry whose first attempt committed fails its If-Match too: done if the result is there.
+            doc_now = await client.read("DocumentReference", doc_id)
+            prov_now = await client.read("Provenance", str(provenance["id"]))
+            if not (_approved_by(doc_now, verifier) and verifier in agents_of_type(prov_now, "verifier")):
+                raise ReviewConflict(ref) from exc
+    result = await client.read("DocumentReference", doc_id)
+    _log.info(
+        "review.approved",
+        document_reference=ref,
+        version=version_of(result),
+        provenance=f"Provenance/{provenance['id']}",
+        unchanged=not entries,
+    )
+    return result
+
+
+def _holds_edit(doc: JsonObject, markdown: str, editor: str) -> bool:
+    content = doc.get("content") or []
+    attachment = content[0].get("attachment") if content and isinstance(content[0], dict) else None
+    if not isinstance(attachment, dict):
+        return False
+    data = base64.b64encode(markdown.encode("utf-8")).decode("ascii")
+    edited_by = [
+        (e.get("valueReference") or {}).get("reference")
+        for e in doc.get("extension") or []
+        if isinstance(e, dict) and e.get("url") == EDITED_BY_URL
+    ]
+    return attachment.get("data") == data and editor in edited_by
+
+
+async def edit(
+    client: ReviewClient,
+    document_reference_id: str,
+    *,
+    markdown: str,
+    editor: str,
+    when: str,
+    version: str | None = None,
+    settings: WriterSettings | None = None,
+    patient_id: str | None = None,
+) -> JsonObject:
+    """Save the clinician's text as a new version of the draft, with a Provenance saying a person
+    changed the AI text; returns the new version. The draft stays preliminary: approve it next."""
+    editor = check_reviewer(editor, "editor")
+    check_when(when)
+    if not isinstance(markdown, str) or not markdown.strip():
+        raise ReviewError("markdown is empty: write the summary text, or reject the draft instead")
+    if len(markdown) > MAX_MARKDOWN_CHARS:
+        raise ReviewError(
+            f"markdown has {len(markdown)} characters; at most {MAX_MARKDOWN_CHARS} are accepted"
+        )
+    doc, _key = await read_draft(client, document_reference_id, settings=settings, patient_id=patient_id)
+    doc_id = str(doc["id"])
+    ref = f"DocumentReference/{doc_id}"
+    _check_actionable(doc, "edited")
+    if doc.get("docStatus") == "final":
+        raise ReviewError(f"{ref} is already approved (final): it cannot be edited here")
+    _check_version(doc, version)
+    previous_version = version_of(doc)
+    if previous_version is None:
+        raise ReviewError(f"{ref} has no meta.versionId: the server must version documents to edit them")
+    try:
+        saved = await client.update(edited_document(doc, markdown, editor, when=when), if_match=if_match(doc))
+    except FhirConflict as exc:
+        saved = await client.read("DocumentReference", doc_id)
+        # A retried PUT whose first attempt committed fails its If-Match: the edit is there, go on.
+        if not (_holds_edit(saved, markdown, editor) and version_of(saved) != previous_version):
+            raise ReviewConflict(ref) from exc
+    new_version = version_of(saved)
+    if new_version is None:
+        raise ReviewError(f"{ref}: the server did not report the new version of the edited draft")
+    provenance = edit_provenance(
+        doc_id, new_version=new_version, previous_version=previous_version, editor=editor, when=when
+    )
+    await client.update(provenance)
+    _log.info(
+        "review.edited",
+        document_reference=ref,
+        version=new_version,
+        previous_version=previous_version,
+        provenance=f"Provenance/{provenance['id']}",
+    )
+    return saved
+
+
+async def reject(
+    client: ReviewClient,
+    document_reference_id: str,
+    *,
+    who: str,
+    reason: str | None = None,
+    when: str,
+    version: str | None = None,
+    settings: WriterSettings | None = None,
+    patient_id: str | None = None,
+) -> JsonObject:
+    """Mark the draft entered-in-error, with a Provenance naming who; returns the doc.
+
+    `reason` is accepted for the caller's convenience and deliberately not written to the EHR or
+    logged (it is clinician free text); the service layer stores it for monitoring.
+    """
+    del reason  # see the docstring: kept out of FHIR and logs on purpose
+    who = check_reviewer(who, "who")
+    check_when(when)
+    doc, _key = await read_draft(client, document_reference_id, settings=settings, patient_id=patient_id)
+    doc_id = str(doc["id"])
+    ref = f"DocumentReference/{doc_id}"
+    if doc.get("status") == "entered-in-error":
+        _log.info("review.rejected", document_reference=ref, version=version_of(doc), unchanged=True)
+        return doc
+    _check_actionable(doc, "rejected")
+    if doc.get("docStatus") == "final":
+        raise ReviewError(f"{ref} is already approved (final): it cannot be rejected here")
+    _check_version(doc, version)
+    provenance = reject_provenance(doc_id, version=version_of(doc), who=who, when=when)
+    bundle = transaction(put_entry(rejected_document(doc), if_match(doc)), put_entry(provenance, None))
+    try:
+        await client.transaction(bundle, idempotent=True)
+    except FhirConflict as exc:
+        now = await client.read("DocumentReference", doc_id)
+        if now.get("status") != "entered-in-error":
+            raise ReviewConflict(ref) from exc
+    result = await client.read("DocumentReference", doc_id)
+    _log.info(
+        "review.rejected",
+        document_reference=ref,
+        version=version_of(result),
+        provenance=f"Provenance/{provenance['id']}",
+    )
+    return result
+
+
+def sampling_of(provenance: Mapping[str, Any]) -> str | None:
+    """The sampling string the writer put on a draft's Provenance (`urn:chartbrief:sampling`)."""
+    for ext in provenance.get("extension") or []:
+        if isinstance(ext, dict) and ext.get("url") == SAMPLING_EXTENSION_URL:
+            value = ext.get("valueString")
+            return value if isinstance(value, str) else None
+    return None

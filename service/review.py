@@ -1,0 +1,389 @@
+"""One clinician review action, end to end: the FHIR write, the audit row, and the monitoring record.
+
+- `approve`, `edit` (saves the clinician's text, then approves it), `reject` (entered-in-error; the
+  optional reason goes to the `rejections` table, never to the EHR or a log) call
+  `fhir_adapters.review` and record one audit row per FHIR action: `ok`, `denied` (another patient's
+  document, or not a chartbrief draft) or `error` (stale version, server failure).
+- `regenerate` writes a fresh draft that supersedes the old one: the summary pipeline runs again with
+  the sampling seed one above the old draft's. The seed is part of the idempotency key (through
+  `ModelIdentity.sampling`), so the new draft gets a new key even when the record did not change.
+
+The FHIR client in `Services` must be the one of the clinician's session (their token, their patient).
+What this module must not do: decide who may act (the API checks the session first; the patient check
+here is a second line), log clinical text or a reason, or swallow an error after auditing it.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, replace
+from datetime import UTC, datetime
+from typing import Any, Literal
+
+import structlog
+from sqlalchemy.orm import Session, sessionmaker
+
+from fhir_adapters import review as fhir_review
+from fhir_adapters.errors import FhirError
+from fhir_adapters.models import ModelIdentity
+from fhir_adapters.review import (
+    ReviewConflict,
+    ReviewError,
+    ReviewForbidden,
+    ReviewNotFound,
+    version_of,
+)
+from service.db import audit
+from service.db.store import SqlSummaryStore
+from service.llm.base import Engine, Generation, GenerationRequest
+from service.pipeline import Services, SummaryResult, summarize_patient
+
+_log = structlog.get_logger(__name__)
+
+Action = Literal["approve", "edit", "reject", "regenerate"]
+# A regenerate whose new seed lands on a draft that already exists (same key) tries the next seed.
+REGENERATE_ATTEMPTS = 3
+_SEED = re.compile(r"\bseed=(\d+)\b")
+
+__all__ = [
+    "ReviewConflict",
+    "ReviewError",
+    "ReviewForbidden",
+    "ReviewNotFound",
+    "ReviewOutcome",
+    "approve",
+    "edit",
+    "regenerate",
+    "reject",
+    "reseeded",
+    "seed_of",
+    "with_seed",
+]
+
+
+@dataclass(frozen=True)
+class ReviewOutcome:
+    """Where the draft stands after an action (what the review screen shows next)."""
+
+    action: Action
+    document_reference: str  # "DocumentReference/<id>"
+    version: str | None  # its versionId now
+    status: str  # current | entered-in-error
+    doc_status: str | None  # preliminary | final
+
+
+def _now_iso() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds")
+
+
+def _db(svc: Services, db: sessionmaker[Session] | None) -> sessionmaker[Session]:
+    if db is not None:
+        return db
+    if isinstance(svc.store, SqlSummaryStore):
+        return svc.store.sessions
+    raise TypeError("pass db= (a sessionmaker): the Services store is not a SqlSummaryStore")
+
+
+def _outcome_of(action: Action, doc: dict[str, Any]) -> ReviewOutcome:
+    doc_status = doc.get("docStatus")
+    return ReviewOutcome(
+        action=action,
+        document_reference=f"DocumentReference/{doc.get('id')}",
+        version=version_of(doc),
+        status=str(doc.get("status")),
+        doc_status=str(doc_status) if doc_status else None,
+    )
+
+
+def _failure(exc: Exception) -> tuple[audit.Outcome, str]:
+    """How a failed action is audited: refused, or failed, and a fixed phrase (never a message)."""
+    if isinstance(exc, ReviewForbidden):
+        return "denied", "document of another patient"
+    if isinstance(exc, ReviewConflict):
+        return "error", "stale version: the draft changed since it was opened"
+    if isinstance(exc, ReviewNotFound):
+        return "error", "not found"
+    if isinstance(exc, ReviewError):
+        return "denied", "refused: not a reviewable chartbrief draft in this state"
+    if isinstance(exc, FhirError):
+        return "error", f"FHIR server: {type(exc).__name__} {exc.status or ''}".strip()
+    return "error", type(exc).__name__
+
+
+class _Audit:
+    """Records one action's audit row; the same fields for success and failure."""
+
+    def __init__(
+        self,
+        db: sessionmaker[Session],
+        *,
+        actor: str,
+        patient_id: str,
+        request_id: str | None,
+    ) -> None:
+        self._db = db
+        self._actor = actor
+        self._patient_id = patient_id
+        self._request_id = request_id
+
+    def ok(self, action: Action, resource: str, detail: str) -> None:
+        self._write(action, resource, "ok", detail)
+
+    def failed(self, action: Action, resource: str, exc: Exception) -> None:
+        outcome, detail = _failure(exc)
+        self._write(action, resource, outcome, detail)
+
+    def _write(self, action: Action, resource: str, outcome: audit.Outcome, detail: str) -> None:
+        audit.record(
+            self._db,
+            actor=self._actor,
+            action=action,
+            outcome=outcome,
+            patient_id=self._patient_id,
+            resource=resource,
+            detail=detail,
+            request_id=self._request_id,
+        )
+
+
+def _doc_ref(document_reference_id: str) -> str:
+    tail = document_reference_id.split("/", 1)[1] if "/" in document_reference_id else document_reference_id
+    return f"DocumentReference/{tail}"
+
+
+async def approve(
+    svc: Services,
+    document_reference_id: str,
+    *,
+    patient_id: str,
+    actor: str,
+    version: str | None = None,
+    request_id: str | None = None,
+    db: sessionmaker[Session] | None = None,
+) -> ReviewOutcome:
+    """The clinician `actor` (fhirUser) approves the draft they reviewed at `version`."""
+    trail = _Audit(_db(svc, db), actor=actor, patient_id=patient_id, request_id=request_id)
+    ref = _doc_ref(document_reference_id)
+    try:
+        doc = await fhir_review.approve(
+            svc.client,
+            document_reference_id,
+            verifier=actor,
+            when=_now_iso(),
+            version=version,
+            settings=svc.settings.writer,
+            patient_id=patient_id,
+        )
+    except Exception as exc:
+        trail.failed("approve", ref, exc)
+        raise
+    result = _outcome_of("approve", doc)
+    trail.ok("approve", ref, f"final at version {result.version}")
+    return result
+
+
+async def edit(
+    svc: Services,
+    document_reference_id: str,
+    *,
+    patient_id: str,
+    actor: str,
+    markdown: str,
+    version: str | None = None,
+    request_id: str | None = None,
+    db: sessionmaker[Session] | None = None,
+) -> ReviewOutcome:
+    """Save the clinician's text as a new version (a Provenance says a person changed it), then approve
+    that version. Two audit rows: `edit` and `approve`."""
+    trail = _Audit(_db(svc, db), actor=actor, patient_id=patient_id, request_id=request_id)
+    ref = _doc_ref(document_reference_id)
+    try:
+        edited = await fhir_review.edit(
+            svc.client,
+            document_reference_id,
+            markdown=markdown,
+            editor=actor,
+            when=_now_iso(),
+            version=version,
+            settings=svc.settings.writer,
+            patient_id=patient_id,
+        )
+    except Exception as exc:
+        trail.failed("edit", ref, exc)
+        raise
+    trail.ok("edit", ref, f"saved as version {version_of(edited)}")
+    return await approve(
+        svc,
+        document_reference_id,
+        patient_id=patient_id,
+        actor=actor,
+        version=version_of(edited),
+        request_id=request_id,
+        db=db,
+    )
+
+
+async def reject(
+    svc: Services,
+    document_reference_id: str,
+    *,
+    patient_id: str,
+    actor: str,
+    reason: str | None = None,
+    version: str | None = None,
+    request_id: str | None = None,
+    db: sessionmaker[Session] | None = None,
+) -> ReviewOutcome:
+    """Mark the draft entered-in-error; keep the optional reason for monitoring (DB only)."""
+    sessions = _db(svc, db)
+    trail = _Audit(sessions, actor=actor, patient_id=patient_id, request_id=request_id)
+    ref = _doc_ref(document_reference_id)
+    try:
+        doc = await fhir_review.reject(
+            svc.client,
+            document_reference_id,
+            who=actor,
+            when=_now_iso(),
+            version=version,
+            settings=svc.settings.writer,
+            patient_id=patient_id,
+        )
+    except Exception as exc:
+        trail.failed("reject", ref, exc)
+        raise
+    result = _outcome_of("reject", doc)
+    audit.record_rejection(
+        sessions,
+        document_reference=result.document_reference,
+        patient_id=patient_id,
+        who=actor,
+        reason=reason,
+    )
+    trail.ok("reject", ref, "entered-in-error" + (", reason recorded" if reason and reason.strip() else ""))
+    return result
+
+
+# -- regenerate ------------------------------------------------------------------------------------------
+
+
+def seed_of(sampling: str | None) -> int | None:
+    """The seed named in a sampling string.
+
+    >>> seed_of("temperature=0.0 top_p=1.0 seed=42 n_ctx=2048")
+    42
+    >>> seed_of("temperature=0.0") is None
+    True
+    """
+    match = _SEED.search(sampling or "")
+    return int(match.group(1)) if match else None
+
+
+def with_seed(sampling: str, seed: int) -> str:
+    """The sampling string with its seed replaced (or added).
+
+    >>> with_seed("temperature=0.0 seed=42 n_ctx=2048", 43)
+    'temperature=0.0 seed=43 n_ctx=2048'
+    >>> with_seed("temperature=0.0", 7)
+    'temperature=0.0 seed=7'
+    """
+    if _SEED.search(sampling):
+        return _SEED.sub(f"seed={seed}", sampling, count=1)
+    return f"{sampling} seed={seed}".strip()
+
+
+class _ReseededEngine:
+    """The shared engine, presented with another seed: requests carry it (from the settings) and the
+    identity names it, so the idempotency key changes. It does not own the engine it wraps."""
+
+    def __init__(self, engine: Engine, seed: int) -> None:
+        self._engine = engine
+        self._identity: ModelIdentity = replace(
+            engine.identity, sampling=with_seed(engine.identity.sampling, seed)
+        )
+
+    @property
+    def identity(self) -> ModelIdentity:
+        return self._identity
+
+    @property
+    def n_ctx(self) -> int:
+        return self._engine.n_ctx
+
+    def count_tokens(self, text: str) -> int:
+        return self._engine.count_tokens(text)
+
+    async def generate(self, request: GenerationRequest) -> Generation:
+        return await self._engine.generate(request)
+
+    def stream(self, request: GenerationRequest) -> AsyncIterator[str]:
+        return self._engine.stream(request)
+
+    async def aclose(self) -> None:
+        # The wrapped engine belongs to the process, not to this one regeneration.
+        return None
+
+
+def reseeded(svc: Services, seed: int) -> Services:
+    """`svc` with the sampling seed set to `seed`, for the settings (what the request carries) and the
+    engine identity (what the idempotency key and the Provenance record)."""
+    if seed < 0:
+        raise ValueError(f"seed must be >= 0, got {seed}")
+    llm = svc.settings.llm.model_copy(update={"seed": seed})
+    settings = svc.settings.model_copy(update={"llm": llm})
+    return replace(svc, settings=settings, engine=_ReseededEngine(svc.engine, seed))
+
+
+async def previous_seed(svc: Services, document_reference_id: str, *, patient_id: str) -> int:
+    """The seed the previous draft was written with (from its Provenance), else the configured seed."""
+    doc, key = await fhir_review.read_draft(
+        svc.client, document_reference_id, settings=svc.settings.writer, patient_id=patient_id
+    )
+    try:
+        provenance = await fhir_review.read_provenance(svc.client, str(doc["id"]), key)
+    except ReviewNotFound:
+        return svc.settings.llm.seed
+    seed = seed_of(fhir_review.sampling_of(provenance))
+    return seed if seed is not None else svc.settings.llm.seed
+
+
+async def regenerate(
+    svc: Services,
+    patient_id: str,
+    *,
+    encounter_id: str | None = None,
+    previous_doc: str,
+    actor: str = "system",
+    request_id: str | None = None,
+    db: sessionmaker[Session] | None = None,
+) -> SummaryResult:
+    """A fresh draft for the patient that supersedes `previous_doc` (an id or `DocumentReference/id`).
+
+    The writer supersedes the newest current, unapproved draft of the same focus, which is the previous
+    one when the clinician regenerates what they are looking at. With temperature 0 (the default) a new
+    seed does not change the model's text: the fresh draft then differs only if the record changed.
+    """
+    trail = _Audit(_db(svc, db), actor=actor, patient_id=patient_id, request_id=request_id)
+    previous = _doc_ref(previous_doc)
+    try:
+        seed = await previous_seed(svc, previous_doc, patient_id=patient_id)
+        result: SummaryResult | None = None
+        for step in range(1, REGENERATE_ATTEMPTS + 1):
+            result = await summarize_patient(
+                reseeded(svc, seed + step), patient_id, encounter_id=encounter_id
+            )
+            if result.write is not None and result.write.created:
+                break
+            _log.info("review.regenerate_exists", attempt=step, document_reference=previous)
+    except Exception as exc:
+        trail.failed("regenerate", previous, exc)
+        raise
+    assert result is not None  # the loop runs at least once
+    write = result.write
+    new_ref = write.document_reference if write else "none"
+    if write is not None and write.created:
+        superseded = f", supersedes {write.superseded}" if write.superseded else ""
+        trail.ok("regenerate", previous, f"new draft {new_ref}{superseded}")
+    else:
+        trail.ok("regenerate", previous, f"no new draft: {new_ref} already holds it")
+    return result
