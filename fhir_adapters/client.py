@@ -7,7 +7,8 @@ every other answer to `fhir_adapters.errors`, and logs one PHI-free line per HTT
 (method, path without the query string, status, elapsed ms, attempt).
 
 On top of it: read / vread / search (paging, de-duplication, restart of an expired paging
-snapshot) / create (conditional) / update / transaction / Binary / metadata.
+snapshot) / create (conditional) / update / transaction / Binary / metadata, and `stream`, a
+chunked GET for large files such as Bulk Data NDJSON (the token only goes to the server's origin).
 
 What it must not do: parse resources into models (that is `fetch`/`normalize`), log a
 query string, a body or a token, retry a non-idempotent write, or send the token to any host
@@ -443,6 +444,106 @@ class FhirClient:
             ) from exc
         return decoded, str(body.get("contentType") or "application/octet-stream")
 
+    # -- streaming -----------------------------------------------------------
+
+    async def stream(
+        self, url: str, *, send_token: bool = True, accept: str = "application/fhir+ndjson"
+    ) -> AsyncIterator[bytes]:
+        """GET `url` and yield its body in chunks as they arrive; the whole body is never held.
+
+        With `send_token` the URL must be on the FHIR server's origin and carries the bearer
+        token (renewed once on 401). Without it, any absolute http(s) URL may be read and no
+        Authorization header is sent: Bulk Data files served with `requiresAccessToken: false`
+        (pre-signed storage URLs, for instance). Opening the response is retried like any
+        idempotent GET; once a chunk has been yielded nothing is retried, since the caller has
+        seen it. Failures map to `fhir_adapters.errors` as in `_request`, a connection lost
+        mid-body included. Wrap it in `contextlib.aclosing` to release the connection early.
+        """
+        target = self._target(url) if send_token else _absolute_target(self.base_url, url)
+        retrying = AsyncRetrying(
+            stop=stop_after_attempt(self.max_attempts),
+            wait=self._wait,
+            retry=retry_if_exception_type(FhirRetryableError),
+            before_sleep=_log_retry("GET", target),
+            reraise=True,
+        )
+        response: httpx.Response | None = None
+        async for attempt in retrying:
+            with attempt:
+                response = await self._open_stream(
+                    target, accept, send_token, attempt=attempt.retry_state.attempt_number
+                )
+        if response is None:  # pragma: no cover - tenacity either returns a response or raises
+            raise AssertionError("unreachable: tenacity re-raises the last error")
+        try:
+            async for chunk in response.aiter_bytes():
+                yield chunk
+        except httpx.TransportError as exc:
+            raise FhirTransportError(
+                f"connection to {target.host} lost ({type(exc).__name__}) while reading GET {target.path}",
+                url=url_without_query(target),
+            ) from exc
+        except httpx.HTTPError as exc:
+            raise FhirUnexpectedResponse(
+                f"unreadable body from {target.host} ({type(exc).__name__}) for GET {target.path}",
+                url=url_without_query(target),
+            ) from exc
+        finally:
+            await response.aclose()
+
+    async def _open_stream(
+        self, url: httpx.URL, accept: str, send_token: bool, *, attempt: int
+    ) -> httpx.Response:
+        """Send the GET with a streamed body; return it open if 2xx, else read the error and raise."""
+        response = await self._send_streaming(url, accept, send_token, attempt=attempt)
+        if response.status_code == 401 and send_token and self._auth is not None:
+            await response.aclose()
+            await self._auth.invalidate()
+            response = await self._send_streaming(url, accept, send_token, attempt=attempt)
+        if response.is_success:
+            return response
+        outcome: JsonObject | None = None
+        try:
+            # An error answer is a short OperationOutcome: read it whole so the error can carry it.
+            await response.aread()
+            outcome = _operation_outcome(response)
+        except httpx.HTTPError:
+            outcome = None  # the status alone still says what went wrong
+        finally:
+            await response.aclose()
+        raise error_for_status(
+            response.status_code,
+            method="GET",
+            url=url_without_query(url),
+            outcome=outcome,
+            retry_after=parse_retry_after(response.headers.get("retry-after"), datetime.now(UTC)),
+        )
+
+    async def _send_streaming(
+        self, url: httpx.URL, accept: str, send_token: bool, *, attempt: int
+    ) -> httpx.Response:
+        headers = {"Accept": accept}
+        if send_token and self._auth is not None:
+            headers["Authorization"] = f"Bearer {await self._auth.token()}"
+        request = self._http.build_request("GET", url, headers=headers)
+        started = time.perf_counter()
+        try:
+            response = await self._http.send(request, stream=True)
+        except httpx.TransportError as exc:
+            _log_exchange("GET", url, None, started, attempt, error=type(exc).__name__)
+            raise FhirTransportError(
+                f"{url.scheme}://{url.host} unreachable ({type(exc).__name__}) for GET {url.path}",
+                url=url_without_query(url),
+            ) from exc
+        except httpx.HTTPError as exc:
+            _log_exchange("GET", url, None, started, attempt, error=type(exc).__name__)
+            raise FhirUnexpectedResponse(
+                f"unreadable answer from {url.scheme}://{url.host} ({type(exc).__name__}) for GET {url.path}",
+                url=url_without_query(url),
+            ) from exc
+        _log_exchange("GET", url, response.status_code, started, attempt)
+        return response
+
     # -- writes --------------------------------------------------------------
 
     async def create(self, resource: JsonObject, *, if_none_exist: str | None = None) -> JsonObject:
@@ -625,6 +726,20 @@ class FhirClient:
             ) from exc
         _log_exchange(method, url, response.status_code, started, attempt)
         return response
+
+
+def _absolute_target(base_url: str, url: str) -> httpx.URL:
+    """`url` resolved against the base; any origin, but it must be an absolute http(s) URL."""
+    try:
+        target = httpx.URL(resolve_url(base_url, url))
+    except httpx.InvalidURL as exc:
+        raise FhirBadRequest("not a valid URL", url=base_url) from exc
+    if target.scheme not in ("http", "https") or not target.host:
+        raise FhirBadRequest(
+            f"refusing to read {target.scheme or 'a relative'} URL: only http(s) URLs can be streamed",
+            url=url_without_query(target),
+        )
+    return target
 
 
 def _encode(body: JsonObject) -> bytes:
