@@ -9,7 +9,7 @@ API and batch workers share it.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
@@ -215,15 +215,8 @@ class PreparedSummary:
     seconds_fetch: float
 
 
-def variant_identity(model: ModelIdentity, variant: int) -> ModelIdentity:
-    """The model identity of a regenerated draft: another seed, so another key and another text."""
-    if variant == 0:
-        return model
-    return replace(model, sampling=f"{model.sampling} variant={variant}".strip())
-
-
 async def prepare_summary(
-    svc: Services, patient_id: str, *, encounter_id: str | None = None, variant: int = 0
+    svc: Services, patient_id: str, *, encounter_id: str | None = None
 ) -> PreparedSummary:
     """Fetch, normalize and build the model request; compute the idempotency key. No generation."""
     settings = svc.settings
@@ -240,9 +233,7 @@ async def prepare_summary(
     ctx = quarantine_instructions(normalize(record))
     template = load_prompt(settings.prompt, settings.prompts_dir)
     request, rendered, packed = build_request(template, ctx, svc.engine, settings.llm)
-    if variant:
-        request = replace(request, seed=request.seed + variant)
-    model = variant_identity(svc.engine.identity, variant)
+    model = svc.engine.identity
     inputs = record.sources
     return PreparedSummary(
         patient_id=patient_id,
@@ -364,13 +355,12 @@ async def summarize_patient(
     encounter_id: str | None = None,
     dry_run: bool = False,
     skip_unchanged: bool = False,
-    variant: int = 0,
 ) -> SummaryResult:
     """One patient end to end. `skip_unchanged`: return the recorded summary of the same key without
-    generating; `variant`: a regenerated draft (another seed) that supersedes the current one."""
+    generating (a regenerated draft is `service.review.regenerate`: another seed, another key)."""
     structlog.contextvars.bind_contextvars(patient_id=patient_id)
     try:
-        prep = await prepare_summary(svc, patient_id, encounter_id=encounter_id, variant=variant)
+        prep = await prepare_summary(svc, patient_id, encounter_id=encounter_id)
         if skip_unchanged and not dry_run:
             earlier = unchanged_result(svc, prep)
             if earlier is not None:

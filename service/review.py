@@ -37,6 +37,7 @@ from fhir_adapters.review import (
 from service.db import audit
 from service.db.store import SqlSummaryStore
 from service.llm.base import Engine, Generation, GenerationRequest
+from service.llm.model_files import sampling_string
 from service.pipeline import Services, SummaryResult, summarize_patient
 
 _log = structlog.get_logger(__name__)
@@ -44,6 +45,8 @@ _log = structlog.get_logger(__name__)
 Action = Literal["approve", "edit", "reject", "regenerate"]
 # A regenerate whose new seed lands on a draft that already exists (same key) tries the next seed.
 REGENERATE_ATTEMPTS = 3
+# A regenerated draft is sampled at least this warm, so a new seed gives a new text.
+REGENERATE_TEMPERATURE = 0.7
 _SEED = re.compile(r"\bseed=(\d+)\b")
 
 __all__ = [
@@ -58,7 +61,6 @@ __all__ = [
     "reject",
     "reseeded",
     "seed_of",
-    "with_seed",
 ]
 
 
@@ -279,28 +281,13 @@ def seed_of(sampling: str | None) -> int | None:
     return int(match.group(1)) if match else None
 
 
-def with_seed(sampling: str, seed: int) -> str:
-    """The sampling string with its seed replaced (or added).
-
-    >>> with_seed("temperature=0.0 seed=42 n_ctx=2048", 43)
-    'temperature=0.0 seed=43 n_ctx=2048'
-    >>> with_seed("temperature=0.0", 7)
-    'temperature=0.0 seed=7'
-    """
-    if _SEED.search(sampling):
-        return _SEED.sub(f"seed={seed}", sampling, count=1)
-    return f"{sampling} seed={seed}".strip()
-
-
 class _ReseededEngine:
     """The shared engine, presented with another seed: requests carry it (from the settings) and the
     identity names it, so the idempotency key changes. It does not own the engine it wraps."""
 
-    def __init__(self, engine: Engine, seed: int) -> None:
+    def __init__(self, engine: Engine, sampling: str) -> None:
         self._engine = engine
-        self._identity: ModelIdentity = replace(
-            engine.identity, sampling=with_seed(engine.identity.sampling, seed)
-        )
+        self._identity: ModelIdentity = replace(engine.identity, sampling=sampling)
 
     @property
     def identity(self) -> ModelIdentity:
@@ -329,9 +316,11 @@ def reseeded(svc: Services, seed: int) -> Services:
     engine identity (what the idempotency key and the Provenance record)."""
     if seed < 0:
         raise ValueError(f"seed must be >= 0, got {seed}")
-    llm = svc.settings.llm.model_copy(update={"seed": seed})
+    # Greedy decoding (temperature 0) ignores the seed: a regenerated draft samples.
+    temperature = max(svc.settings.llm.temperature, REGENERATE_TEMPERATURE)
+    llm = svc.settings.llm.model_copy(update={"seed": seed, "temperature": temperature})
     settings = svc.settings.model_copy(update={"llm": llm})
-    return replace(svc, settings=settings, engine=_ReseededEngine(svc.engine, seed))
+    return replace(svc, settings=settings, engine=_ReseededEngine(svc.engine, sampling_string(llm)))
 
 
 async def previous_seed(svc: Services, document_reference_id: str, *, patient_id: str) -> int:
