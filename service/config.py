@@ -272,6 +272,9 @@ class Settings(BaseSettings):
     writer: WriterSettings = Field(default_factory=WriterSettings)
     smart: SmartSettings = Field(default_factory=SmartSettings)
     api: ApiSettings = Field(default_factory=ApiSettings)
+    # Defined at the end of this module; the lambdas defer the name lookup until a default is built.
+    batch: BatchSettings = Field(default_factory=lambda: BatchSettings())
+    backend: BackendSettings = Field(default_factory=lambda: BackendSettings())
     prompts_dir: Path | None = Field(
         default=None, description="Folder of versioned prompts; empty = the prompts/ shipped with chartbrief."
     )
@@ -300,18 +303,179 @@ class Settings(BaseSettings):
 
 
 def _check_production_security(settings: Settings) -> None:
-    """Refuse settings that are fine on a laptop and dangerous with real patients."""
-    secret = settings.smart.session_secret.get_secret_value()
-    if secret == PLACEHOLDER_SESSION_SECRET or len(secret) < MIN_SESSION_SECRET_CHARS:
-        raise ValueError(
-            "CHARTBRIEF_SMART__SESSION_SECRET must be set to a random value of at least "
-            f"{MIN_SESSION_SECRET_CHARS} characters in production (it encrypts stored tokens)"
-        )
+    """Refuse URLs that are fine on a laptop and dangerous with real patients."""
     if _is_plain_http_off_loopback(settings.smart.public_base_url):
         raise ValueError("CHARTBRIEF_SMART__PUBLIC_BASE_URL must use https in production")
     for url in settings.smart.allowed_issuers:
         if _is_plain_http_off_loopback(url):
             raise ValueError(f"CHARTBRIEF_SMART__ALLOWED_ISSUERS: {url} must use https in production")
-    for name, url in (("JWKS_URL", settings.api.jwks_url),):
-        if url and _is_plain_http_off_loopback(url):
-            raise ValueError(f"CHARTBRIEF_API__{name} must use https in production")
+    if settings.api.jwks_url and _is_plain_http_off_loopback(settings.api.jwks_url):
+        raise ValueError("CHARTBRIEF_API__JWKS_URL must use https in production")
+
+
+def web_settings_problems(settings: Settings) -> list[str]:
+    """What stops the web service (not the CLI, which holds no sessions) from starting in production."""
+    if settings.environment != "production":
+        return []
+    secret = settings.smart.session_secret.get_secret_value()
+    if secret == PLACEHOLDER_SESSION_SECRET or len(secret) < MIN_SESSION_SECRET_CHARS:
+        return [
+            "CHARTBRIEF_SMART__SESSION_SECRET must be a random value of at least "
+            f"{MIN_SESSION_SECRET_CHARS} characters in production (it encrypts stored tokens)"
+        ]
+    return []
+
+
+# -- nightly batch and SMART Backend Services ----------------------------------------------------------
+
+BATCH_CHANGE_TYPES = (
+    "Encounter",
+    "DocumentReference",
+    "Condition",
+    "MedicationRequest",
+    "AllergyIntolerance",
+    "Observation",
+)
+
+
+class BatchSettings(BaseModel):
+    max_attempts: int = Field(
+        default=3,
+        ge=1,
+        le=20,
+        description="Attempts per patient in one run (a crash mid-patient counts as one); then the patient "
+        "is reported as failed with the reason.",
+    )
+    retry_wait_seconds: float = Field(
+        default=30.0, ge=0, le=3600, description="Wait before the first retry of a failed patient; doubles."
+    )
+    retry_wait_max_seconds: float = Field(default=600.0, ge=0, le=86400, description="Cap on one retry wait.")
+    prefetch: int = Field(
+        default=2,
+        ge=0,
+        le=32,
+        description="Patients read from the FHIR server ahead of the model (one process); 0 = none.",
+    )
+    concurrency: int | None = Field(
+        default=None,
+        ge=1,
+        le=256,
+        description="Summaries generated at once by one process; empty = 1 in-process, or the model "
+        "servers' total slots (len(llm.servers) x llm.per_server_concurrency).",
+    )
+    change_types: list[str] = Field(
+        default_factory=lambda: list(BATCH_CHANGE_TYPES),
+        min_length=1,
+        description="Resource types whose _lastUpdated marks a patient as changed, as a JSON list.",
+    )
+    watermark_overlap_seconds: int = Field(
+        default=0,
+        ge=0,
+        le=86400,
+        description="Look this far before the last run's start too, for servers that stamp _lastUpdated "
+        "before a change becomes searchable.",
+    )
+    price_per_machine_hour: float = Field(
+        default=0.10, ge=0, description="Price of one machine hour, for the cost estimate in the run report."
+    )
+    currency: str = Field(default="USD", min_length=1, max_length=8, description="Currency of that price.")
+    queue: str = Field(
+        default="chartbrief",
+        min_length=1,
+        max_length=64,
+        description="Procrastinate queue name (PostgreSQL).",
+    )
+    worker_concurrency: int = Field(
+        default=1,
+        ge=1,
+        le=64,
+        description="Patients one `chartbrief batch worker` handles at once (1 for an in-process model).",
+    )
+    heartbeat_seconds: float = Field(
+        default=10.0, gt=0, le=600, description="How often a batch process or worker says it is alive."
+    )
+    stalled_after_seconds: float = Field(
+        default=60.0,
+        gt=0,
+        le=86400,
+        description="Silence after which a run or worker is taken as dead and its patients are queued again.",
+    )
+    poll_seconds: float = Field(
+        default=2.0,
+        gt=0,
+        le=600,
+        description="How often `batch run` reads progress while workers do the work.",
+    )
+    schedule: str | None = Field(
+        default="0 2 * * *",
+        description="Cron line of the nightly run as a Procrastinate periodic task on the workers "
+        "(changed patients of fhir.base_url); empty = no periodic run (use cron or a systemd timer).",
+    )
+    bulk_max_wait_seconds: float = Field(
+        default=3600.0,
+        gt=0,
+        le=86400,
+        description="How long a Bulk Data export may take before the run fails.",
+    )
+
+    @field_validator("change_types")
+    @classmethod
+    def _check_types(cls, v: list[str]) -> list[str]:
+        for name in v:
+            if not (name.isascii() and name.isalpha() and name[:1].isupper()):
+                raise ValueError(f"{name!r} is not a FHIR resource type name")
+        return v
+
+    @field_validator("schedule")
+    @classmethod
+    def _check_schedule(cls, v: str | None) -> str | None:
+        if v is None or not v.strip():
+            return None
+        if len(v.split()) not in (5, 6):
+            raise ValueError(f"{v!r} is not a cron line (5 fields, or 6 with seconds last)")
+        return v.strip()
+
+
+class BackendSettings(BaseModel):
+    client_id: str | None = Field(
+        default=None,
+        description="Client id registered with the EHR for SMART Backend Services (batch); empty = no "
+        "Backend Services token (fhir.bearer_token or none).",
+    )
+    private_key_path: Path | None = Field(
+        default=None, description="PEM private key written by `chartbrief keys generate` (never logged)."
+    )
+    alg: Literal["RS384", "ES384"] = Field(default="RS384", description="Signing algorithm of that key.")
+    kid: str | None = Field(
+        default=None, description="Key id in the registered JWKS; empty = the key's RFC 7638 thumbprint."
+    )
+    token_url: str | None = Field(
+        default=None,
+        description="Token endpoint; empty = discovered from {fhir base}/.well-known/smart-configuration.",
+    )
+    scope: str | None = Field(
+        default=None,
+        description="Scopes to request; empty = the system/*.rs reads and DocumentReference/Provenance/"
+        "Device writes the batch needs.",
+    )
+
+    @field_validator("token_url")
+    @classmethod
+    def _check_token_url(cls, v: str | None) -> str | None:
+        return None if v is None or not v.strip() else _http_url(v.strip(), "token_url")
+
+    @model_validator(mode="after")
+    def _key_with_client(self) -> BackendSettings:
+        if self.client_id and self.private_key_path is None:
+            raise ValueError(
+                "CHARTBRIEF_BACKEND__PRIVATE_KEY_PATH is needed when CHARTBRIEF_BACKEND__CLIENT_ID is set "
+                "(create one with `chartbrief keys generate`)"
+            )
+        return self
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.client_id)
+
+
+Settings.model_rebuild()

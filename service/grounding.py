@@ -14,8 +14,9 @@ only when:
   a cited fact;
 - it is about what it cites: it states a (supported) number or date, or shares a content word
   with the cited facts ("allergic" meets "allergy" through a crude five-letter stem);
-- it says little beyond what it cites: at most a quarter of its content words (and at least one)
-  may be absent from the cited facts, so a supported date cannot carry unsupported diagnoses.
+- it says little beyond what it cites: at most a quarter of its content words (none in a short
+  claim) may be absent from the cited facts, so a supported date or a shared word cannot carry
+  unsupported diagnoses or allergens.
 
 Each drop carries a specific reason, shown to the reviewing clinician. What this does not catch:
 a condition or drug named in a claim but absent from the whole record, and wrong meaning built
@@ -36,7 +37,8 @@ from typing import Any
 from fhir_adapters.models import ClinicalContext, Fact
 
 MAX_WORDS = 60
-# Share of a claim's content words that may be absent from its cited sources (at least one may).
+# Share of a claim's content words that may be absent from its cited sources (none in a claim of
+# fewer than four: "Allergic to bee venom" citing a peanut allergy shares "allergic" and nothing else).
 MAX_UNSUPPORTED_SHARE = 0.25
 NOT_JSON = "model output was not valid JSON"
 NO_CLAIMS = 'model output has no "claims" list'
@@ -232,7 +234,7 @@ def _problem(
     # ... and must not say much more than it cites: a sentence that strings supported dates to
     # unsupported diagnoses is not grounded because its date is.
     unsupported = sorted(stated.stems - evidence.stems)
-    if len(unsupported) > max(1, int(len(stated.stems) * MAX_UNSUPPORTED_SHARE)):
+    if len(unsupported) > int(len(stated.stems) * MAX_UNSUPPORTED_SHARE):
         shown = [w for w in stated.content_words if w[:5] in unsupported][:4]
         return f"says {_join(shown)}, not found in cited sources {where}"
     return None
@@ -387,9 +389,9 @@ class Statement:
     def of(cls, text: str) -> Statement:
         text = _INLINE_KEY.sub(" ", text)  # "[C1]" is a citation, not a stated number
         dates, rest = find_dates(text)
-        words = _words(text)
+        words = _words(rest)  # month names belong to the stated dates, checked as dates
         stems = content_stems(words)
-        ordered = tuple(dict.fromkeys(w for w in re.findall(r"[a-z]+", text.lower()) if w[:5] in stems))
+        ordered = tuple(dict.fromkeys(w for w in re.findall(r"[a-z]+", rest.lower()) if w[:5] in stems))
         return cls(dates=dates, numbers=find_numbers(rest), words=words, stems=stems, content_words=ordered)
 
 

@@ -8,6 +8,7 @@ import click
 from service.cli.apikey import apikey
 from service.cli.keys import keys
 from service.cli.sandbox import sandbox
+from service.cli.serve import serve
 from service.cli.summarize import summarize
 
 
@@ -21,6 +22,7 @@ cli.add_command(summarize)
 cli.add_command(sandbox)
 cli.add_command(keys)
 cli.add_command(apikey)
+cli.add_command(serve)
 
 
 def main() -> None:

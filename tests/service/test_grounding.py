@@ -75,7 +75,7 @@ KEPT = [
     ("Hypertensive since 2012.", ("C2",)),
     ("Had a general examination in 2023-04.", ("E1",)),
     ("History of essential hypertension, diagnosed 2012.", ("C2",)),
-    ("Type 2 diabetes mellitus, well controlled.", ("C1",)),  # one unsupported content word is allowed
+    ("Type 2 diabetes mellitus with hypertension since 2012, on lisinopril 10 mg daily.", ("C1", "C2", "M2")),
 ]
 
 
@@ -103,6 +103,8 @@ DROPPED = [
     ("Has cancer.", ("C1",), "shares no words with cited sources [C1]"),
     ("P1", ("C2",), "shares no words with cited sources [C2]"),
     ("Has diabetes.", (), "cites no source"),
+    ("Allergic to bee venom.", ("A1",), "says venom, not found in cited sources [A1]"),
+    ("Type 2 diabetes mellitus, well controlled.", ("C1",), "says controlled, not found in cited sources [C1]"),
     (
         "History of streptococcal sore throat, otitis media and acute pharyngitis, recorded 2015-06-01.",
         ("C1",),

@@ -34,7 +34,6 @@ from fhir_adapters.smart import (
     exchange_code,
     new_pkce,
 )
-from tests.integration.conftest import fhir_base  # noqa: F401 - the session's real FHIR server
 from tests.smart_ehr.server import TestEhr, body_problem, scope_problem, search_problem
 
 UPSTREAM = "http://upstream.test/fhir"

@@ -1,0 +1,2 @@
+"""HTTP routes, one module per audience: health (operators), launch and review (clinicians), api
+(other systems)."""

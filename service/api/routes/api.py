@@ -1,0 +1,308 @@
+"""The REST API for other systems: start a summary, follow it, read the latest, or stream one.
+
+```
+POST /api/summaries                      {"patient": id, "encounter": id?} -> 202 {id, status}
+GET  /api/summaries/{job_id}             the job: queued / running / succeeded (with the result) / failed
+GET  /api/patients/{id}/summaries/latest the latest recorded summary and its document's state
+POST /api/summaries/stream               the same summary as server-sent events
+```
+
+Authentication: `Authorization: Bearer <token>` where the token is a JWT of the configured issuer
+(checked against its JWKS: signature, iss, aud, exp) or a chartbrief API key (`cbk_...`).
+Authorization: SMART scopes on DocumentReference (`.c` to create, `.r`/`.s` to read, any of
+patient/user/system level) or the API-key scopes `summaries.write` / `summaries.read`. A token
+with a `patient` claim, or an API key limited to a patient, may only touch that patient; anything
+else is 403 and audited. Errors are FHIR OperationOutcome JSON.
+
+The API's FHIR server is `CHARTBRIEF_FHIR__BASE_URL` with chartbrief's own credentials: the
+caller's token authorizes the call to chartbrief and is never forwarded.
+
+What it must not do: forward or log a caller's token, or say whether a job of another patient exists.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from contextlib import aclosing
+from typing import Annotated, Any, Literal
+
+import structlog
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import JSONResponse, Response
+from pydantic import BaseModel, Field
+from sse_starlette import EventSourceResponse
+from starlette.concurrency import run_in_threadpool
+
+from fhir_adapters.client import FhirClient
+from fhir_adapters.errors import FhirError
+from fhir_adapters.fetch import EncounterNotOfPatient
+from service.api.deps import Runtime, RuntimeDep
+from service.api.errors import (
+    BadRequest,
+    Forbidden,
+    NotFound,
+    Unauthenticated,
+    Unavailable,
+    operation_outcome,
+)
+from service.api.security import Principal, looks_like_jwt, scopes_allow
+from service.api.views import source_views, stored_markdown
+from service.db import apikeys, audit
+from service.db.apikeys import SECRET_TAG
+from service.llm.base import EngineError
+from service.pipeline import Services, summarize_patient
+from service.prompts import PromptError
+from service.streaming import Finished, Prepared, Token, stream_summary
+
+log = structlog.get_logger(__name__)
+
+router = APIRouter(prefix="/api", tags=["summaries"])
+
+FHIR_ID = r"^[A-Za-z0-9\-.]{1,64}$"
+Interaction = Literal["create", "read"]
+# API-key scopes (chartbrief's own names) and the SMART interaction each one covers.
+KEY_SCOPES: dict[Interaction, tuple[str, ...]] = {
+    "create": ("summaries.write",),
+    "read": ("summaries.read", "summaries.write"),
+}
+SMART_LETTERS: dict[Interaction, tuple[str, ...]] = {"create": ("c",), "read": ("r", "s")}
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    status: {"description": description + " (OperationOutcome)"}
+    for status, description in (
+        (400, "Bad request"),
+        (401, "No, expired or invalid credentials"),
+        (403, "Not allowed for this patient or scope"),
+        (404, "Not found"),
+        (503, "Model loading or no FHIR server configured"),
+    )
+}
+
+
+class SummaryRequest(BaseModel):
+    patient: str = Field(pattern=FHIR_ID, description="Patient id on the FHIR server.")
+    encounter: str | None = Field(default=None, pattern=FHIR_ID, description="Focus Encounter id.")
+
+
+# -- who is calling -------------------------------------------------------------------------------
+
+
+async def bearer_principal(request: Request) -> Principal:
+    runtime: Runtime = request.app.state.runtime
+    header = request.headers.get("authorization")
+    if not header:
+        raise Unauthenticated(
+            "this API needs a bearer token (Authorization: Bearer ...)", error="invalid_request"
+        )
+    scheme, _, token = header.partition(" ")
+    token = token.strip()
+    if scheme.lower() != "bearer" or not token:
+        raise Unauthenticated("use the Bearer scheme: Authorization: Bearer <token>", error="invalid_request")
+    if token.startswith(SECRET_TAG):
+        key = await run_in_threadpool(apikeys.verify, runtime.db, token)
+        if key is None:
+            raise Unauthenticated("the API key is unknown or revoked")
+        return Principal(
+            kind="api-key", subject=f"apikey:{key.id}", scopes=frozenset(key.scopes), patient=key.patient_id
+        )
+    if looks_like_jwt(token):
+        if runtime.verifier is None:
+            raise Unauthenticated("this service is configured to accept no JWTs (CHARTBRIEF_API__JWT_ISSUER)")
+        return await runtime.verifier.verify(token)
+    raise Unauthenticated("the bearer token is neither a JWT nor a chartbrief API key")
+
+
+PrincipalDep = Annotated[Principal, Depends(bearer_principal)]
+
+
+def contexts_for(principal: Principal, interaction: Interaction) -> set[str]:
+    """The levels (patient/user/system) at which the caller may do `interaction` on summaries.
+
+    >>> p = Principal("jwt", "x", frozenset({"patient/DocumentReference.rs"}), patient="p1")
+    >>> sorted(contexts_for(p, "read")), sorted(contexts_for(p, "create"))
+    (['patient'], [])
+    """
+    contexts: set[str] = set()
+    for letter in SMART_LETTERS[interaction]:
+        contexts |= scopes_allow(principal.scopes, "DocumentReference", letter)
+    if principal.kind == "api-key" and principal.scopes & set(KEY_SCOPES[interaction]):
+        contexts.add("system")
+    return contexts
+
+
+async def authorize(
+    runtime: Runtime, request: Request, principal: Principal, interaction: Interaction, patient_id: str
+) -> None:
+    """Allow, or audit the refusal and raise 403 with a reason the caller can act on."""
+    contexts = contexts_for(principal, interaction)
+    problem = None
+    if not contexts:
+        needed = (
+            "DocumentReference.c or summaries.write"
+            if interaction == "create"
+            else ("DocumentReference.r/.s or summaries.read")
+        )
+        problem = f"the token's scopes do not allow this (it needs {needed})"
+    elif principal.patient is not None and principal.patient != patient_id:
+        problem = "the token is limited to another patient"
+    elif principal.patient is None and principal.patient_limited(contexts):
+        problem = "the token has patient-level scopes but names no patient"
+    await run_in_threadpool(
+        audit.record,
+        runtime.db,
+        actor=principal.subject,
+        action=f"api.{interaction}",
+        outcome="denied" if problem else "ok",
+        patient_id=patient_id,
+        detail=problem or f"{principal.kind} access",
+        request_id=request.state.request_id,
+    )
+    if problem:
+        raise Forbidden(problem)
+
+
+def _service_client(runtime: Runtime) -> FhirClient:
+    if runtime.service_client is None:
+        raise Unavailable("no FHIR server is configured for the API (CHARTBRIEF_FHIR__BASE_URL)")
+    return runtime.service_client
+
+
+def describe_failure(exc: BaseException) -> str:
+    """A job's error message: the kind of failure, never patient data."""
+    if isinstance(exc, EncounterNotOfPatient):
+        return "the encounter belongs to another patient"
+    if isinstance(exc, FhirError):
+        return f"the FHIR server failed: {type(exc).__name__} (HTTP {exc.status or '-'})"
+    if isinstance(exc, (EngineError, PromptError)):
+        return f"the model could not write the summary: {exc}"
+    return f"unexpected failure: {type(exc).__name__}"
+
+
+# -- routes ---------------------------------------------------------------------------------------
+
+
+@router.post("/summaries", status_code=202, responses=ERROR_RESPONSES, summary="Start a summary (a job)")
+async def create_summary(
+    body: SummaryRequest, request: Request, runtime: RuntimeDep, principal: PrincipalDep
+) -> JSONResponse:
+    await authorize(runtime, request, principal, "create", body.patient)
+    client = _service_client(runtime)
+    engine = runtime.ready_engine()
+    svc = Services(settings=runtime.settings, client=client, engine=engine, store=runtime.store)
+
+    async def run() -> dict[str, Any]:
+        result = await summarize_patient(svc, body.patient, encounter_id=body.encounter, skip_unchanged=True)
+        return result.to_json()
+
+    job = runtime.jobs.submit(
+        run,
+        patient_id=body.patient,
+        encounter_id=body.encounter,
+        requested_by=principal.subject,
+        describe_error=describe_failure,
+    )
+    location = f"/api/summaries/{job.id}"
+    return JSONResponse(
+        {"id": job.id, "status": job.status, "links": {"self": location}},
+        status_code=202,
+        headers={"Location": location},
+    )
+
+
+@router.get(
+    "/summaries/{job_id}", responses=ERROR_RESPONSES, summary="A summary job and, once done, its result"
+)
+async def get_summary(
+    job_id: str, request: Request, runtime: RuntimeDep, principal: PrincipalDep
+) -> JSONResponse:
+    job = runtime.jobs.get(job_id)
+    if job is None:
+        raise NotFound(f"no summary job {job_id[:64]!r} (jobs are remembered until the service restarts)")
+    await authorize(runtime, request, principal, "read", job.patient_id)
+    return JSONResponse(job.to_json())
+
+
+@router.get(
+    "/patients/{patient_id}/summaries/latest",
+    responses=ERROR_RESPONSES,
+    summary="The latest summary recorded for a patient",
+)
+async def latest_summary(
+    patient_id: str, request: Request, runtime: RuntimeDep, principal: PrincipalDep
+) -> JSONResponse:
+    if not _is_fhir_id(patient_id):
+        raise BadRequest("patient id is not a valid FHIR id ([A-Za-z0-9-.]{1,64})")
+    await authorize(runtime, request, principal, "read", patient_id)
+    client = _service_client(runtime)
+    row = await run_in_threadpool(runtime.store.latest_for_patient, client.base_url, patient_id)
+    if row is None:
+        raise NotFound(f"no summary is recorded for Patient/{patient_id}")
+    body: dict[str, Any] = {
+        "id": row.id,
+        "created": row.created_at.isoformat(),
+        "patient": row.patient_id,
+        "encounter": row.encounter_id,
+        "outcome": row.outcome,
+        "document_reference": row.document_reference,
+        "provenance": row.provenance,
+        "claims_kept": row.claims_kept,
+        "claims_dropped": row.claims_dropped,
+        "model": {"name": row.model_name, "sha256": row.model_sha256, "sampling": row.sampling},
+        "prompt": {"id": row.prompt_id, "version": row.prompt_version, "sha256": row.prompt_sha256},
+        "document": None,
+    }
+    if row.document_reference:
+        body["document"] = await _document_state(client, row.document_reference)
+    return JSONResponse(body)
+
+
+async def _document_state(client: FhirClient, reference: str) -> dict[str, Any] | None:
+    rtype, _, rid = reference.partition("/")
+    try:
+        doc = await client.read(rtype, rid)
+    except FhirError as exc:
+        log.warning("api.document_unreadable", document_reference=reference, error=type(exc).__name__)
+        return None
+    return {
+        "status": doc.get("status"),
+        "docStatus": doc.get("docStatus"),
+        "version": (doc.get("meta") or {}).get("versionId"),
+        "markdown": stored_markdown(doc),
+    }
+
+
+@router.post("/summaries/stream", responses=ERROR_RESPONSES, summary="Make a summary and stream it (SSE)")
+async def stream_summary_events(
+    body: SummaryRequest, request: Request, runtime: RuntimeDep, principal: PrincipalDep
+) -> Response:
+    await authorize(runtime, request, principal, "create", body.patient)
+    client = _service_client(runtime)
+    svc = Services(
+        settings=runtime.settings, client=client, engine=runtime.ready_engine(), store=runtime.store
+    )
+    return EventSourceResponse(_api_events(svc, body), ping=15)
+
+
+async def _api_events(svc: Services, body: SummaryRequest) -> AsyncIterator[dict[str, str]]:
+    try:
+        async with aclosing(stream_summary(svc, body.patient, encounter_id=body.encounter)) as events:
+            async for event in events:
+                if isinstance(event, Prepared):
+                    prep = event.prep
+                    sources = {
+                        v.key: {"reference": v.reference, "date": v.date, "text": v.text, "value": v.value}
+                        for v in source_views(prep.ctx, prep.structured.cited_keys())
+                    }
+                    data = {"structured": prep.structured.to_json(), "sources": sources}
+                    yield {"event": "structured", "data": json.dumps(data, ensure_ascii=False)}
+                elif isinstance(event, Token):
+                    yield {"event": "token", "data": json.dumps({"text": event.text}, ensure_ascii=False)}
+                elif isinstance(event, Finished):
+                    yield {"event": "result", "data": json.dumps(event.result.to_json(), ensure_ascii=False)}
+    except (FhirError, EngineError, PromptError, EncounterNotOfPatient) as exc:
+        outcome = operation_outcome("exception", describe_failure(exc))
+        yield {"event": "error", "data": json.dumps(outcome)}
+
+
+def _is_fhir_id(value: str) -> bool:
+    return 0 < len(value) <= 64 and all(c.isascii() and (c.isalnum() or c in "-.") for c in value)

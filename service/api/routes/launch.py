@@ -1,0 +1,275 @@
+"""SMART App Launch 2.2: `GET /launch` (EHR or standalone) and `GET /callback`.
+
+```
+EHR   ──GET /launch?iss=..&launch=..──►  iss on the allow-list? discovery, PKCE, state (DB, bound to
+                                          the cb_browser cookie) ──302──► EHR /authorize (aud=iss)
+EHR   ──GET /callback?code=..&state=..─►  state single-use, unexpired, same browser; code + verifier
+                                          ──► token endpoint; patient context required; tokens
+                                          stored encrypted; cb_session cookie ──303──► /review
+```
+
+A launch without `launch` is a standalone launch: scope `launch/patient` and the configured
+standalone EHR (or the `iss` given, if it is allowed).
+
+What it must not do: follow an `iss` that is not on the allow-list, accept a state twice, put a
+token or code anywhere but the token request, or log the query string.
+"""
+
+from __future__ import annotations
+
+import re
+
+import structlog
+from fastapi import APIRouter, Request
+from fastapi.responses import RedirectResponse, Response
+from starlette.concurrency import run_in_threadpool
+
+from fhir_adapters.smart import (
+    DEFAULT_SCOPES,
+    STANDALONE_SCOPES,
+    SmartError,
+    TokenSet,
+    authorize_url,
+    exchange_code,
+    new_pkce,
+    split_scopes,
+)
+from service.api.deps import Runtime, RuntimeDep
+from service.api.errors import ApiError, BadRequest, Forbidden
+from service.api.security import scopes_allow
+from service.api.sessions import (
+    BROWSER_COOKIE,
+    SESSION_COOKIE,
+    new_browser_session,
+    set_cookie,
+)
+from service.db import audit
+from service.db.launch import StateError, consume_state, create_state, end_session, save_session
+
+log = structlog.get_logger(__name__)
+
+router = APIRouter(tags=["SMART launch"], include_in_schema=True)
+
+# Approve, edit, reject and supersede PUT the draft and its Provenance: they need `.u` as well as
+# the narrow create/read set of an EHR launch.
+REVIEW_SCOPES = ("patient/DocumentReference.u", "patient/Provenance.u")
+# What a session cannot work without: (resource, interaction) pairs the granted scopes must allow.
+REQUIRED_RIGHTS = (
+    ("Patient", "r"),
+    ("DocumentReference", "r"),
+    ("DocumentReference", "c"),
+    ("Provenance", "c"),
+)
+MAX_LAUNCH_CHARS = 500
+_OAUTH_ERROR = re.compile(r"^[a-z_]{1,64}$")
+
+
+class BadGateway(ApiError):
+    status = 502
+    code = "exception"
+
+
+def launch_scopes(configured: str | None, *, ehr_launch: bool) -> str:
+    """The scopes to request: the configured ones (or chartbrief's narrow set) plus what review needs,
+    with `launch` for an EHR launch and `launch/patient` for a standalone one.
+
+    >>> launch_scopes("launch openid patient/Patient.rs", ehr_launch=False).split()[:2]
+    ['launch/patient', 'openid']
+    >>> "patient/DocumentReference.u" in launch_scopes(None, ehr_launch=True)
+    True
+    >>> launch_scopes("launch openid user/*.cruds", ehr_launch=True)
+    'launch openid user/*.cruds'
+    """
+    base = (
+        split_scopes(configured)
+        if configured
+        else split_scopes(DEFAULT_SCOPES if ehr_launch else STANDALONE_SCOPES)
+    )
+    wanted = "launch" if ehr_launch else "launch/patient"
+    rest = [s for s in base if s not in ("launch", "launch/patient")]
+    # Only what the configured scopes do not already cover (user/*.cruds covers every update).
+    review = [s for s in REVIEW_SCOPES if not scopes_allow(rest, s.split("/")[1].split(".")[0], "u")]
+    return " ".join(split_scopes([wanted, *rest, *review]))
+
+
+def missing_rights(granted: frozenset[str]) -> list[str]:
+    """The required (resource, interaction) pairs the granted scopes do not cover, as `Type.x`.
+
+    >>> missing_rights(frozenset({"patient/*.rs", "patient/DocumentReference.c"}))
+    ['Provenance.c']
+    """
+    return [
+        f"{rtype}.{action}" for rtype, action in REQUIRED_RIGHTS if not scopes_allow(granted, rtype, action)
+    ]
+
+
+def _target_issuer(runtime: Runtime, iss: str | None, launch: str | None) -> str:
+    smart = runtime.settings.smart
+    if launch is not None and not iss:
+        raise BadRequest("an EHR launch needs the iss parameter (the EHR's FHIR base URL)")
+    if launch is not None and len(launch) > MAX_LAUNCH_CHARS:
+        raise BadRequest(f"the launch parameter is longer than {MAX_LAUNCH_CHARS} characters")
+    target = iss.strip().rstrip("/") if iss else smart.standalone_iss()
+    if target is None:
+        raise BadRequest(
+            "no iss was given and no EHR is configured for a standalone launch "
+            "(CHARTBRIEF_SMART__STANDALONE_ISSUER)"
+        )
+    if target not in smart.allowed_issuers:
+        log.warning("launch.iss_refused")
+        raise Forbidden(
+            "this EHR (iss) is not on chartbrief's list of allowed EHRs; an administrator can add it "
+            "to CHARTBRIEF_SMART__ALLOWED_ISSUERS"
+        )
+    return target
+
+
+@router.get("/launch", summary="Start a SMART launch (EHR launch with `launch`, standalone without)")
+async def launch(
+    request: Request, runtime: RuntimeDep, iss: str | None = None, launch: str | None = None
+) -> Response:
+    try:
+        target = _target_issuer(runtime, iss, launch)
+    except Forbidden:
+        await run_in_threadpool(
+            audit.record,
+            runtime.db,
+            actor="unauthenticated",
+            action="launch",
+            outcome="denied",
+            detail="iss not on the allow-list",
+            request_id=request.state.request_id,
+        )
+        raise
+    try:
+        config = await runtime.discovery.get(target)
+    except SmartError as exc:
+        raise BadGateway(f"the EHR's SMART configuration cannot be used: {exc}") from exc
+    verifier, challenge = new_pkce()
+    browser = request.cookies.get(BROWSER_COOKIE) or new_browser_session()
+    smart = runtime.settings.smart
+    state = await run_in_threadpool(
+        create_state,
+        runtime.db,
+        browser_session=browser,
+        iss=target,
+        code_verifier=verifier,
+        redirect_uri=smart.redirect_uri,
+        launch=launch,
+        ttl_seconds=smart.state_ttl_seconds,
+    )
+    url = authorize_url(
+        config,
+        client_id=smart.client_id,
+        redirect_uri=smart.redirect_uri,
+        scope=launch_scopes(smart.scope, ehr_launch=launch is not None),
+        state=state,
+        aud=target,
+        code_challenge=challenge,
+        launch=launch,
+    )
+    log.info("launch.authorize", standalone=launch is None)
+    response = RedirectResponse(url, status_code=302)
+    set_cookie(response, runtime, BROWSER_COOKIE, browser, max_age=smart.session_ttl_seconds)
+    return response
+
+
+async def _refuse_state(runtime: Runtime, request: Request, problem: str) -> None:
+    await run_in_threadpool(
+        audit.record,
+        runtime.db,
+        actor="unauthenticated",
+        action="launch",
+        outcome="denied",
+        detail=f"state {problem}",
+        request_id=request.state.request_id,
+    )
+
+
+@router.get("/callback", summary="The EHR's redirect after authorization")
+async def callback(
+    request: Request,
+    runtime: RuntimeDep,
+    code: str | None = None,
+    state: str | None = None,
+    error: str | None = None,
+) -> Response:
+    browser = request.cookies.get(BROWSER_COOKIE) or ""
+    if not state:
+        await _refuse_state(runtime, request, "missing")
+        raise BadRequest("the EHR's answer has no state; start the launch again from the EHR")
+    try:
+        row = await run_in_threadpool(consume_state, runtime.db, state, browser)
+    except StateError as exc:
+        await _refuse_state(runtime, request, exc.problem)
+        raise BadRequest(str(exc)) from exc
+    if error:
+        shown = error if _OAUTH_ERROR.match(error) else "an error"
+        raise Forbidden(
+            f"the EHR did not authorize chartbrief ({shown}); start the launch again from the EHR"
+        )
+    if not code:
+        raise BadRequest("the EHR's answer has no authorization code; start the launch again from the EHR")
+    try:
+        config = await runtime.discovery.get(row.iss)
+        token_set = await exchange_code(
+            runtime.http,
+            config,
+            runtime.smart_client,
+            code=code,
+            redirect_uri=row.redirect_uri,
+            code_verifier=row.code_verifier,
+        )
+    except SmartError as exc:
+        await _refuse_state(runtime, request, "accepted, but the token exchange failed")
+        if exc.oauth_error:
+            raise Forbidden(f"the EHR refused the sign-in: {exc}") from exc
+        raise BadGateway(f"the EHR's token endpoint could not be used: {exc}") from exc
+    _check_grant(token_set)
+    smart = runtime.settings.smart
+    fhir_user = token_set.fhir_user_reference
+    session_id = await run_in_threadpool(
+        save_session,
+        runtime.db,
+        runtime.cipher,
+        browser_session=browser,
+        iss=row.iss,
+        patient_id=token_set.patient,
+        encounter_id=token_set.encounter,
+        fhir_user=fhir_user,
+        scope=token_set.scope,
+        need_patient_banner=token_set.need_patient_banner,
+        token_set=token_set.to_dict(),
+        ttl_seconds=smart.session_ttl_seconds,
+    )
+    previous = request.cookies.get(SESSION_COOKIE)
+    if previous:
+        # A new launch replaces the browser's old session instead of leaving it usable.
+        await run_in_threadpool(end_session, runtime.db, previous)
+    await run_in_threadpool(
+        audit.record,
+        runtime.db,
+        actor=fhir_user or "unidentified-user",
+        action="launch",
+        outcome="ok",
+        patient_id=token_set.patient,
+        detail="standalone launch" if row.launch is None else "EHR launch",
+        request_id=request.state.request_id,
+    )
+    response = RedirectResponse("/review", status_code=303)
+    set_cookie(response, runtime, SESSION_COOKIE, session_id, max_age=smart.session_ttl_seconds)
+    return response
+
+
+def _check_grant(token_set: TokenSet) -> None:
+    if token_set.patient is None:
+        raise Forbidden(
+            "the EHR gave no patient context: chartbrief summarizes one patient and must be launched "
+            "from a patient's chart"
+        )
+    missing = missing_rights(token_set.granted_scopes)
+    if missing:
+        raise Forbidden(
+            "the EHR granted too few permissions for chartbrief to read the record and save the draft "
+            f"(missing: {', '.join(missing)})"
+        )

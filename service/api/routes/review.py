@@ -1,0 +1,533 @@
+"""The clinician's review screen: the summary as it is made, its sources, and the four actions.
+
+```
+GET  /review                the page; its script opens /review/stream
+GET  /review?doc=<id>       one stored draft of the session's patient, rendered on the server
+GET  /review/stream         server-sent events: status, structured, token..., narrative, draft, done
+                            (it writes a draft, so it needs the CSRF token too, as a query parameter)
+POST /review/approve        docStatus=final, the clinician as author and Provenance verifier
+POST /review/edit           the clinician's text as a new version, then approve
+POST /review/reject         entered-in-error; the optional reason is kept for monitoring only
+POST /review/regenerate     a fresh draft that supersedes this one
+```
+
+Every POST carries the session's CSRF token and a same-origin Origin (when the browser sends
+one); every action is audited by `service.review`; a session only ever touches its own patient.
+When a draft of exactly the same inputs, prompt and model is already in the chart, the stream
+shows it instead of running the model again.
+
+What it must not do: show a dropped statement as part of the summary, show model text before it
+is checked except in the marked "not checked yet" box, or act for another patient.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator, Iterable, Mapping
+from contextlib import aclosing
+from typing import Annotated, Any
+
+import structlog
+from fastapi import APIRouter, Form, Request
+from fastapi.responses import HTMLResponse, RedirectResponse, Response
+from sse_starlette import EventSourceResponse
+from starlette.concurrency import run_in_threadpool
+
+from fhir_adapters.client import FhirClient
+from fhir_adapters.errors import FhirAuthError, FhirError
+from fhir_adapters.fetch import EncounterNotOfPatient
+from fhir_adapters.review import ReviewConflict, ReviewError, ReviewForbidden, ReviewNotFound, read_draft
+from fhir_adapters.smart import SmartError
+from service import review as actions
+from service.api.deps import Runtime, RuntimeDep
+from service.api.errors import ApiError, BadRequest, Conflict, Forbidden, NotFound, Unauthenticated
+from service.api.routes.launch import BadGateway
+from service.api.security import csrf_ok, same_origin_request
+from service.api.sessions import ReviewSession, ReviewSessionDep, session_services
+from service.api.views import (
+    DraftView,
+    SourceView,
+    banner_view,
+    cited_keys,
+    draft_view,
+    narrative_view,
+    source_views,
+    stored_source_views,
+)
+from service.db import audit
+from service.llm.base import EngineError
+from service.pipeline import Services, prepare_summary
+from service.prompts import PromptError
+from service.streaming import Finished, Prepared, Token, stream_summary
+
+log = structlog.get_logger(__name__)
+
+router = APIRouter(tags=["review screen"], include_in_schema=False)
+
+NOTICES = {
+    "approved": "Approved. The summary is now final in the chart, with you as its verifier.",
+    "edited": "Your edit was saved as a new version and approved.",
+    "rejected": "Rejected. The draft is marked entered-in-error and will not be used.",
+    "regenerated": "A new draft was written; it replaces the previous one.",
+    "unchanged": "The record has not changed since the last draft: there is nothing new to write.",
+}
+ERRORS = {
+    "conflict": "The draft changed since you opened it (someone else may have acted on it). "
+    "Review it again below.",
+    "refused": "This draft cannot be changed in its current state.",
+    "no-user": "The EHR did not say who you are (no fhirUser), so chartbrief cannot record your review. "
+    "Launch again with the openid and fhirUser scopes.",
+}
+FormField = Annotated[str, Form()]
+OptionalFormField = Annotated[str | None, Form()]
+
+
+# -- translating failures -------------------------------------------------------------------------
+
+
+def as_api_error(exc: Exception) -> ApiError:
+    """What a person is told when the EHR, the model or the session fails (no PHI, no tokens)."""
+    if isinstance(exc, ApiError):
+        return exc
+    if isinstance(exc, SmartError):
+        return Unauthenticated(f"your EHR session could not be renewed ({exc}); launch chartbrief again")
+    if isinstance(exc, FhirAuthError):
+        return Forbidden(f"the EHR refused chartbrief's access (HTTP {exc.status}); launch chartbrief again")
+    if isinstance(exc, EncounterNotOfPatient):
+        return Forbidden("the launch's encounter belongs to another patient")
+    if isinstance(exc, ReviewForbidden):
+        return Forbidden("that document belongs to another patient than the one you launched with")
+    if isinstance(exc, ReviewNotFound):
+        return NotFound("that draft does not exist in the chart")
+    if isinstance(exc, ReviewConflict):
+        return Conflict(str(exc))
+    if isinstance(exc, ReviewError):
+        return BadRequest(str(exc))
+    if isinstance(exc, FhirError):
+        return BadGateway(f"the EHR's FHIR server failed ({type(exc).__name__}, HTTP {exc.status or '-'})")
+    if isinstance(exc, (EngineError, PromptError)):
+        return BadGateway(f"the model could not write the summary: {exc}")
+    raise exc
+
+
+# -- rendering ------------------------------------------------------------------------------------
+
+
+def _render(runtime: Runtime, request: Request, name: str, **context: Any) -> str:
+    return runtime.templates.get_template(name).render(request=request, **context)
+
+
+def _sse(event: str, **data: Any) -> dict[str, str]:
+    return {"event": event, "data": json.dumps(data, ensure_ascii=False)}
+
+
+def _new_sources(views: Iterable[SourceView], sent: set[str]) -> list[SourceView]:
+    fresh = [v for v in views if v.key not in sent]
+    sent.update(v.key for v in fresh)
+    return fresh
+
+
+async def _banner(session: ReviewSession, client: FhirClient) -> Any:
+    if not session.data.need_patient_banner:
+        return None
+    return banner_view(await client.read("Patient", session.patient_id))
+
+
+def _draft_fragments(
+    runtime: Runtime, request: Request, session: ReviewSession, draft: DraftView
+) -> dict[str, str]:
+    return {
+        "id": draft.id,
+        "html": _render(runtime, request, "_draft.html", draft=draft),
+        "actions": _render(runtime, request, "_actions.html", draft=draft, csrf=session.csrf),
+    }
+
+
+# -- the page -------------------------------------------------------------------------------------
+
+
+@router.get("/review", response_class=HTMLResponse, name="review_page")
+async def review_page(
+    request: Request,
+    runtime: RuntimeDep,
+    session: ReviewSessionDep,
+    doc: str | None = None,
+    notice: str | None = None,
+    error: str | None = None,
+) -> Response:
+    try:
+        svc = await session_services(runtime, session)
+        banner = await _banner(session, svc.client)
+        context: dict[str, Any] = {
+            "banner": banner,
+            "csrf": session.csrf,
+            "notice": NOTICES.get(notice or ""),
+            "error": ERRORS.get(error or ""),
+            "stream_url": None,
+            "draft": None,
+            "structured": None,
+            "narrative": None,
+            "sources": [],
+            "status_text": "",
+        }
+        if session.fhir_user is None:
+            context["error"] = ERRORS["no-user"]
+        if doc is None:
+            # The stream writes a draft to the chart, so it is guarded like a form: it needs the token.
+            context["stream_url"] = f"{request.url_for('review_stream').path}?csrf_token={session.csrf}"
+            context["status_text"] = "Reading the record..."
+        else:
+            context.update(await _stored_draft_context(runtime, request, session, svc, doc))
+    except Exception as exc:
+        raise as_api_error(exc) from exc
+    return runtime.templates.TemplateResponse(request, "review.html", context)
+
+
+async def _stored_draft_context(
+    runtime: Runtime, request: Request, session: ReviewSession, svc: Services, doc_id: str
+) -> dict[str, Any]:
+    try:
+        doc, _key = await read_draft(
+            svc.client, doc_id, settings=runtime.settings.writer, patient_id=session.patient_id
+        )
+    except (ReviewForbidden, FhirAuthError) as exc:
+        # The EHR refusing a read in a one-patient session is the same attempt, caught one step later.
+        why = "another patient" if isinstance(exc, ReviewForbidden) else "refused by the EHR"
+        await _audit(runtime, request, session, "view", "denied", f"DocumentReference/{doc_id}", why)
+        raise
+    draft = draft_view(doc)
+    prep = await prepare_summary(svc, session.patient_id, encounter_id=session.encounter_id)
+    await _audit(runtime, request, session, "view", "ok", draft.reference, f"version {draft.version}")
+    return {
+        "draft": draft,
+        "structured": draft.structured,
+        "narrative": draft.narrative,
+        "sources": stored_source_views(draft.sources, prep.ctx),
+        "status_text": "",
+    }
+
+
+async def _audit(
+    runtime: Runtime,
+    request: Request,
+    session: ReviewSession,
+    action: str,
+    outcome: audit.Outcome,
+    resource: str | None,
+    detail: str,
+) -> None:
+    await run_in_threadpool(
+        audit.record,
+        runtime.db,
+        actor=session.actor,
+        action=action,
+        outcome=outcome,
+        patient_id=session.patient_id,
+        resource=resource,
+        detail=detail,
+        request_id=request.state.request_id,
+    )
+
+
+# -- the stream -----------------------------------------------------------------------------------
+
+
+async def _find_by_key(client: FhirClient, system: str, key: str) -> dict[str, Any] | None:
+    found = await client.search_all("DocumentReference", {"identifier": f"{system}|{key}"})
+    for doc in found:
+        # A server that ignores the identifier parameter returns everything: check it here.
+        if any(i.get("system") == system and i.get("value") == key for i in doc.get("identifier") or []):
+            return doc
+    return None
+
+
+@router.get("/review/stream", name="review_stream")
+async def review_stream(
+    request: Request, runtime: RuntimeDep, session: ReviewSessionDep, csrf_token: str | None = None
+) -> Response:
+    if not csrf_ok(runtime.csrf_secret, session.data.id, csrf_token):
+        await _audit(runtime, request, session, "summarize", "denied", None, "CSRF check failed")
+        raise Forbidden("this summary was not requested from chartbrief's own page; reload the page")
+    try:
+        svc = await session_services(runtime, session)
+    except Exception as exc:
+        raise as_api_error(exc) from exc
+    return EventSourceResponse(_review_events(runtime, request, session, svc), ping=15)
+
+
+async def _review_events(
+    runtime: Runtime, request: Request, session: ReviewSession, svc: Services
+) -> AsyncIterator[dict[str, str]]:
+    sent: set[str] = set()
+    system = runtime.settings.writer.identifier_system
+    try:
+        async with aclosing(
+            stream_summary(svc, session.patient_id, encounter_id=session.encounter_id)
+        ) as events:
+            async for event in events:
+                if isinstance(event, Prepared):
+                    prep = event.prep
+                    structured_sources = source_views(prep.ctx, prep.structured.cited_keys())
+                    yield _sse(
+                        "structured",
+                        html=_render(runtime, request, "_structured.html", structured=prep.structured),
+                        sources=_render(
+                            runtime, request, "_sources.html", sources=_new_sources(structured_sources, sent)
+                        ),
+                    )
+                    existing = await _find_by_key(svc.client, system, prep.idempotency_key)
+                    if existing is not None:
+                        for item in _existing_events(runtime, request, session, existing, prep.ctx, sent):
+                            yield item
+                        return
+                    yield _sse("status", text="The model is writing the narrative...")
+                elif isinstance(event, Token):
+                    yield _sse("token", text=event.text)
+                elif isinstance(event, Finished):
+                    for item in await _finished_events(runtime, request, session, svc, event, sent):
+                        yield item
+    except Exception as exc:
+        try:
+            problem = as_api_error(exc)
+        except Exception:
+            log.error("review.stream_failed", error=type(exc).__name__)
+            yield _sse("failed", text="chartbrief failed while making the summary; the error was logged.")
+            return
+        log.warning("review.stream_failed", error=type(exc).__name__)
+        yield _sse("failed", text=problem.message)
+
+
+def _existing_events(
+    runtime: Runtime,
+    request: Request,
+    session: ReviewSession,
+    doc: Mapping[str, Any],
+    ctx: Any,
+    sent: set[str],
+) -> list[dict[str, str]]:
+    draft = draft_view(doc)
+    events = []
+    if draft.narrative is not None:
+        events.append(
+            _sse(
+                "narrative",
+                html=_render(runtime, request, "_narrative.html", narrative=draft.narrative),
+                sources=_render(
+                    runtime,
+                    request,
+                    "_sources.html",
+                    sources=_new_sources(stored_source_views(draft.sources, ctx), sent),
+                ),
+            )
+        )
+    events.append(_sse("draft", **_draft_fragments(runtime, request, session, draft)))
+    events.append(
+        _sse("done", text="The chart already holds the summary of this record: showing the saved draft.")
+    )
+    return events
+
+
+async def _finished_events(
+    runtime: Runtime,
+    request: Request,
+    session: ReviewSession,
+    svc: Services,
+    event: Finished,
+    sent: set[str],
+) -> list[dict[str, str]]:
+    result = event.result
+    narrative = narrative_view(result.kept, result.dropped)
+    keys = cited_keys(None, narrative)
+    events = [
+        _sse(
+            "narrative",
+            html=_render(runtime, request, "_narrative.html", narrative=narrative),
+            sources=_render(
+                runtime,
+                request,
+                "_sources.html",
+                sources=_new_sources(source_views(event.prep.ctx, keys), sent),
+            ),
+        )
+    ]
+    if result.write is None:
+        events.append(_sse("done", text="Summary made (not saved: dry run)."))
+        return events
+    doc_id = result.write.document_reference.split("/", 1)[1]
+    detail = "new draft" if result.write.created else "draft already in the chart"
+    await _audit(runtime, request, session, "summarize", "ok", result.write.document_reference, detail)
+    draft = draft_view(await svc.client.read("DocumentReference", doc_id))
+    events.append(_sse("draft", **_draft_fragments(runtime, request, session, draft)))
+    kept, dropped = len(result.kept), len(result.dropped)
+    events.append(
+        _sse(
+            "done",
+            text=f"Draft saved to the chart as {draft.reference} (preliminary, not reviewed). "
+            f"{kept} model statement(s) kept, {dropped} removed by the source check.",
+        )
+    )
+    return events
+
+
+# -- the actions ----------------------------------------------------------------------------------
+
+
+async def _check_post(
+    runtime: Runtime, request: Request, session: ReviewSession, action: str, token: str, doc_id: str
+) -> None:
+    origin_ok = same_origin_request(request.headers.get("origin"), runtime.settings.smart.public_base_url)
+    if not origin_ok or not csrf_ok(runtime.csrf_secret, session.data.id, token):
+        await _audit(
+            runtime, request, session, action, "denied", f"DocumentReference/{doc_id}", "CSRF check failed"
+        )
+        raise Forbidden("this form was not sent from chartbrief's own page; reload the page and try again")
+    if session.fhir_user is None:
+        raise Forbidden(ERRORS["no-user"])
+
+
+def _back(doc_id: str, *, notice: str | None = None, error: str | None = None) -> RedirectResponse:
+    query = f"?doc={doc_id}"
+    if notice:
+        query += f"&notice={notice}"
+    if error:
+        query += f"&error={error}"
+    return RedirectResponse(f"/review{query}", status_code=303)
+
+
+def _clean_id(value: str) -> str:
+    doc_id = value.strip().removeprefix("DocumentReference/")
+    if not doc_id or len(doc_id) > 64 or not all(c.isascii() and (c.isalnum() or c in "-.") for c in doc_id):
+        raise BadRequest("document_reference is not a valid FHIR id")
+    return doc_id
+
+
+async def _act(runtime: Runtime, session: ReviewSession, doc_id: str, run: Any, notice: str) -> Response:
+    try:
+        svc = await session_services(runtime, session)
+        await run(svc)
+    except ReviewConflict:
+        return _back(doc_id, error="conflict")
+    except ReviewForbidden as exc:
+        raise as_api_error(exc) from exc
+    except ReviewNotFound as exc:
+        raise as_api_error(exc) from exc
+    except ReviewError:
+        return _back(doc_id, error="refused")
+    except Exception as exc:
+        raise as_api_error(exc) from exc
+    return _back(doc_id, notice=notice)
+
+
+@router.post("/review/approve", name="review_approve")
+async def review_approve(
+    request: Request,
+    runtime: RuntimeDep,
+    session: ReviewSessionDep,
+    document_reference: FormField,
+    csrf_token: FormField,
+    version: OptionalFormField = None,
+) -> Response:
+    doc_id = _clean_id(document_reference)
+    await _check_post(runtime, request, session, "approve", csrf_token, doc_id)
+
+    async def run(svc: Services) -> None:
+        await actions.approve(
+            svc,
+            doc_id,
+            patient_id=session.patient_id,
+            actor=session.actor,
+            version=version or None,
+            request_id=request.state.request_id,
+            db=runtime.db,
+        )
+
+    return await _act(runtime, session, doc_id, run, "approved")
+
+
+@router.post("/review/edit", name="review_edit")
+async def review_edit(
+    request: Request,
+    runtime: RuntimeDep,
+    session: ReviewSessionDep,
+    document_reference: FormField,
+    csrf_token: FormField,
+    markdown: FormField,
+    version: OptionalFormField = None,
+) -> Response:
+    doc_id = _clean_id(document_reference)
+    await _check_post(runtime, request, session, "edit", csrf_token, doc_id)
+
+    async def run(svc: Services) -> None:
+        await actions.edit(
+            svc,
+            doc_id,
+            patient_id=session.patient_id,
+            actor=session.actor,
+            markdown=markdown.replace("\r\n", "\n"),
+            version=version or None,
+            request_id=request.state.request_id,
+            db=runtime.db,
+        )
+
+    return await _act(runtime, session, doc_id, run, "edited")
+
+
+@router.post("/review/reject", name="review_reject")
+async def review_reject(
+    request: Request,
+    runtime: RuntimeDep,
+    session: ReviewSessionDep,
+    document_reference: FormField,
+    csrf_token: FormField,
+    version: OptionalFormField = None,
+    reason: OptionalFormField = None,
+) -> Response:
+    doc_id = _clean_id(document_reference)
+    await _check_post(runtime, request, session, "reject", csrf_token, doc_id)
+
+    async def run(svc: Services) -> None:
+        await actions.reject(
+            svc,
+            doc_id,
+            patient_id=session.patient_id,
+            actor=session.actor,
+            reason=reason or None,
+            version=version or None,
+            request_id=request.state.request_id,
+            db=runtime.db,
+        )
+
+    return await _act(runtime, session, doc_id, run, "rejected")
+
+
+@router.post("/review/regenerate", name="review_regenerate")
+async def review_regenerate(
+    request: Request,
+    runtime: RuntimeDep,
+    session: ReviewSessionDep,
+    document_reference: FormField,
+    csrf_token: FormField,
+) -> Response:
+    doc_id = _clean_id(document_reference)
+    await _check_post(runtime, request, session, "regenerate", csrf_token, doc_id)
+    try:
+        svc = await session_services(runtime, session)
+        result = await actions.regenerate(
+            svc,
+            session.patient_id,
+            encounter_id=session.encounter_id,
+            previous_doc=doc_id,
+            actor=session.actor,
+            request_id=request.state.request_id,
+            db=runtime.db,
+        )
+    except ReviewError as exc:
+        if isinstance(exc, (ReviewForbidden, ReviewNotFound)):
+            raise as_api_error(exc) from exc
+        return _back(doc_id, error="refused")
+    except Exception as exc:
+        raise as_api_error(exc) from exc
+    write = result.write
+    if write is None or not write.created:
+        return _back(doc_id, notice="unchanged")
+    return _back(write.document_reference.split("/", 1)[1], notice="regenerated")

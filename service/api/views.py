@@ -1,0 +1,334 @@
+"""What the review screen shows, as plain data built from the pipeline's results or a stored draft.
+
+Pure: no IO, no logging. The templates render these objects (Jinja2 autoescapes every value),
+so nothing here builds HTML.
+
+A draft read back from the EHR carries its own record of what it said: the markdown
+attachment (what the clinician reads in the chart) and the structured JSON attachment (the
+coded sections, the kept and the dropped model statements with their citations, and the
+citation keys' versioned sources). That is enough to show it again without the model.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from fhir_adapters.models import ClinicalContext, Fact
+from service.grounding import Claim, DroppedClaim
+from service.structured import StructuredSummary
+
+JsonObject = dict[str, Any]
+
+KIND_LABELS = {
+    "patient": "Patient",
+    "condition": "Condition",
+    "medication": "Medication request",
+    "allergy": "Allergy",
+    "encounter": "Encounter",
+    "observation": "Observation",
+    "procedure": "Procedure",
+    "immunization": "Immunization",
+    "note": "Clinical note",
+}
+
+
+@dataclass(frozen=True)
+class SourceView:
+    """One citation's source excerpt, as the clinician sees it when clicking the citation."""
+
+    key: str
+    resource_type: str
+    reference: str  # Type/id/_history/v
+    label: str
+    date: str | None
+    text: str
+    value: str | None = None
+    status: str | None = None
+    available: bool = True  # False: the draft cites a version no longer in the record
+
+
+@dataclass(frozen=True)
+class ClaimView:
+    text: str
+    citations: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class DroppedView:
+    text: str
+    citations: tuple[str, ...]
+    reason: str
+
+
+@dataclass(frozen=True)
+class NarrativeView:
+    kept: tuple[ClaimView, ...]
+    dropped: tuple[DroppedView, ...]
+
+
+@dataclass(frozen=True)
+class DraftView:
+    """A chartbrief DocumentReference as read from the EHR."""
+
+    id: str
+    version: str | None
+    status: str  # current | superseded | entered-in-error
+    doc_status: str | None  # preliminary | final | amended
+    markdown: str
+    date: str | None
+    edited: bool = False
+    structured: StructuredSummary | None = None
+    narrative: NarrativeView | None = None
+    sources: Mapping[str, str] = field(default_factory=dict)  # citation key -> Type/id/_history/v
+
+    @property
+    def reference(self) -> str:
+        return f"DocumentReference/{self.id}"
+
+    @property
+    def reviewable(self) -> bool:
+        """Approve, edit and reject apply only to a current, unreviewed draft."""
+        return self.status == "current" and self.doc_status not in ("final", "amended")
+
+    @property
+    def state_label(self) -> str:
+        if self.status == "entered-in-error":
+            return "Rejected (entered in error)"
+        if self.status == "superseded":
+            return "Superseded by a newer draft"
+        if self.doc_status in ("final", "amended"):
+            return "Approved by a clinician (final)"
+        return "Draft - not reviewed"
+
+
+@dataclass(frozen=True)
+class BannerView:
+    name: str
+    gender: str | None
+    birth_date: str | None
+    identifier: str | None
+
+
+# -- from the pipeline ---------------------------------------------------------------------------
+
+
+def source_view(fact: Fact) -> SourceView:
+    return SourceView(
+        key=fact.key,
+        resource_type=fact.source.resource_type,
+        reference=fact.source.versioned,
+        label=KIND_LABELS.get(fact.kind, fact.kind),
+        date=fact.date,
+        text=fact.text,
+        value=fact.value,
+        status=fact.status,
+    )
+
+
+def source_views(ctx: ClinicalContext, keys: Iterable[str]) -> list[SourceView]:
+    """The excerpts of the cited keys that exist in `ctx`, in citation-key order."""
+    by_key = ctx.by_key()
+    return [source_view(by_key[k]) for k in sorted(set(keys), key=key_order) if k in by_key]
+
+
+def narrative_view(kept: Sequence[Claim], dropped: Sequence[DroppedClaim]) -> NarrativeView:
+    return NarrativeView(
+        kept=tuple(ClaimView(c.text, tuple(c.citations)) for c in kept),
+        dropped=tuple(DroppedView(d.claim.text, tuple(d.claim.citations), d.reason) for d in dropped),
+    )
+
+
+def cited_keys(structured: StructuredSummary | None, narrative: NarrativeView | None) -> set[str]:
+    keys = structured.cited_keys() if structured else set()
+    if narrative:
+        keys |= {k for c in narrative.kept for k in c.citations}
+        keys |= {k for d in narrative.dropped for k in d.citations}
+    return keys
+
+
+def key_order(key: str) -> tuple[str, int]:
+    """Sort citation keys by prefix, then number (C2 before C10).
+
+    >>> sorted(["C10", "A1", "C2"], key=key_order)
+    ['A1', 'C2', 'C10']
+    """
+    prefix = key.rstrip("0123456789")
+    digits = key[len(prefix) :]
+    return (prefix, int(digits) if digits else 0)
+
+
+# -- from a stored draft -------------------------------------------------------------------------
+
+
+def _attachment_bytes(attachment: Mapping[str, Any]) -> bytes | None:
+    data = attachment.get("data")
+    if not isinstance(data, str):
+        return None
+    try:
+        return base64.b64decode(data, validate=True)
+    except (binascii.Error, ValueError):
+        return None
+
+
+def _attachments(doc: Mapping[str, Any]) -> list[Mapping[str, Any]]:
+    out = []
+    for content in doc.get("content") or []:
+        attachment = content.get("attachment") if isinstance(content, dict) else None
+        if isinstance(attachment, dict):
+            out.append(attachment)
+    return out
+
+
+def stored_markdown(doc: Mapping[str, Any]) -> str:
+    """The markdown attachment's text ('' when there is none or it cannot be decoded)."""
+    for attachment in _attachments(doc):
+        if str(attachment.get("contentType", "")).startswith("text/markdown"):
+            raw = _attachment_bytes(attachment)
+            if raw is not None:
+                return raw.decode("utf-8", errors="replace")
+    return ""
+
+
+def stored_structured_json(doc: Mapping[str, Any]) -> JsonObject | None:
+    for attachment in _attachments(doc):
+        if str(attachment.get("contentType", "")).startswith("application/json"):
+            raw = _attachment_bytes(attachment)
+            if raw is None:
+                return None
+            try:
+                data = json.loads(raw)
+            except (json.JSONDecodeError, UnicodeDecodeError):
+                return None
+            return data if isinstance(data, dict) else None
+    return None
+
+
+def _claims(items: object) -> tuple[ClaimView, ...]:
+    out = []
+    for item in items if isinstance(items, list) else []:
+        if isinstance(item, dict) and isinstance(item.get("text"), str):
+            out.append(ClaimView(item["text"], tuple(str(c) for c in item.get("citations") or [])))
+    return tuple(out)
+
+
+def _dropped(items: object) -> tuple[DroppedView, ...]:
+    out = []
+    for item in items if isinstance(items, list) else []:
+        if isinstance(item, dict) and isinstance(item.get("text"), str):
+            out.append(
+                DroppedView(
+                    item["text"],
+                    tuple(str(c) for c in item.get("citations") or []),
+                    str(item.get("reason") or "not supported by its sources"),
+                )
+            )
+    return tuple(out)
+
+
+def is_edited(doc: Mapping[str, Any]) -> bool:
+    """True when a person changed the AI text (the edit marks the document so)."""
+    for ext in doc.get("extension") or []:
+        if isinstance(ext, dict) and "edited" in str(ext.get("url", "")):
+            return True
+    return "edited by" in str(doc.get("description", "")).lower()
+
+
+def draft_view(doc: Mapping[str, Any]) -> DraftView:
+    """A stored chartbrief DocumentReference as a `DraftView`; unreadable parts are left empty."""
+    meta = doc.get("meta") or {}
+    data = stored_structured_json(doc) or {}
+    structured = None
+    if isinstance(data.get("structured"), dict):
+        try:
+            structured = StructuredSummary.from_json(data["structured"])
+        except (KeyError, TypeError):
+            structured = None
+    narrative = None
+    if "narrative" in data or "dropped" in data:
+        narrative = NarrativeView(kept=_claims(data.get("narrative")), dropped=_dropped(data.get("dropped")))
+    sources = data.get("sources") if isinstance(data.get("sources"), dict) else {}
+    return DraftView(
+        id=str(doc.get("id", "")),
+        version=str(meta["versionId"]) if isinstance(meta, dict) and meta.get("versionId") else None,
+        status=str(doc.get("status", "")),
+        doc_status=doc.get("docStatus") if isinstance(doc.get("docStatus"), str) else None,
+        markdown=stored_markdown(doc),
+        date=doc.get("date") if isinstance(doc.get("date"), str) else None,
+        edited=is_edited(doc),
+        structured=structured,
+        narrative=narrative,
+        sources={str(k): str(v) for k, v in sources.items()},
+    )
+
+
+def stored_source_views(sources: Mapping[str, str], ctx: ClinicalContext | None) -> list[SourceView]:
+    """Excerpts for a stored draft's citations, found by the exact resource version they cite.
+
+    Keys are renumbered when the record changes, so a stored key is matched through its
+    versioned reference; a version no longer in the record is shown as unavailable, never
+    replaced by a newer one.
+    """
+    by_ref = {f.source.versioned: f for f in ctx.facts} if ctx else {}
+    views = []
+    for key in sorted(sources, key=key_order):
+        ref = sources[key]
+        fact = by_ref.get(ref)
+        if fact is not None:
+            views.append(replace(source_view(fact), key=key))
+        else:
+            views.append(
+                SourceView(
+                    key=key,
+                    resource_type=ref.split("/", 1)[0],
+                    reference=ref,
+                    label=ref.split("/", 1)[0],
+                    date=None,
+                    text="This version of the source is no longer in the record.",
+                    available=False,
+                )
+            )
+    return views
+
+
+# -- the banner ----------------------------------------------------------------------------------
+
+
+def banner_view(patient: Mapping[str, Any]) -> BannerView:
+    """Name, sex, birth date and first identifier of a Patient resource, for the patient banner.
+
+    >>> banner_view({"name": [{"given": ["Ann", "B"], "family": "Lee"}], "gender": "female",
+    ...              "birthDate": "1970-01-02", "identifier": [{"value": "MRN1"}]}).name
+    'Ann B Lee'
+    """
+    name = "(no name recorded)"
+    names = [n for n in patient.get("name") or [] if isinstance(n, dict)]
+    official = [n for n in names if n.get("use") == "official"] or names
+    if official:
+        first = official[0]
+        if isinstance(first.get("text"), str) and first["text"].strip():
+            name = first["text"].strip()
+        else:
+            parts = [*(str(g) for g in first.get("given") or []), str(first.get("family") or "")]
+            name = " ".join(p for p in parts if p).strip() or name
+    identifiers = [i for i in patient.get("identifier") or [] if isinstance(i, dict) and i.get("value")]
+    # The medical record number is what staff match a chart by; any identifier is the fallback.
+    mrn = [i for i in identifiers if any(c.get("code") == "MR" for c in _codings(i.get("type")))]
+    chosen = (mrn or identifiers or [None])[0]
+    identifier = str(chosen["value"]) if chosen else None
+    return BannerView(
+        name=name,
+        gender=patient.get("gender") if isinstance(patient.get("gender"), str) else None,
+        birth_date=patient.get("birthDate") if isinstance(patient.get("birthDate"), str) else None,
+        identifier=identifier,
+    )
+
+
+def _codings(concept: object) -> list[Mapping[str, Any]]:
+    if not isinstance(concept, dict):
+        return []
+    return [c for c in concept.get("coding") or [] if isinstance(c, dict)]
