@@ -362,7 +362,7 @@ _COMMON_WORDS = frozenset(
     there these they this those time very were what when which while will with without years
     history diagnosed diagnosis treated taking takes known noted shows showed reports reported
     presents presented including underwent received status condition visit visits encounter
-    episode ongoing previously documented recorded listed includes
+    episode ongoing previously documented recorded listed includes latest last
     """.split()
 )
 

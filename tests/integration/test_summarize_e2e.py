@@ -59,6 +59,18 @@ async def _summarize(
             store.close()
 
 
+async def touch_a_condition(fhir_base: str, patient_id: str) -> None:
+    """Give the patient's record a state no other test of the session has summarized: a new
+    version of a Condition, or of the Patient when there is no Condition."""
+    async with FhirClient(fhir_base) as client:
+        conditions = await client.search_all("Condition", {"patient": patient_id})
+        resource = conditions[0] if conditions else await client.read("Patient", patient_id)
+        resource.setdefault("extension", []).append({"url": "urn:chartbrief:test:touched", "valueBoolean": True})
+        before = resource["meta"]["versionId"]
+        after = await client.update(resource)
+    assert after["meta"]["versionId"] != before
+
+
 def _has_aiast(resource: dict) -> bool:
     return any(
         s.get("system") == AIAST["system"] and s.get("code") == AIAST["code"]
@@ -117,6 +129,7 @@ async def test_real_model_summaries_are_written_read_back_and_never_duplicated(
 ) -> None:
     for source in (NOTES, SMALL):
         patient = loaded_patients[source]
+        await touch_a_condition(fhir_base, patient.id)
         first = await _summarize(fhir_base, tmp_path, real_engine, patient.id)
         assert first.write is not None and first.write.created
         assert first.completion_tokens > 0 and first.prompt_tokens > 0
@@ -141,15 +154,13 @@ async def test_a_changed_record_supersedes_the_older_summary(
     fhir_base: str, loaded_patients: dict[str, LoadedPatient], tmp_path: Path
 ) -> None:
     patient = loaded_patients[ALLERGIES]
+    await touch_a_condition(fhir_base, patient.id)  # a record state no other test has summarized
     engine = FakeEngine()
     engine.enqueue('{"claims": []}')
     first = await _summarize(fhir_base, tmp_path, engine, patient.id)
     assert first.write is not None and first.write.created
 
-    async with FhirClient(fhir_base) as client:
-        condition = (await client.search_all("Condition", {"patient": patient.id}))[0]
-        condition.setdefault("note", []).append({"text": "reviewed"})
-        await client.update(condition)
+    await touch_a_condition(fhir_base, patient.id)
 
     engine.enqueue('{"claims": []}')
     second = await _summarize(fhir_base, tmp_path, engine, patient.id)
