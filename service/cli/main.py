@@ -6,6 +6,7 @@ from __future__ import annotations
 import click
 
 from service.cli.apikey import apikey
+from service.cli.batch import batch
 from service.cli.keys import keys
 from service.cli.sandbox import sandbox
 from service.cli.serve import serve
@@ -23,6 +24,7 @@ cli.add_command(sandbox)
 cli.add_command(keys)
 cli.add_command(apikey)
 cli.add_command(serve)
+cli.add_command(batch)
 
 
 def main() -> None:

@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy import (
-    Boolean,
     DateTime,
     Engine,
     Float,
@@ -80,9 +79,9 @@ class Run(Base):
     status: Mapped[str] = mapped_column(String(30), default=RUN_RUNNING, index=True)
     mode: Mapped[str] = mapped_column(String(10))  # local (one process) | queue (Procrastinate workers)
     fhir_base: Mapped[str] = mapped_column(String(500), index=True)
-    selection: Mapped[str] = mapped_column(String(200))  # changed | everyone | file:<name> | group:<id> | bulk
-    # True when the selection looked at the whole population: only such runs move the watermark.
-    covers_population: Mapped[bool] = mapped_column(Boolean, default=False)
+    # changed | bulk | bulk-group:<id> (incremental: each starts where the last finished run of its kind
+    # began) | group:<id> | file:<name>
+    selection: Mapped[str] = mapped_column(String(200))
     since: Mapped[str | None] = mapped_column(String(40), nullable=True)  # the watermark it selected from
     watermark: Mapped[str | None] = mapped_column(String(40), nullable=True)  # server time at its start
     transaction_time: Mapped[str | None] = mapped_column(String(40), nullable=True)  # Bulk Data manifest
@@ -165,15 +164,16 @@ class BatchRepository:
         fhir_base: str,
         mode: str,
         selection: str,
-        covers_population: bool,
         patient_ids: Sequence[str],
         since: str | None = None,
         watermark: str | None = None,
         transaction_time: str | None = None,
         selection_problems: int = 0,
         owner: str | None = None,
+        started_at: datetime | None = None,
     ) -> int:
-        """A new running run with one queued item per distinct patient id, in the order given."""
+        """A new running run with one queued item per distinct patient id, in the order given.
+        `started_at`: when its selection began (default now)."""
         unique = list(dict.fromkeys(patient_ids))
         now = utcnow()
         with self.sessions.begin() as s:
@@ -181,14 +181,13 @@ class BatchRepository:
                 fhir_base=fhir_base,
                 mode=mode,
                 selection=selection,
-                covers_population=covers_population,
                 since=since,
                 watermark=watermark,
                 transaction_time=transaction_time,
                 selection_problems=selection_problems,
                 selected=len(unique),
                 owner=owner,
-                started_at=now,
+                started_at=started_at or now,
                 heartbeat_at=now,
             )
             s.add(run)
@@ -217,21 +216,20 @@ class BatchRepository:
                 .limit(1)
             ).first()
 
-    def last_covering_run(self, fhir_base: str, *, bulk: bool | None = None) -> Run | None:
-        """The latest finished run that looked at the whole population of this server (its watermark
-        and its failed patients start the next incremental run). `bulk` narrows to Bulk Data runs
-        (True) or search runs (False)."""
+    def last_finished_run(self, fhir_base: str, selection: str) -> Run | None:
+        """The latest finished run of this server with the same selection kind: its watermark (or Bulk
+        Data transactionTime) and its failed patients start the next incremental run."""
         with self.sessions() as s:
-            query = select(Run).where(
-                Run.fhir_base == fhir_base,
-                Run.covers_population.is_(True),
-                Run.status.in_(RUN_FINAL_STATES),
-            )
-            if bulk is True:
-                query = query.where(Run.selection == "bulk")
-            elif bulk is False:
-                query = query.where(Run.selection != "bulk")
-            return s.scalars(query.order_by(Run.id.desc()).limit(1)).first()
+            return s.scalars(
+                select(Run)
+                .where(
+                    Run.fhir_base == fhir_base,
+                    Run.selection == selection,
+                    Run.status.in_(RUN_FINAL_STATES),
+                )
+                .order_by(Run.id.desc())
+                .limit(1)
+            ).first()
 
     def take_over(self, run_id: int, owner: str) -> None:
         """Record that this process now drives the run (resume)."""
