@@ -7,6 +7,7 @@ import click
 
 from service.cli.apikey import apikey
 from service.cli.batch import batch
+from service.cli.db import db
 from service.cli.keys import keys
 from service.cli.sandbox import sandbox
 from service.cli.serve import serve
@@ -25,6 +26,7 @@ cli.add_command(keys)
 cli.add_command(apikey)
 cli.add_command(serve)
 cli.add_command(batch)
+cli.add_command(db)
 
 
 def main() -> None:

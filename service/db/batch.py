@@ -31,7 +31,6 @@ from sqlalchemy import (
     create_engine,
     func,
     select,
-    text,
     update,
 )
 from sqlalchemy.engine import make_url
@@ -51,7 +50,6 @@ RUN_COMPLETED_WITH_FAILURES = "completed_with_failures"
 RUN_FINAL_STATES = (RUN_COMPLETED, RUN_COMPLETED_WITH_FAILURES)
 
 # Two workers creating the tables at once on a fresh PostgreSQL database would collide.
-_SCHEMA_LOCK_KEY = 0x63627363  # "cbsc"
 
 
 def utcnow() -> datetime:
@@ -380,14 +378,10 @@ def _state_counts(s: Session, run_id: int) -> dict[str, int]:
 
 
 def create_tables(engine: Engine) -> None:
-    """Create missing tables (all of chartbrief's). On PostgreSQL under an advisory lock, so workers
-    starting together on an empty database do not race each other."""
-    if engine.dialect.name == "postgresql":
-        with engine.begin() as conn:
-            conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _SCHEMA_LOCK_KEY})
-            Base.metadata.create_all(conn)
-    else:
-        Base.metadata.create_all(engine)
+    """Bring the schema to the newest migration (all of chartbrief's tables); see service.db.migrate."""
+    from service.db.migrate import ensure_schema  # the migrations import this module's tables
+
+    ensure_schema(engine)
 
 
 __all__ = [

@@ -14,7 +14,8 @@ from sqlalchemy import Engine, create_engine, select
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
 
-from service.db.models import Base, SummaryRow
+from service.db.migrate import ensure_schema
+from service.db.models import SummaryRow
 
 
 class SummaryStore(Protocol):
@@ -36,8 +37,7 @@ class SqlSummaryStore:
         if parsed.get_backend_name() == "sqlite" and parsed.database not in (None, "", ":memory:"):
             Path(parsed.database).expanduser().parent.mkdir(parents=True, exist_ok=True)
         engine = create_engine(url, future=True, pool_pre_ping=True)
-        # Schema migrations (Alembic) arrive with the batch work; until then the schema is created as-is.
-        Base.metadata.create_all(engine)
+        ensure_schema(engine)
         return cls(engine=engine, sessions=sessionmaker(engine, expire_on_commit=False))
 
     def record(self, fields: dict[str, Any]) -> str:

@@ -1,0 +1,46 @@
+"""`chartbrief db upgrade | current`: the database schema, by Alembic migrations."""
+
+from __future__ import annotations
+
+import click
+from sqlalchemy import create_engine
+
+from service.cli.common import build_settings
+from service.db.migrate import current_revision, head_revision, upgrade
+
+
+@click.group()
+def db() -> None:
+    """Database schema (SQLite by default, PostgreSQL for many workers)."""
+
+
+_db_url = click.option(
+    "--db-url", envvar="CHARTBRIEF_DB__URL", show_envvar=True, default=None, help="SQLAlchemy URL."
+)
+
+
+@db.command("upgrade")
+@_db_url
+@click.option("--revision", default="head", show_default=True)
+def upgrade_cmd(db_url: str | None, revision: str) -> None:
+    """Apply the migrations up to REVISION."""
+    settings = build_settings(db__url=db_url)
+    engine = create_engine(settings.db.url)
+    try:
+        before = current_revision(engine)
+        after = upgrade(engine, revision)
+    finally:
+        engine.dispose()
+    click.echo(f"database at revision {after} (was {before or 'empty'})")
+
+
+@db.command("current")
+@_db_url
+def current_cmd(db_url: str | None) -> None:
+    """Show the database's revision and the newest one."""
+    settings = build_settings(db__url=db_url)
+    engine = create_engine(settings.db.url)
+    try:
+        click.echo(f"current {current_revision(engine) or 'empty'}, newest {head_revision()}")
+    finally:
+        engine.dispose()
