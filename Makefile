@@ -37,6 +37,10 @@ demo: setup
 test: setup .browser-installed
 	$(PY) -m pytest
 
+# The nightly batch's figures (first run, nothing changed, 2 changed) in one run: .bench/batch.json
+bench: setup
+	$(PY) bench/batch.py --report .bench/batch.json
+
 test-unit: setup
 	$(PY) -m pytest -m "not integration and not model"
 
@@ -44,4 +48,4 @@ lint: setup
 	$(VENV)/bin/ruff check .
 
 clean:
-	rm -rf .demo .pytest_cache .ruff_cache .browser-installed
+	rm -rf .demo .bench .pytest_cache .ruff_cache .browser-installed

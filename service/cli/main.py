@@ -31,3 +31,7 @@ cli.add_command(db)
 
 def main() -> None:
     cli()
+
+
+if __name__ == "__main__":
+    main()
