@@ -328,13 +328,18 @@ def web_settings_problems(settings: Settings) -> list[str]:
 
 # -- nightly batch and SMART Backend Services ----------------------------------------------------------
 
+# Every type a summary reads: a change to any of them changes the summary's inputs.
 BATCH_CHANGE_TYPES = (
+    "Patient",
     "Encounter",
     "DocumentReference",
     "Condition",
     "MedicationRequest",
     "AllergyIntolerance",
     "Observation",
+    "Procedure",
+    "Immunization",
+    "DiagnosticReport",
 )
 
 

@@ -757,7 +757,7 @@ async def changed_patients(
     """
     found: dict[str, None] = {}
     for resource_type in resource_types:
-        element = SEARCHED_TYPES.get(resource_type, "subject")
+        element = "id" if resource_type == "Patient" else SEARCHED_TYPES.get(resource_type, "subject")
         params: dict[str, str] = {"_lastUpdated": f"gt{since}"}
         # Only the reference is needed; DocumentReference keeps its identifier and meta for the AI check.
         if resource_type != "DocumentReference":

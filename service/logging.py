@@ -67,7 +67,7 @@ def drop_phi(_logger: Any, _method: str, event_dict: MutableMapping[str, Any]) -
 def configure_logging(*, fmt: str = "console", level: str = "INFO") -> None:
     """Route structlog (and stdlib logging) to stderr, keeping stdout for command output."""
     logging.basicConfig(stream=sys.stderr, level=getattr(logging, level), format="%(message)s", force=True)
-    for noisy in ("httpx", "httpcore"):
+    for noisy in ("httpx", "httpcore", "alembic"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     renderer: Any = (
         structlog.processors.JSONRenderer() if fmt == "json" else structlog.dev.ConsoleRenderer(colors=False)

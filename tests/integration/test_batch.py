@@ -135,9 +135,16 @@ def _scripted_engine(outputs: int) -> FakeEngine:
 def _touch_a_condition(fhir_base: str, patient_id: str) -> None:
     async def touch() -> None:
         async with FhirClient(fhir_base) as client:
-            condition = (await client.search_all("Condition", {"patient": patient_id}, limit=1))[0]
-            condition.setdefault("note", []).append({"text": "Reviewed at the quarterly visit."})
-            await client.update(condition)
+            # A new version of a Condition, or of the Patient for a record without conditions.
+            conditions = await client.search_all("Condition", {"patient": patient_id}, limit=1)
+            if conditions:
+                conditions[0].setdefault("note", []).append({"text": "Reviewed at the quarterly visit."})
+                await client.update(conditions[0])
+            else:
+                patient = await client.read("Patient", patient_id)
+                touched = {"url": "urn:chartbrief:test:touched", "valueBoolean": True}
+                patient.setdefault("extension", []).append(touched)
+                await client.update(patient)
 
     run_in_private_loop(touch())
 

@@ -605,7 +605,7 @@ def test_cli_status_and_report_read_a_run(settings: Settings, repo: BatchReposit
     env = {"CHARTBRIEF_DB__URL": settings.db.url}
     report = runner.invoke(batch_cli, ["report", str(run_id), "--json"], env=env)
     assert report.exit_code == 0, report.output
-    data = json.loads(report.output)
+    data = json.loads(report.stdout)
     assert (data["summarized"], data["failed"], data["tokens"]) == (1, 1, 42)
     assert data["failures"][0]["reason"].startswith("FhirNotFound")
     text = runner.invoke(batch_cli, ["report", str(run_id)], env=env)
