@@ -374,11 +374,11 @@ class BatchSettings(BaseModel):
         description="Resource types whose _lastUpdated marks a patient as changed, as a JSON list.",
     )
     watermark_overlap_seconds: int = Field(
-        default=0,
+        default=2,
         ge=0,
         le=86400,
-        description="Look this far before the last run's start too, for servers that stamp _lastUpdated "
-        "before a change becomes searchable.",
+        description="Look this far before the last run's start too: a server's clock is read at one-second "
+        "precision and `gt` excludes that whole second; re-selecting an unchanged patient costs only a hash.",
     )
     price_per_machine_hour: float = Field(
         default=0.10, ge=0, description="Price of one machine hour, for the cost estimate in the run report."

@@ -33,7 +33,7 @@ from service.devserver import (
     LocalFhirServerError,
     synthea_files,
 )
-from service.jobs import BatchRequest, open_fhir, run_batch
+from service.jobs import BatchRequest, open_fhir, run_batch, since_with_overlap
 from service.llm.base import Generation, GenerationRequest
 from service.llm.fake import FakeEngine
 from tests.integration.conftest import run_in_private_loop
@@ -167,7 +167,8 @@ def test_first_run_summarizes_everyone_then_only_what_changed(
     generated = len(engine.history)
     quiet = run_in_private_loop(run_batch(settings, BatchRequest(), engine=engine)).last
     assert quiet is not None
-    assert (quiet.summarized, quiet.failed, quiet.since) == (0, 0, first.watermark)
+    since = since_with_overlap(first.watermark, settings.batch.watermark_overlap_seconds)
+    assert (quiet.summarized, quiet.failed, quiet.since) == (0, 0, since)
     assert len(engine.history) == generated, "nothing changed: no generation"
 
     touched = sorted(everyone[:2])

@@ -61,6 +61,7 @@ from service.jobs import (
     run_is_alive,
     select_patients,
     services_for,
+    since_with_overlap,
 )
 from service.llm.base import EngineError
 from service.llm.fake import FakeEngine
@@ -188,10 +189,12 @@ async def test_next_run_selects_patients_changed_since_the_watermark_but_not_for
         async with open_fhir(settings) as conn:
             selection = await select_patients(conn, repo, settings, BatchRequest())
     assert selection.patient_ids == ["c", "a", "b", "d"]  # search order: Encounter, DocumentReference, ...
-    assert selection.since == "2024-01-01T00:00:00Z"
+    # The watermark moved back by the overlap (a second-precision clock; `gt` skips that whole second).
+    since = since_with_overlap("2024-01-01T00:00:00Z", settings.batch.watermark_overlap_seconds)
+    assert selection.since == since
     searched = [r for r in seen if not r.url.path.endswith("metadata")]
     assert {r.url.path.rsplit("/", 1)[-1] for r in searched} == set(settings.batch.change_types)
-    assert all(r.url.params["_lastUpdated"] == "gt2024-01-01T00:00:00Z" for r in searched)
+    assert all(r.url.params["_lastUpdated"] == f"gt{since}" for r in searched)
 
 
 async def test_a_server_refusing_elements_is_searched_again_without(
