@@ -17,7 +17,6 @@ import socket
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
 
 from sqlalchemy import (
@@ -28,12 +27,10 @@ from sqlalchemy import (
     Integer,
     String,
     UniqueConstraint,
-    create_engine,
     func,
     select,
     update,
 )
-from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Mapped, Session, mapped_column, sessionmaker
 
 from service.db.models import Base
@@ -140,11 +137,9 @@ class BatchRepository:
 
     @classmethod
     def from_url(cls, url: str) -> BatchRepository:
-        parsed = make_url(url)
-        if parsed.get_backend_name() == "sqlite" and parsed.database not in (None, "", ":memory:"):
-            Path(parsed.database).expanduser().parent.mkdir(parents=True, exist_ok=True)
-        engine = create_engine(url, future=True, pool_pre_ping=True)
-        create_tables(engine)
+        from service.db.migrate import open_database  # the migrations import this module's tables
+
+        engine = open_database(url)
         return cls(engine=engine, sessions=sessionmaker(engine, expire_on_commit=False))
 
     @property
@@ -377,13 +372,6 @@ def _state_counts(s: Session, run_id: int) -> dict[str, int]:
     return {str(state): int(n) for state, n in rows}
 
 
-def create_tables(engine: Engine) -> None:
-    """Bring the schema to the newest migration (all of chartbrief's tables); see service.db.migrate."""
-    from service.db.migrate import ensure_schema  # the migrations import this module's tables
-
-    ensure_schema(engine)
-
-
 __all__ = [
     "DONE",
     "FAILED",
@@ -401,6 +389,5 @@ __all__ = [
     "Run",
     "RunItem",
     "as_utc",
-    "create_tables",
     "process_name",
 ]

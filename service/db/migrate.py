@@ -13,7 +13,8 @@ from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from sqlalchemy import Connection, Engine, text
+from sqlalchemy import Connection, Engine, create_engine, text
+from sqlalchemy.engine import make_url
 
 MIGRATIONS = Path(__file__).resolve().parent / "migrations"
 _LOCK_KEY = 0x63686272  # "chbr": one key for every chartbrief schema change
@@ -51,3 +52,13 @@ def ensure_schema(engine: Engine) -> None:
     """Upgrade to head unless the database is there already (one cheap query when it is)."""
     if current_revision(engine) != head_revision():
         upgrade(engine)
+
+
+def open_database(url: str) -> Engine:
+    """An engine for `url` with the schema at the newest migration (a SQLite file's folder is created)."""
+    parsed = make_url(url)
+    if parsed.get_backend_name() == "sqlite" and parsed.database not in (None, "", ":memory:"):
+        Path(parsed.database).expanduser().parent.mkdir(parents=True, exist_ok=True)
+    engine = create_engine(url, future=True, pool_pre_ping=True)
+    ensure_schema(engine)
+    return engine

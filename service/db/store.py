@@ -7,14 +7,12 @@ server does that). A retried summary with the same key updates its row instead o
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Protocol
 
-from sqlalchemy import Engine, create_engine, select
-from sqlalchemy.engine import make_url
+from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from service.db.migrate import ensure_schema
+from service.db.migrate import open_database
 from service.db.models import SummaryRow
 
 
@@ -33,11 +31,7 @@ class SqlSummaryStore:
 
     @classmethod
     def from_url(cls, url: str) -> SqlSummaryStore:
-        parsed = make_url(url)
-        if parsed.get_backend_name() == "sqlite" and parsed.database not in (None, "", ":memory:"):
-            Path(parsed.database).expanduser().parent.mkdir(parents=True, exist_ok=True)
-        engine = create_engine(url, future=True, pool_pre_ping=True)
-        ensure_schema(engine)
+        engine = open_database(url)
         return cls(engine=engine, sessions=sessionmaker(engine, expire_on_commit=False))
 
     def record(self, fields: dict[str, Any]) -> str:
