@@ -32,6 +32,7 @@ sys.path.insert(0, str(REPO))
 from fhir_adapters.client import FhirClient  # noqa: E402
 from fhir_adapters.sandbox import LoadedPatient, load_files  # noqa: E402
 from service.devserver import LOAD_TIMEOUT_SECONDS, LocalFhirServer, synthea_files  # noqa: E402
+from service.logging import configure_logging  # noqa: E402
 
 CHARTBRIEF = [sys.executable, "-m", "service.cli.main"]
 
@@ -85,6 +86,7 @@ def main() -> None:
     )
     parser.add_argument("--report", type=Path, default=REPO / ".bench" / "batch.json")
     args = parser.parse_args()
+    configure_logging(level="WARNING")
     files = synthea_files()
     with LocalFhirServer() as server, tempfile.TemporaryDirectory() as tmp:
         base = server.base_url
