@@ -52,3 +52,24 @@ class Engine(Protocol):
 
 class EngineError(Exception):
     """The model could not be loaded or run. The message names the setting to fix."""
+
+
+def generation_of(completion: dict[str, Any], seconds: float) -> Generation:
+    """A Generation from an OpenAI-style chat completion (llama.cpp in-process or a llama.cpp server).
+
+    >>> generation_of({"choices": [{"message": {"content": "{}"}, "finish_reason": "stop"}],
+    ...                "usage": {"prompt_tokens": 3, "completion_tokens": 1}}, 0.5).completion_tokens
+    1
+    """
+    try:
+        choice = completion["choices"][0]
+        usage = completion.get("usage") or {}
+        return Generation(
+            text=choice["message"].get("content") or "",
+            prompt_tokens=int(usage.get("prompt_tokens", 0)),
+            completion_tokens=int(usage.get("completion_tokens", 0)),
+            seconds=seconds,
+            finish_reason=choice.get("finish_reason"),
+        )
+    except (KeyError, IndexError, TypeError, AttributeError) as exc:
+        raise EngineError("the model answered without a chat completion") from exc

@@ -30,7 +30,7 @@ from llama_cpp.llama_grammar import json_schema_to_gbnf
 
 from fhir_adapters.models import ModelIdentity
 from service.config import LlmSettings
-from service.llm.base import EngineError, Generation, GenerationRequest
+from service.llm.base import EngineError, Generation, GenerationRequest, generation_of
 from service.llm.model_files import MODEL_PATH_SETTING, model_identity, resolve_model_path
 
 log = structlog.get_logger(__name__)
@@ -104,15 +104,7 @@ class LlamaCppEngine:
             except (ValueError, RuntimeError) as exc:
                 raise EngineError(f"llama.cpp generation failed: {type(exc).__name__}") from exc
         seconds = time.perf_counter() - started
-        choice = response["choices"][0]
-        usage = response.get("usage") or {}
-        generation = Generation(
-            text=choice["message"].get("content") or "",
-            prompt_tokens=int(usage.get("prompt_tokens", 0)),
-            completion_tokens=int(usage.get("completion_tokens", 0)),
-            seconds=seconds,
-            finish_reason=choice.get("finish_reason"),
-        )
+        generation = generation_of(response, seconds)
         log.info(
             "generation_done",
             prompt_tokens=generation.prompt_tokens,

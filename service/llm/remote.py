@@ -30,7 +30,7 @@ from llama_cpp.llama_grammar import json_schema_to_gbnf
 
 from fhir_adapters.models import ModelIdentity
 from service.config import LlmSettings
-from service.llm.base import EngineError, Generation, GenerationRequest
+from service.llm.base import EngineError, Generation, GenerationRequest, generation_of
 from service.llm.model_files import MODEL_PATH_SETTING, model_identity, resolve_model_path
 
 log = structlog.get_logger(__name__)
@@ -230,18 +230,7 @@ class _ServerFailed(Exception):
 
 
 def _generation(data: dict[str, Any], seconds: float, server: str) -> Generation:
-    try:
-        choice = data["choices"][0]
-        usage = data.get("usage") or {}
-        generation = Generation(
-            text=choice["message"].get("content") or "",
-            prompt_tokens=int(usage.get("prompt_tokens", 0)),
-            completion_tokens=int(usage.get("completion_tokens", 0)),
-            seconds=seconds,
-            finish_reason=choice.get("finish_reason"),
-        )
-    except (KeyError, IndexError, TypeError) as exc:
-        raise EngineError("model server answered without a chat completion") from exc
+    generation = generation_of(data, seconds)
     log.info(
         "generation_done",
         server=server,
