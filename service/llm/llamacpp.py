@@ -26,11 +26,11 @@ from typing import Any, cast
 
 import structlog
 from llama_cpp import Llama, LlamaGrammar
-from llama_cpp.llama_grammar import json_schema_to_gbnf
 
 from fhir_adapters.models import ModelIdentity
 from service.config import LlmSettings
 from service.llm.base import EngineError, Generation, GenerationRequest, generation_of
+from service.llm.grammar import chat_params, gbnf_for_schema
 from service.llm.model_files import MODEL_PATH_SETTING, model_identity, resolve_model_path
 
 log = structlog.get_logger(__name__)
@@ -40,11 +40,7 @@ _DONE = object()
 
 def grammar_for_schema(schema: dict[str, Any]) -> LlamaGrammar:
     """A llama.cpp grammar that only accepts JSON matching `schema`."""
-    try:
-        gbnf = json_schema_to_gbnf(json.dumps(schema))
-    except Exception as exc:  # the converter raises bare Exceptions and KeyErrors alike
-        raise EngineError(f"the prompt's output schema cannot be turned into a grammar: {exc}") from exc
-    return LlamaGrammar.from_string(gbnf, verbose=False)
+    return LlamaGrammar.from_string(gbnf_for_schema(schema), verbose=False)
 
 
 class LlamaCppEngine:
@@ -174,20 +170,13 @@ class LlamaCppEngine:
             raise EngineError("the model engine was closed")
 
     def _completion_kwargs(self, request: GenerationRequest) -> dict[str, Any]:
-        kwargs: dict[str, Any] = {
-            "messages": request.messages,
-            "max_tokens": request.max_tokens,
-            "stop": list(request.stop),
-            "temperature": request.temperature,
-            "top_p": request.top_p,
-            "seed": request.seed,
-        }
+        kwargs = chat_params(request)
         if request.json_schema is not None:
             kwargs["grammar"] = self._grammar(request.json_schema)
         return kwargs
 
     def _grammar(self, schema: dict[str, Any]) -> LlamaGrammar:
-        # Converting a schema costs milliseconds, but batch jobs send the same one thousands of times.
+        # The parsed grammar is reused too: batch jobs send the same schema thousands of times.
         key = json.dumps(schema, sort_keys=True)
         grammar = self._grammars.get(key)
         if grammar is None:

@@ -26,11 +26,11 @@ from typing import Any
 import httpx
 import structlog
 from llama_cpp import Llama
-from llama_cpp.llama_grammar import json_schema_to_gbnf
 
 from fhir_adapters.models import ModelIdentity
 from service.config import LlmSettings
 from service.llm.base import EngineError, Generation, GenerationRequest, generation_of
+from service.llm.grammar import chat_params, gbnf_for_schema
 from service.llm.model_files import MODEL_PATH_SETTING, model_identity, resolve_model_path
 
 log = structlog.get_logger(__name__)
@@ -127,7 +127,6 @@ class RemoteLlamaPool:
         self._http = http or httpx.AsyncClient(
             timeout=httpx.Timeout(settings.request_timeout_seconds, connect=5.0)
         )
-        self._grammars: dict[str, str] = {}
         log.info("model_pool_ready", servers=len(settings.servers), file=self._identity.file_name)
 
     @property
@@ -199,30 +198,10 @@ class RemoteLlamaPool:
         self._vocab.close()
 
     def _body(self, request: GenerationRequest, *, stream: bool) -> dict[str, Any]:
-        body: dict[str, Any] = {
-            "messages": request.messages,
-            "max_tokens": request.max_tokens,
-            "stop": list(request.stop),
-            "temperature": request.temperature,
-            "top_p": request.top_p,
-            "seed": request.seed,
-            "stream": stream,
-        }
+        body = chat_params(request) | {"stream": stream}
         if request.json_schema is not None:
-            # A GBNF grammar is understood by both llama-server and llama_cpp.server.
-            body["grammar"] = self._grammar(request.json_schema)
+            body["grammar"] = gbnf_for_schema(request.json_schema)
         return body
-
-    def _grammar(self, schema: dict[str, Any]) -> str:
-        key = json.dumps(schema, sort_keys=True)
-        if key not in self._grammars:
-            try:
-                self._grammars[key] = json_schema_to_gbnf(key)
-            except Exception as exc:  # the converter raises bare Exceptions
-                raise EngineError(
-                    f"the prompt's output schema cannot be turned into a grammar: {exc}"
-                ) from exc
-        return self._grammars[key]
 
 
 class _ServerFailed(Exception):
