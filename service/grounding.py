@@ -32,7 +32,7 @@ import json
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 from fhir_adapters.models import ClinicalContext, Fact
 
@@ -54,10 +54,27 @@ class Claim:
     citations: tuple[str, ...]
 
 
+Severity = Literal["high", "medium", "low"]
+Verdict = Literal["unsupported", "contradicted"]
+
+
 @dataclass(frozen=True)
 class DroppedClaim:
+    """A claim that is not written as fact, why, and how much it matters.
+
+    `verdict` is "contradicted" when the claim negates or inverts what a cited source records
+    (shown to the reviewer as a warning, not only as a drop). `severity`: high for a contradicted
+    or wrong allergy, medication or dose, medium for a wrong date or value, low for wording.
+    """
+
     claim: Claim
     reason: str
+    verdict: Verdict = "unsupported"
+    severity: Severity = "low"
+
+    @property
+    def contradicted(self) -> bool:
+        return self.verdict == "contradicted"
 
 
 @dataclass(frozen=True)

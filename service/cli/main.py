@@ -8,6 +8,7 @@ import click
 from service.cli.apikey import apikey
 from service.cli.batch import batch
 from service.cli.db import db
+from service.cli.eval import eval_group
 from service.cli.keys import keys
 from service.cli.sandbox import sandbox
 from service.cli.serve import serve
@@ -27,6 +28,7 @@ cli.add_command(apikey)
 cli.add_command(serve)
 cli.add_command(batch)
 cli.add_command(db)
+cli.add_command(eval_group)
 
 
 def main() -> None:

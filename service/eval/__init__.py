@@ -1,0 +1,1 @@
+"""`chartbrief eval`: how often the verifier is right (`claims`), and what summaries are worth (`run`)."""
