@@ -3,7 +3,8 @@
 `build_structured` reads only the facts of a `ClinicalContext` and writes lines whose words,
 numbers and dates all come from the facts they cite, so this part is true to the record even
 when every model statement is dropped. Sections: active problems, active medications,
-allergies, recent encounters, latest key labs and vitals.
+allergies, recent encounters, latest key labs and vitals; above them, when the notes disagree
+with the coded data, the conflicts (`service.conflicts`), each citing both sides.
 
 What it must not do: call a model, do IO, or state anything the record does not hold. An empty
 section says what is missing ("No allergies recorded"); it never invents a negative finding
@@ -17,6 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from fhir_adapters.models import ClinicalContext, Fact
+from service.conflicts import Conflict, find_conflicts
 
 ACTIVE_CONDITION = frozenset({"active", "recurrence", "relapse"})
 ACTIVE_MEDICATION = frozenset({"active", "on-hold"})
@@ -59,6 +61,7 @@ TITLES = (
     "Recent encounters",
     "Latest key labs and vitals",
 )
+CONFLICTS_TITLE = "Conflicts in the record"
 
 
 @dataclass(frozen=True)
@@ -85,10 +88,15 @@ class Section:
 @dataclass(frozen=True)
 class StructuredSummary:
     sections: tuple[Section, ...]
+    conflicts: tuple[Conflict, ...] = ()
 
     def to_markdown(self) -> str:
-        """Each section as a `##` heading and a bullet list; each line ends with its citations."""
+        """The conflicts first (when there are any), then each section as a `##` heading and a
+        bullet list; each line ends with its citations, a conflict cites each side where it is stated."""
         blocks = []
+        if self.conflicts:
+            bullets = "\n".join(f"- Conflict: {c.text}" for c in self.conflicts)
+            blocks.append(f"## {CONFLICTS_TITLE}\n\n{bullets}")
         for section in self.sections:
             bullets = "\n".join(line.to_markdown() for line in section.lines)
             blocks.append(f"## {section.title}\n\n{bullets}")
@@ -104,7 +112,8 @@ class StructuredSummary:
                     ],
                 }
                 for section in self.sections
-            ]
+            ],
+            "conflicts": [conflict.to_json() for conflict in self.conflicts],
         }
 
     @classmethod
@@ -117,12 +126,14 @@ class StructuredSummary:
                     tuple(Line(str(line["text"]), tuple(line["citations"])) for line in section["lines"]),
                 )
                 for section in data["sections"]
-            )
+            ),
+            tuple(Conflict.from_json(c) for c in data.get("conflicts") or []),
         )
 
     def cited_keys(self) -> set[str]:
-        """Every citation key some line cites."""
-        return {key for section in self.sections for line in section.lines for key in line.citations}
+        """Every citation key some line or conflict cites."""
+        keys = {key for section in self.sections for line in section.lines for key in line.citations}
+        return keys | {key for conflict in self.conflicts for key in conflict.citations}
 
     def section(self, title: str) -> Section:
         for section in self.sections:
@@ -134,7 +145,7 @@ class StructuredSummary:
 def build_structured(
     ctx: ClinicalContext, *, max_encounters: int = 5, max_labs: int = 12
 ) -> StructuredSummary:
-    """The five coded sections of a summary, from the context's facts alone. Pure."""
+    """The five coded sections of a summary and the notes' conflicts with them, from the facts alone. Pure."""
     if max_encounters < 0 or max_labs < 0:
         raise ValueError(
             f"max_encounters and max_labs must not be negative, got {max_encounters}, {max_labs}"
@@ -146,7 +157,8 @@ def build_structured(
             Section(TITLES[2], allergy_lines(ctx.of_kind("allergy"))),
             Section(TITLES[3], encounter_lines(ctx, max_encounters)),
             Section(TITLES[4], lab_and_vital_lines(ctx.of_kind("observation"), max_labs)),
-        )
+        ),
+        find_conflicts(ctx),
     )
 
 
@@ -254,6 +266,7 @@ def _loinc(code: str | None) -> str:
 __all__ = [
     "ACTIVE_CONDITION",
     "ACTIVE_MEDICATION",
+    "CONFLICTS_TITLE",
     "KEY_LAB_CODES",
     "TITLES",
     "Line",

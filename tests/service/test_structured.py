@@ -12,6 +12,7 @@ import service.structured
 from fhir_adapters.fetch import fetch_record
 from fhir_adapters.models import ClinicalContext, Fact, FactKind, SourceRef
 from fhir_adapters.normalize import normalize
+from service.pipeline import compose_markdown, structured_json
 from service.structured import Line, Section, StructuredSummary, build_structured
 from tests.fakes import FakeFhirSource, bundle_patient, bundle_resources, load_synthea
 
@@ -262,3 +263,61 @@ async def test_structured_luigi_says_what_is_not_recorded() -> None:
     assert texts(summary, PROBLEMS) == ["No active problems recorded"]
     assert texts(summary, MEDICATIONS) == ["No active medications recorded"]
     assert texts(summary, ALLERGIES) == ["No allergies recorded"]
+
+
+# ---------------------------------------------------------------------------
+# Conflicts between the notes and the coded part
+# ---------------------------------------------------------------------------
+
+
+def test_an_empty_record_has_no_conflicts_and_no_conflicts_section() -> None:
+    summary = build_structured(context())
+
+    assert summary.conflicts == ()
+    assert summary.to_json()["conflicts"] == []
+    assert "Conflicts" not in summary.to_markdown()
+
+
+def test_a_structured_summary_stored_before_conflicts_existed_still_loads() -> None:
+    data = build_structured(context(fact("condition", 1, "Asthma", status="active"))).to_json()
+    del data["conflicts"]
+
+    assert StructuredSummary.from_json(data).conflicts == ()
+
+
+async def test_structured_beatris_states_the_conflict_between_her_notes_and_her_allergies() -> None:
+    _, ctx, summary = await structured_of("Beatris270")
+    latest_note = max(ctx.of_kind("note"), key=lambda n: n.date or "").key
+    allergy_keys = sorted(f.key for f in ctx.of_kind("allergy"))
+
+    allergies = next(c for c in summary.conflicts if c.kind == "allergies")
+    assert allergies.note_keys == (latest_note,)
+    assert sorted(allergies.record_keys) == allergy_keys
+
+    markdown = summary.to_markdown()
+    assert markdown.startswith("## Conflicts in the record\n\n- Conflict: Record lists 9 active allergies")
+    assert markdown.index("## Conflicts in the record") < markdown.index("## Active problems")
+    line = next(li for li in markdown.splitlines() if "no known allergies" in li)
+    assert f"[{', '.join(allergies.record_keys)}]" in line and f"[{latest_note}]" in line
+
+    data = summary.to_json()
+    assert len(data["conflicts"]) == len(summary.conflicts) == 2
+    entry = next(c for c in data["conflicts"] if c["kind"] == "allergies")
+    assert entry["text"] == allergies.text
+    assert entry["citations"] == [*allergies.record_keys, latest_note]
+    assert {latest_note, *allergy_keys} <= summary.cited_keys()
+    assert StructuredSummary.from_json(data) == summary
+
+
+async def test_the_summary_document_shows_the_conflicts_right_after_the_patient_line() -> None:
+    _, ctx, summary = await structured_of("Beatris270")
+    note_key = next(c for c in summary.conflicts if c.kind == "allergies").note_keys[0]
+
+    markdown = compose_markdown(ctx, summary, [], [], {})
+    data = structured_json(summary, [], [], ctx)
+
+    after_patient = markdown.split(f"Patient: {ctx.patient_summary}\n\n", 1)[1]
+    assert after_patient.startswith("## Conflicts in the record\n")
+    assert f"- [{note_key}] DocumentReference/" in markdown  # the note is listed among the sources
+    assert len(data["structured"]["conflicts"]) == 2
+    assert note_key in data["sources"]
