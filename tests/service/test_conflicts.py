@@ -152,7 +152,10 @@ def test_a_note_listing_an_allergy_the_record_has_as_resolved_is_a_conflict() ->
         allergy("A1", "Latex", status="resolved"),
         allergy("A2", "Mold (organism)"),
     )
-    assert found.text == "Record has Latex as resolved [A1]; the note of 2023-10-02 lists it under allergies [N1]."
+    assert (
+        found.text
+        == "Record has Latex as resolved [A1]; the note of 2023-10-02 lists it under allergies [N1]."
+    )
 
 
 @pytest.mark.parametrize(
