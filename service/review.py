@@ -36,6 +36,8 @@ from fhir_adapters.review import (
 )
 from service.db import audit
 from service.db.store import SqlSummaryStore
+from service.governance import capture
+from service.governance.monitor import EditSize
 from service.llm.base import Engine, Generation, GenerationRequest
 from service.llm.model_files import sampling_string
 from service.pipeline import Services, SummaryResult, summarize_patient
@@ -149,6 +151,30 @@ class _Audit:
         )
 
 
+def _monitor(
+    svc: Services,
+    db: sessionmaker[Session],
+    action: Literal["approve", "edit", "reject"],
+    doc: dict[str, Any],
+    *,
+    patient_id: str,
+    actor: str,
+    size: EditSize | None = None,
+) -> None:
+    """The monitoring row of an action that went through (`chartbrief monitor` reads them)."""
+    capture.record_review(
+        db,
+        svc.store,
+        fhir_base=getattr(svc.client, "base_url", None) or svc.settings.fhir.base_url,
+        identifier_system=svc.settings.writer.identifier_system,
+        action=action,
+        doc=doc,
+        patient_id=patient_id,
+        who=actor,
+        size=size,
+    )
+
+
 def _doc_ref(document_reference_id: str) -> str:
     tail = document_reference_id.split("/", 1)[1] if "/" in document_reference_id else document_reference_id
     return f"DocumentReference/{tail}"
@@ -165,7 +191,8 @@ async def approve(
     db: sessionmaker[Session] | None = None,
 ) -> ReviewOutcome:
     """The clinician `actor` (fhirUser) approves the draft they reviewed at `version`."""
-    trail = _Audit(_db(svc, db), actor=actor, patient_id=patient_id, request_id=request_id)
+    sessions = _db(svc, db)
+    trail = _Audit(sessions, actor=actor, patient_id=patient_id, request_id=request_id)
     ref = _doc_ref(document_reference_id)
     try:
         doc = await fhir_review.approve(
@@ -182,6 +209,7 @@ async def approve(
         raise
     result = _outcome_of("approve", doc)
     trail.ok("approve", ref, f"final at version {result.version}")
+    _monitor(svc, sessions, "approve", doc, patient_id=patient_id, actor=actor)
     return result
 
 
@@ -198,8 +226,11 @@ async def edit(
 ) -> ReviewOutcome:
     """Save the clinician's text as a new version (a Provenance says a person changed it), then approve
     that version. Two audit rows: `edit` and `approve`."""
-    trail = _Audit(_db(svc, db), actor=actor, patient_id=patient_id, request_id=request_id)
+    sessions = _db(svc, db)
+    trail = _Audit(sessions, actor=actor, patient_id=patient_id, request_id=request_id)
     ref = _doc_ref(document_reference_id)
+    # The AI text is read only to measure the edit; only the size is kept.
+    before = await capture.text_before_edit(svc.client, document_reference_id, patient_id)
     try:
         edited = await fhir_review.edit(
             svc.client,
@@ -215,6 +246,8 @@ async def edit(
         trail.failed("edit", ref, exc)
         raise
     trail.ok("edit", ref, f"saved as version {version_of(edited)}")
+    size = capture.size_of_edit(before, markdown)
+    _monitor(svc, sessions, "edit", edited, patient_id=patient_id, actor=actor, size=size)
     return await approve(
         svc,
         document_reference_id,
@@ -262,6 +295,7 @@ async def reject(
         who=actor,
         reason=reason,
     )
+    _monitor(svc, sessions, "reject", doc, patient_id=patient_id, actor=actor)
     trail.ok("reject", ref, "entered-in-error" + (", reason recorded" if reason and reason.strip() else ""))
     return result
 

@@ -10,6 +10,8 @@ from service.cli.batch import batch
 from service.cli.db import db
 from service.cli.eval import eval_group
 from service.cli.keys import keys
+from service.cli.monitor import monitor
+from service.cli.recall import recall
 from service.cli.sandbox import sandbox
 from service.cli.serve import serve
 from service.cli.summarize import summarize
@@ -29,6 +31,8 @@ cli.add_command(serve)
 cli.add_command(batch)
 cli.add_command(db)
 cli.add_command(eval_group)
+cli.add_command(monitor)
+cli.add_command(recall)
 
 
 def main() -> None:

@@ -2,6 +2,7 @@
 
 No PHI is stored in the summary table: resource ids and versions, hashes, counts and timings only. The
 review tables at the end hold one exception, said where it is: a rejection's optional free-text reason.
+Review outcomes keep edit sizes, never text.
 """
 
 from __future__ import annotations
@@ -125,6 +126,28 @@ class Rejection(Base):
     reason: Mapped[str | None] = mapped_column(Text, nullable=True)  # clinician free text (may hold PHI)
     who: Mapped[str] = mapped_column(String(500))
     at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now)
+
+
+class ReviewOutcomeRow(Base):
+    """One review action (approve, edit, reject) kept for monitoring, tied to the summary it judged.
+
+    Sizes only: how many words and characters a clinician's edit changed, never the draft's or the
+    clinician's text. `draft_created_at` is the draft's DocumentReference.date, for time to review.
+    """
+
+    __tablename__ = "review_outcomes"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now, index=True)
+    action: Mapped[str] = mapped_column(String(20))  # approve | edit | reject
+    document_reference: Mapped[str] = mapped_column(String(200), index=True)
+    patient_id: Mapped[str] = mapped_column(String(64))
+    who: Mapped[str] = mapped_column(String(500))
+    summary_id: Mapped[str | None] = mapped_column(String(36), nullable=True, index=True)  # summaries.id
+    draft_created_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    words_changed: Mapped[int | None] = mapped_column(Integer, nullable=True)  # edit only
+    chars_changed: Mapped[int | None] = mapped_column(Integer, nullable=True)  # edit only
+    draft_words: Mapped[int | None] = mapped_column(Integer, nullable=True)  # edit only: the AI text's size
 
 
 class ApiKey(Base):

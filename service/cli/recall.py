@@ -1,0 +1,110 @@
+"""`chartbrief recall`: the summaries a model file or a prompt version produced, from chartbrief's database
+and from the FHIR server (through Provenance); `--mark` puts the unreviewed ones under recall.
+
+Approved summaries are listed for a clinician to re-check and are never changed. The work is done by
+`service.governance.recall`; this command parses, calls it, and prints a table or one JSON object.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime
+
+import click
+from sqlalchemy.exc import SQLAlchemyError
+
+from fhir_adapters.client import FhirClient
+from service.cli.common import EXIT_BAD_INPUT, EXIT_SERVER, build_settings, fail, run
+from service.db.store import SqlSummaryStore
+from service.governance.recall import Criterion, RecallError, RecallReport, parse_criterion, run_recall
+
+ACTION_TEXT = {
+    "marked": "put under recall now",
+    "already-marked": "already under recall",
+    "to-mark": "unreviewed: --mark would put it under recall",
+    "re-check": "APPROVED: a clinician must re-check it",
+    "conflict": "changed while marking: run again",
+    "none": "-",
+}
+
+
+def render(report: RecallReport) -> str:
+    """One line per summary, then the counts."""
+    lines = [f"recall {report.criterion.label} on {report.fhir_base or 'the database only'}"]
+    for item in report.summaries:
+        where = "+".join(sorted(item.found_in))
+        lines.append(
+            f"  {item.document_reference or '(not written)'}  patient {item.patient_id or '?'}  "
+            f"{item.prompt or '?'}  {item.state}  [{where}]  {ACTION_TEXT.get(item.action, item.action)}"
+        )
+    counts = report.counts()
+    summary = (
+        ", ".join(f"{n} {ACTION_TEXT.get(a, a).split(':')[0]}" for a, n in counts.items()) or "none found"
+    )
+    lines.append(f"{len(report.summaries)} summary(ies): {summary}")
+    return "\n".join(lines)
+
+
+@click.command()
+@click.option("--model-sha", default=None, help="The model file's sha256 (or a unique prefix of 12+ hex).")
+@click.option("--prompt-version", default=None, help="A prompt version: v1, or id/version (summary/v1).")
+@click.option("--mark", is_flag=True, help="Put the unreviewed summaries under recall (needs --reason).")
+@click.option("--reason", default=None, help="Why, shown to the reviewing clinician (no patient details).")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as one JSON object.")
+@click.option(
+    "--fhir-base",
+    envvar="CHARTBRIEF_FHIR__BASE_URL",
+    show_envvar=True,
+    default=None,
+    help="FHIR R4 base URL; without it only the database is searched.",
+)
+@click.option(
+    "--db-url", envvar="CHARTBRIEF_DB__URL", show_envvar=True, default=None, help="chartbrief's database."
+)
+@run
+async def recall(
+    model_sha: str | None,
+    prompt_version: str | None,
+    mark: bool,
+    reason: str | None,
+    as_json: bool,
+    fhir_base: str | None,
+    db_url: str | None,
+) -> None:
+    """Every summary of a model file or prompt version; --mark sets unreviewed ones under recall."""
+    try:
+        criterion: Criterion = parse_criterion(model_sha, prompt_version)
+        if mark and not (reason or "").strip():
+            raise RecallError("--mark needs --reason TEXT: the reviewing clinician is shown why")
+        if mark and not fhir_base:
+            raise RecallError(
+                "--mark needs the FHIR server: pass --fhir-base URL or set CHARTBRIEF_FHIR__BASE_URL"
+            )
+    except RecallError as exc:
+        fail(str(exc), EXIT_BAD_INPUT)
+    settings = build_settings(db__url=db_url, fhir__base_url=fhir_base)
+    try:
+        store = SqlSummaryStore.from_url(settings.db.url)
+    except SQLAlchemyError as exc:
+        fail(f"the database (CHARTBRIEF_DB__URL) failed: {type(exc).__name__}", EXIT_SERVER)
+    try:
+        client = FhirClient.from_settings(settings.fhir) if fhir_base else None
+        try:
+            report = await run_recall(
+                criterion,
+                db=store.sessions,
+                client=client,
+                mark=mark,
+                reason=reason,
+                when=datetime.now(UTC).isoformat(timespec="seconds"),
+            )
+        finally:
+            if client is not None:
+                await client.aclose()
+    except RecallError as exc:
+        fail(str(exc), EXIT_BAD_INPUT)
+    except SQLAlchemyError as exc:
+        fail(f"the database (CHARTBRIEF_DB__URL) failed: {type(exc).__name__}", EXIT_SERVER)
+    finally:
+        store.close()
+    click.echo(json.dumps(report.to_json(), indent=2) if as_json else render(report))

@@ -1,0 +1,597 @@
+"""`chartbrief recall`: every summary a model file or a prompt version produced, and putting the unreviewed
+ones under recall.
+
+Where summaries are found:
+
+- chartbrief's database: the `summaries` rows of that model sha256 or prompt version;
+- the FHIR server, through what the writer put there (fhir_adapters.writer): the chartbrief Devices
+  (identifier system `urn:chartbrief:model-sha256`, the model file's sha256 in `Device.version`), the
+  AI-Provenance resources whose agent is such a Device (`Provenance?agent=Device/<id>`), the prompt they
+  name (extension `urn:chartbrief:prompt`, `summary/v1 sha256:...`) and the DocumentReference they target.
+
+The recall marker (`--mark`), on a DocumentReference that is `status=current, docStatus=preliminary`:
+
+- `meta.tag` `urn:chartbrief:recall|under-recall` (searchable: `DocumentReference?_tag=...`), and
+- an extension `urn:chartbrief:recall` with `criterion` (`model-sha256:<hex>` or `prompt:summary/v1`),
+  `reason` (the operator's text) and `recorded` (when).
+
+The document stays preliminary (awaiting review) and AI-labelled; the review screen shows the recall and
+its reason above the draft. A second `--mark` for the same criterion changes nothing. Approved (final)
+summaries are listed for a clinician to re-check and are never changed; rejected and superseded ones are
+listed as they are. Every update is a PUT guarded by If-Match with the version just read; every change
+is audited (`recall`, actor `system`), plus one `recall.run` row with the counts.
+
+```
+RecallError        bad input: no criterion or both, a sha prefix too short or not unique, --mark
+                   without a reason or without a FHIR server (the CLI's exit 2)
+```
+FHIR errors pass through (`fhir_adapters.errors`). What this module must not do: change a final,
+rejected or superseded document, write without If-Match, or log a reason or any clinical content (ids and
+counts only).
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal, Protocol
+
+import structlog
+from sqlalchemy.orm import Session, sessionmaker
+
+from fhir_adapters.errors import FhirConflict, FhirNotFound
+from fhir_adapters.writer import MODEL_IDENTIFIER_SYSTEM, PROMPT_EXTENSION_URL, reference_from_location
+from service.db import audit
+from service.governance.records import SummaryRecord, summaries
+
+JsonObject = dict[str, Any]
+
+_log = structlog.get_logger(__name__)
+
+RECALL_SYSTEM = "urn:chartbrief:recall"
+RECALL_URL = "urn:chartbrief:recall"
+RECALL_TAG = {
+    "system": RECALL_SYSTEM,
+    "code": "under-recall",
+    "display": "Under recall: a clinician must re-check this AI draft",
+}
+MIN_SHA_PREFIX = 12
+MAX_REASON_CHARS = 500
+# Writes that lost an If-Match race are retried after a fresh read this many times in all.
+MARK_ATTEMPTS = 2
+_HEX = re.compile(r"^[0-9a-f]+$")
+_PROMPT = re.compile(r"^(?:(?P<id>[a-z0-9][a-z0-9_-]*)/)?(?P<version>v[0-9]+)$")
+_VERSION_SHA = re.compile(r"sha256:([0-9a-f]{64})\b")
+
+State = Literal[
+    "unreviewed",
+    "under-recall",
+    "approved",
+    "rejected",
+    "superseded",
+    "not-written",
+    "not-checked",
+    "missing",
+]
+
+
+class RecallError(ValueError):
+    """The recall cannot run as asked; the message says what to change (one line, no PHI)."""
+
+
+class RecallClient(Protocol):
+    """What recall needs of a FHIR client (`fhir_adapters.client.FhirClient` has it)."""
+
+    base_url: str
+
+    async def search_all(
+        self, resource_type: str, params: Mapping[str, str] | None = None
+    ) -> list[JsonObject]: ...
+
+    async def read(self, resource_type: str, id: str) -> JsonObject: ...
+
+    async def update(self, resource: JsonObject, *, if_match: str | None = None) -> JsonObject: ...
+
+
+# -- what is recalled (pure) -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Criterion:
+    """A model file (its sha256, or a prefix until resolved) or a prompt version (`v1` or `summary/v1`)."""
+
+    kind: Literal["model", "prompt"]
+    value: str
+
+    @property
+    def label(self) -> str:
+        return f"model-sha256:{self.value}" if self.kind == "model" else f"prompt:{self.value}"
+
+    @property
+    def short_label(self) -> str:
+        """For audit rows: the sha cut to its first 12 characters."""
+        return (
+            f"model-sha256 {self.value[:MIN_SHA_PREFIX]}" if self.kind == "model" else f"prompt {self.value}"
+        )
+
+    def matches_sha(self, sha256: str | None) -> bool:
+        return self.kind == "model" and bool(sha256) and str(sha256).lower().startswith(self.value)
+
+    def matches_prompt(self, prompt_id: str | None, version: str | None) -> bool:
+        if self.kind != "prompt" or not version:
+            return False
+        if "/" in self.value:
+            return f"{prompt_id}/{version}" == self.value
+        return version == self.value
+
+    def matches_summary(self, row: SummaryRecord) -> bool:
+        if self.kind == "model":
+            return self.matches_sha(row.model_sha256)
+        return self.matches_prompt(row.prompt_id, row.prompt_version)
+
+
+def parse_criterion(model_sha: str | None, prompt_version: str | None) -> Criterion:
+    """The recall criterion from the two options (exactly one of them).
+
+    >>> parse_criterion("ABCDEF0123456789", None)
+    Criterion(kind='model', value='abcdef0123456789')
+    >>> parse_criterion(None, "summary/v2")
+    Criterion(kind='prompt', value='summary/v2')
+    """
+    given = [v for v in (model_sha, prompt_version) if v is not None and v.strip()]
+    if len(given) != 1:
+        raise RecallError("give exactly one of --model-sha SHA or --prompt-version V")
+    if model_sha is not None and model_sha.strip():
+        sha = model_sha.strip().lower()
+        if not _HEX.match(sha) or len(sha) > 64:
+            raise RecallError("--model-sha must be the model file's sha256 in hex (or a prefix of it)")
+        if len(sha) < MIN_SHA_PREFIX:
+            raise RecallError(
+                f"--model-sha {sha!r} is too short: give at least {MIN_SHA_PREFIX} hex characters "
+                "of the sha256"
+            )
+        return Criterion("model", sha)
+    version = (prompt_version or "").strip()
+    if not _PROMPT.match(version):
+        raise RecallError(f"--prompt-version must look like v1 or summary/v1, got {version[:40]!r}")
+    return Criterion("prompt", version)
+
+
+def resolve_model(criterion: Criterion, known: Sequence[str]) -> Criterion:
+    """The criterion with a sha prefix widened to the one full sha256 it names among `known`.
+
+    >>> a, b = "ab" * 32, "ab" * 31 + "cd"
+    >>> resolve_model(Criterion("model", "abababababab"), [a]).value == a
+    True
+    >>> resolve_model(Criterion("model", "abababababab"), [a, b])  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    service.governance.recall.RecallError: --model-sha abababababab matches 2 model files: ...
+    """
+    if criterion.kind != "model":
+        return criterion
+    matches = sorted({s.lower() for s in known if s and s.lower().startswith(criterion.value)})
+    if len(matches) > 1:
+        raise RecallError(
+            f"--model-sha {criterion.value} matches {len(matches)} model files: give more characters"
+        )
+    return Criterion("model", matches[0]) if matches else criterion
+
+
+def device_sha256(device: Mapping[str, Any]) -> str | None:
+    """The model file sha256 a chartbrief Device names: in `version` (`sha256:<hex> ...`), else in its
+    identifier."""
+    for version in device.get("version") or []:
+        if isinstance(version, dict):
+            found = _VERSION_SHA.search(str(version.get("value") or ""))
+            if found:
+                return found.group(1)
+    for ident in device.get("identifier") or []:
+        if isinstance(ident, dict) and ident.get("system") == MODEL_IDENTIFIER_SYSTEM and ident.get("value"):
+            return str(ident["value"]).lower()
+    return None
+
+
+def is_chartbrief_device(device: Mapping[str, Any]) -> bool:
+    return any(
+        isinstance(i, dict) and i.get("system") == MODEL_IDENTIFIER_SYSTEM
+        for i in device.get("identifier") or []
+    )
+
+
+def prompt_of(provenance: Mapping[str, Any]) -> tuple[str, str] | None:
+    """(prompt id, version) from an AI-Provenance's `urn:chartbrief:prompt` extension.
+
+    >>> prompt_of({"extension": [{"url": "urn:chartbrief:prompt", "valueString": "summary/v1 sha256:ab"}]})
+    ('summary', 'v1')
+    """
+    for ext in provenance.get("extension") or []:
+        if isinstance(ext, dict) and ext.get("url") == PROMPT_EXTENSION_URL:
+            spec = str(ext.get("valueString") or "").split(" ", 1)[0]
+            prompt_id, _, version = spec.partition("/")
+            if prompt_id and version:
+                return prompt_id, version
+    return None
+
+
+def _local_reference(reference: str) -> str | None:
+    try:
+        return reference_from_location(reference)
+    except ValueError:
+        return None
+
+
+def author_devices(provenance: Mapping[str, Any]) -> list[str]:
+    """`Device/<id>` of every agent of the Provenance that is a Device (relative or absolute reference)."""
+    found = []
+    for agent in provenance.get("agent") or []:
+        ref = (agent.get("who") or {}).get("reference") if isinstance(agent, dict) else None
+        local = _local_reference(ref) if isinstance(ref, str) else None
+        if local and local.startswith("Device/"):
+            found.append(local)
+    return found
+
+
+def target_document(provenance: Mapping[str, Any]) -> str | None:
+    """`DocumentReference/<id>` the Provenance is about (a versioned target loses its `_history`)."""
+    for target in provenance.get("target") or []:
+        ref = target.get("reference") if isinstance(target, dict) else None
+        local = _local_reference(ref) if isinstance(ref, str) else None
+        if local and local.startswith("DocumentReference/"):
+            return local
+    return None
+
+
+def recall_marks(doc: Mapping[str, Any]) -> list[dict[str, str]]:
+    """The recalls a document is under: [{criterion, reason, recorded}], oldest first."""
+    marks = []
+    for ext in doc.get("extension") or []:
+        if not (isinstance(ext, dict) and ext.get("url") == RECALL_URL):
+            continue
+        parts = {
+            str(p.get("url")): str(p.get("valueString") or p.get("valueDateTime") or "")
+            for p in ext.get("extension") or []
+            if isinstance(p, dict)
+        }
+        marks.append({k: parts.get(k, "") for k in ("criterion", "reason", "recorded")})
+    return marks
+
+
+def is_marked(doc: Mapping[str, Any], criterion: Criterion) -> bool:
+    return any(m["criterion"] == criterion.label for m in recall_marks(doc))
+
+
+def review_state(doc: Mapping[str, Any]) -> State:
+    """Where a chartbrief document stands, as recall sees it."""
+    status, doc_status = doc.get("status"), doc.get("docStatus")
+    if status == "entered-in-error":
+        return "rejected"
+    if status == "superseded":
+        return "superseded"
+    if doc_status in ("final", "amended"):
+        return "approved"
+    return "under-recall" if recall_marks(doc) else "unreviewed"
+
+
+def markable(doc: Mapping[str, Any]) -> bool:
+    """Only a current, preliminary draft is ever marked: the rest is listed, never changed."""
+    return doc.get("status") == "current" and doc.get("docStatus") == "preliminary"
+
+
+def marked_document(doc: Mapping[str, Any], criterion: Criterion, reason: str, when: str) -> JsonObject:
+    """A copy of the draft under recall for `criterion`, ready for a PUT (server-managed meta removed).
+
+    It stays preliminary (awaiting a clinician) and keeps everything else, the AI label included.
+    """
+    marked = copy.deepcopy(dict(doc))
+    meta = dict(marked.get("meta") or {})
+    meta.pop("versionId", None)
+    meta.pop("lastUpdated", None)
+    tags = [t for t in meta.get("tag") or [] if isinstance(t, dict)]
+    if not any(t.get("system") == RECALL_SYSTEM and t.get("code") == RECALL_TAG["code"] for t in tags):
+        tags.append(dict(RECALL_TAG))
+    meta["tag"] = tags
+    marked["meta"] = meta
+    marked["docStatus"] = "preliminary"
+    if not is_marked(doc, criterion):
+        marked["extension"] = [
+            *(marked.get("extension") or []),
+            {
+                "url": RECALL_URL,
+                "extension": [
+                    {"url": "criterion", "valueString": criterion.label},
+                    {"url": "reason", "valueString": reason},
+                    {"url": "recorded", "valueDateTime": when},
+                ],
+            },
+        ]
+    return marked
+
+
+def recall_notice(doc: Mapping[str, Any]) -> str | None:
+    """What the review screen says of a draft under recall (None when it is not).
+
+    >>> recall_notice({"extension": [{"url": "urn:chartbrief:recall", "extension": [
+    ...     {"url": "criterion", "valueString": "prompt:summary/v1"},
+    ...     {"url": "reason", "valueString": "Doses were misread"}]}]})
+    'This draft is under recall (prompt:summary/v1): Doses were misread.'
+    """
+    marks = recall_marks(doc)
+    if not marks:
+        return None
+    parts = [f"({m['criterion']}): {m['reason'].rstrip('.')}" for m in marks]
+    return "This draft is under recall " + "; ".join(parts) + "."
+
+
+def _version(doc: Mapping[str, Any]) -> str | None:
+    meta = doc.get("meta")
+    version = meta.get("versionId") if isinstance(meta, dict) else None
+    return str(version) if version else None
+
+
+def _subject_patient(doc: Mapping[str, Any]) -> str | None:
+    ref = (doc.get("subject") or {}).get("reference")
+    return ref.split("/", 1)[1] if isinstance(ref, str) and ref.startswith("Patient/") else None
+
+
+# -- the report ------------------------------------------------------------------------------------
+
+
+@dataclass
+class RecalledSummary:
+    """One summary of the recalled model or prompt, where it was found, how it stands, what recall did."""
+
+    document_reference: str | None
+    patient_id: str | None
+    fhir_base: str | None
+    model_sha256: str | None = None
+    prompt: str | None = None
+    created: str | None = None
+    found_in: list[str] = field(default_factory=list)  # database | fhir
+    status: str | None = None
+    doc_status: str | None = None
+    version: str | None = None
+    state: State = "not-checked"
+    # marked | already-marked | to-mark (no --mark) | re-check (approved) | none | conflict
+    action: str = "none"
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "document_reference": self.document_reference,
+            "patient": self.patient_id,
+            "fhir_base": self.fhir_base,
+            "model_sha256": self.model_sha256,
+            "prompt": self.prompt,
+            "created": self.created,
+            "found_in": sorted(self.found_in),
+            "status": self.status,
+            "docStatus": self.doc_status,
+            "version": self.version,
+            "state": self.state,
+            "action": self.action,
+        }
+
+
+@dataclass
+class RecallReport:
+    criterion: Criterion
+    fhir_base: str | None
+    mark: bool
+    summaries: list[RecalledSummary]
+
+    def counts(self) -> dict[str, int]:
+        counts: dict[str, int] = {}
+        for item in self.summaries:
+            counts[item.action] = counts.get(item.action, 0) + 1
+        return dict(sorted(counts.items()))
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "criterion": self.criterion.label,
+            "fhir_base": self.fhir_base,
+            "mark": self.mark,
+            "total": len(self.summaries),
+            "actions": self.counts(),
+            "to_recheck": [s.document_reference for s in self.summaries if s.action == "re-check"],
+            "summaries": [s.to_json() for s in self.summaries],
+        }
+
+
+# -- IO ------------------------------------------------------------------------------------------------
+
+
+async def _chartbrief_devices(client: RecallClient) -> list[JsonObject]:
+    found = await client.search_all("Device", {"identifier": f"{MODEL_IDENTIFIER_SYSTEM}|"})
+    # Filter again: a server that ignores the parameter returns every Device.
+    return [d for d in found if is_chartbrief_device(d) and d.get("id")]
+
+
+async def _server_summaries(
+    client: RecallClient, criterion: Criterion, devices: Sequence[JsonObject]
+) -> dict[str, RecalledSummary]:
+    """The server's summaries of the criterion, by `DocumentReference/<id>`, found through Provenance."""
+    found: dict[str, RecalledSummary] = {}
+    for device in devices:
+        sha = device_sha256(device)
+        if criterion.kind == "model" and not criterion.matches_sha(sha):
+            continue
+        device_ref = f"Device/{device['id']}"
+        provenances = await client.search_all("Provenance", {"agent": device_ref})
+        for prov in provenances:
+            prompt = prompt_of(prov)
+            doc_ref = target_document(prov)
+            if prompt is None or doc_ref is None or device_ref not in author_devices(prov):
+                continue  # not an AI-Provenance of this Device (a review Provenance, another agent)
+            if criterion.kind == "prompt" and not criterion.matches_prompt(*prompt):
+                continue
+            found.setdefault(
+                doc_ref,
+                RecalledSummary(
+                    document_reference=doc_ref,
+                    patient_id=None,
+                    fhir_base=client.base_url,
+                    model_sha256=sha,
+                    prompt="/".join(prompt),
+                    created=str(prov.get("recorded")) if prov.get("recorded") else None,
+                    found_in=["fhir"],
+                ),
+            )
+    return found
+
+
+def _from_row(row: SummaryRecord) -> RecalledSummary:
+    return RecalledSummary(
+        document_reference=row.document_reference,
+        patient_id=row.patient_id,
+        fhir_base=row.fhir_base,
+        model_sha256=row.model_sha256,
+        prompt=f"{row.prompt_id}/{row.prompt_version}",
+        created=row.created_at.isoformat(timespec="seconds"),
+        found_in=["database"],
+        state="not-written" if not row.document_reference else "not-checked",
+    )
+
+
+async def _settle(
+    client: RecallClient,
+    db: sessionmaker[Session],
+    item: RecalledSummary,
+    criterion: Criterion,
+    *,
+    mark: bool,
+    reason: str,
+    when: str,
+    actor: str,
+) -> None:
+    """Read the document, put it under recall if it is an unreviewed draft and --mark asks; else list it."""
+    assert item.document_reference is not None
+    rtype, _, rid = item.document_reference.partition("/")
+    for attempt in range(1, MARK_ATTEMPTS + 1):
+        try:
+            doc = await client.read(rtype, rid)
+        except FhirNotFound:
+            item.state, item.action = "missing", "none"
+            return
+        item.status, item.doc_status, item.version = doc.get("status"), doc.get("docStatus"), _version(doc)
+        item.patient_id = item.patient_id or _subject_patient(doc)
+        item.state = review_state(doc)
+        if item.state == "approved":
+            item.action = "re-check"
+            return
+        if not markable(doc):
+            item.action = "none"
+            return
+        if is_marked(doc, criterion):
+            item.action = "already-marked"
+            return
+        if not mark:
+            item.action = "to-mark"
+            return
+        version = _version(doc)
+        if version is None:
+            # Without a version there is no safe If-Match: never overwrite blindly.
+            item.action = "conflict"
+            return
+        try:
+            saved = await client.update(
+                marked_document(doc, criterion, reason, when), if_match=f'W/"{version}"'
+            )
+        except FhirConflict:
+            _log.info("recall.conflict", document_reference=item.document_reference, attempt=attempt)
+            item.action = "conflict"
+            continue
+        item.version, item.state, item.action = _version(saved), "under-recall", "marked"
+        audit.record(
+            db,
+            actor=actor,
+            action="recall",
+            outcome="ok",
+            patient_id=item.patient_id,
+            resource=item.document_reference,
+            detail=f"under recall ({criterion.short_label}), version {version} -> {item.version}",
+        )
+        return
+    audit.record(
+        db,
+        actor=actor,
+        action="recall",
+        outcome="error",
+        patient_id=item.patient_id,
+        resource=item.document_reference,
+        detail="stale version: the draft kept changing, not marked",
+    )
+
+
+async def run_recall(
+    criterion: Criterion,
+    *,
+    db: sessionmaker[Session],
+    client: RecallClient | None,
+    mark: bool = False,
+    reason: str | None = None,
+    when: str,
+    actor: str = "system",
+) -> RecallReport:
+    """Find every summary of `criterion` (database and FHIR server), and with `mark` put the unreviewed
+    ones under recall. `when` is the instant recorded in the marker (ISO 8601, zoned)."""
+    text = " ".join((reason or "").split())[:MAX_REASON_CHARS]
+    if mark and not text:
+        raise RecallError("--mark needs --reason TEXT: the reviewing clinician is shown why")
+    if mark and client is None:
+        raise RecallError(
+            "--mark needs the FHIR server: pass --fhir-base URL or set CHARTBRIEF_FHIR__BASE_URL"
+        )
+    rows = summaries(db)
+    devices = await _chartbrief_devices(client) if client is not None else []
+    known = [r.model_sha256 for r in rows] + [s for s in map(device_sha256, devices) if s]
+    criterion = resolve_model(criterion, known)
+
+    items: dict[tuple[str | None, str], RecalledSummary] = {}
+    server = client.base_url if client is not None else None
+    if client is not None:
+        for doc_ref, item in (await _server_summaries(client, criterion, devices)).items():
+            items[(server, doc_ref)] = item
+    for row in rows:
+        if not criterion.matches_summary(row):
+            continue
+        key = (row.fhir_base, row.document_reference or f"summary:{row.id}")
+        if key in items:
+            item = items[key]
+            item.found_in.append("database")
+            item.patient_id = item.patient_id or row.patient_id
+            item.created = _from_row(row).created
+        else:
+            items[key] = _from_row(row)
+
+    for (base, _ref), item in sorted(items.items(), key=lambda kv: (kv[0][0] or "", kv[0][1])):
+        if client is None or base != server or item.document_reference is None:
+            continue  # another server's summary, or a dry run: listed as found
+        await _settle(client, db, item, criterion, mark=mark, reason=text, when=when, actor=actor)
+
+    report = RecallReport(
+        criterion=criterion,
+        fhir_base=server,
+        mark=mark,
+        summaries=sorted(items.values(), key=lambda s: (s.created or "", s.document_reference or "")),
+    )
+    counts = report.counts()
+    audit.record(
+        db,
+        actor=actor,
+        action="recall.run",
+        outcome="ok",
+        resource=None,
+        detail=(
+            f"{criterion.short_label}: {len(report.summaries)} found, {counts.get('marked', 0)} marked, "
+            f"{counts.get('re-check', 0)} approved to re-check"
+        ),
+    )
+    _log.info(
+        "recall.done",
+        criterion=criterion.kind,
+        found=len(report.summaries),
+        **{k.replace("-", "_"): v for k, v in counts.items()},
+    )
+    return report
