@@ -58,17 +58,47 @@ class ClaimView:
     citations: tuple[str, ...]
 
 
+SEVERITIES = ("high", "medium", "low")
+VERDICTS = ("unsupported", "contradicted")
+
+
 @dataclass(frozen=True)
 class DroppedView:
+    """A removed statement. `severity` is None for a draft stored before drops were rated."""
+
     text: str
     citations: tuple[str, ...]
     reason: str
+    verdict: str = "unsupported"  # or "contradicted": it negates what a cited source records
+    severity: str | None = None  # high / medium / low
+
+    @property
+    def contradicted(self) -> bool:
+        return self.verdict == "contradicted"
 
 
 @dataclass(frozen=True)
 class NarrativeView:
     kept: tuple[ClaimView, ...]
     dropped: tuple[DroppedView, ...]
+
+    @property
+    def contradicted(self) -> tuple[DroppedView, ...]:
+        return tuple(d for d in self.dropped if d.contradicted)
+
+    @property
+    def severity_counts(self) -> tuple[tuple[str, int], ...]:
+        """(severity, count) for each severity some removed statement has, most severe first."""
+        counts = [(s, sum(1 for d in self.dropped if d.severity == s)) for s in SEVERITIES]
+        return tuple((s, n) for s, n in counts if n)
+
+    @property
+    def dropped_by_weight(self) -> tuple[DroppedView, ...]:
+        """Contradictions first, then by severity (unrated last); the model's order among equals."""
+        rank = {s: i for i, s in enumerate(SEVERITIES)}
+        return tuple(
+            sorted(self.dropped, key=lambda d: (not d.contradicted, rank.get(d.severity or "", len(rank))))
+        )
 
 
 @dataclass(frozen=True)
@@ -139,7 +169,10 @@ def source_views(ctx: ClinicalContext, keys: Iterable[str]) -> list[SourceView]:
 def narrative_view(kept: Sequence[Claim], dropped: Sequence[DroppedClaim]) -> NarrativeView:
     return NarrativeView(
         kept=tuple(ClaimView(c.text, tuple(c.citations)) for c in kept),
-        dropped=tuple(DroppedView(d.claim.text, tuple(d.claim.citations), d.reason) for d in dropped),
+        dropped=tuple(
+            DroppedView(d.claim.text, tuple(d.claim.citations), d.reason, d.verdict, d.severity)
+            for d in dropped
+        ),
     )
 
 
@@ -220,11 +253,14 @@ def _dropped(items: object) -> tuple[DroppedView, ...]:
     out = []
     for item in items if isinstance(items, list) else []:
         if isinstance(item, dict) and isinstance(item.get("text"), str):
+            verdict, severity = item.get("verdict"), item.get("severity")
             out.append(
                 DroppedView(
                     item["text"],
                     tuple(str(c) for c in item.get("citations") or []),
                     str(item.get("reason") or "not supported by its sources"),
+                    verdict if verdict in VERDICTS else "unsupported",
+                    severity if severity in SEVERITIES else None,
                 )
             )
     return tuple(out)

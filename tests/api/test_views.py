@@ -5,11 +5,18 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import re
 from typing import Any
 
+from fastapi.templating import Jinja2Templates
+
 from fhir_adapters.models import ClinicalContext, Fact, SourceRef
+from service.api.deps import TEMPLATES_DIR
 from service.api.jobs import JobRegistry
-from service.api.views import banner_view, draft_view, stored_source_views
+from service.api.views import banner_view, cited_keys, draft_view, narrative_view, stored_source_views
+from service.conflicts import Conflict
+from service.grounding import Claim, DroppedClaim
+from service.structured import Line, Section, StructuredSummary
 
 
 def _attachment(content_type: str, data: bytes) -> dict[str, Any]:
@@ -25,6 +32,7 @@ def stored_doc(**changes: Any) -> dict[str, Any]:
         "dropped": [{"text": "Has diabetes.", "citations": ["A1"], "reason": "not in cited sources"}],
         "sources": {"A1": "AllergyIntolerance/a/_history/2", "C1": "Condition/c/_history/1"},
     }
+    structured.update(changes.pop("json", {}))
     doc = {
         "resourceType": "DocumentReference",
         "id": "d1",
@@ -139,3 +147,103 @@ async def test_the_job_registry_forgets_the_oldest_finished_jobs_first() -> None
     await registry.wait(running.id)
     assert registry.get(running.id).status == "succeeded"  # type: ignore[union-attr]
     await registry.aclose()
+
+
+# ---------------------------------------------------------------------------
+# Conflicts and the weight of removed statements, rendered
+# ---------------------------------------------------------------------------
+
+CONFLICT = Conflict(
+    "allergies", "Record lists 1 active allergy (Peanuts)", ("A1",), "the note of 2023-10-02 says no known allergies", ("N1",)
+)  # fmt: skip
+DROPPED = [
+    DroppedClaim(Claim("Has diabetes.", ("C1",)), "not in cited sources", "unsupported", "low"),
+    DroppedClaim(
+        Claim("Has no known allergies.", ("A1",)), "negates A1: active allergy", "contradicted", "high"
+    ),
+    DroppedClaim(Claim("A1c 9.1 on 2020-01-01.", ("L1",)), "9.1 is not in L1", "unsupported", "medium"),
+]
+
+
+def render(name: str, **context: Any) -> str:
+    return Jinja2Templates(directory=str(TEMPLATES_DIR)).get_template(name).render(**context)
+
+
+def text_of(html: str) -> str:
+    return " ".join(re.sub(r"<[^>]+>", " ", html).split())
+
+
+def test_the_coded_part_shows_each_conflict_first_citing_both_sides_as_buttons() -> None:
+    structured = StructuredSummary((Section("Allergies", (Line("Peanuts", ("A1",)),)),), (CONFLICT,))
+
+    html = render("_structured.html", structured=structured)
+
+    assert html.index('id="conflicts"') < html.index("From the coded record")
+    conflict = html[
+        html.index('<li class="conflict"') : html.index("</li>", html.index('<li class="conflict"'))
+    ]
+    assert '<button type="button" class="cite" data-key="A1"' in conflict
+    assert '<button type="button" class="cite" data-key="N1"' in conflict
+    assert "Conflict (allergies): Record lists 1 active allergy (Peanuts) A1 ; " in text_of(conflict)
+    assert "the note of 2023-10-02 says no known allergies N1 ." in text_of(conflict)
+    assert {"A1", "N1"} <= cited_keys(structured, None)  # their sources are sent with the part
+
+
+def test_without_conflicts_the_coded_part_has_no_conflict_block() -> None:
+    html = render("_structured.html", structured=StructuredSummary((Section("Allergies", (Line("None"),)),)))
+    assert 'id="conflicts"' not in html
+
+
+def test_removed_statements_are_collapsed_with_their_weight_in_the_summary_line() -> None:
+    html = render(
+        "_narrative.html", narrative=narrative_view([Claim("Allergic to peanuts.", ("A1",))], DROPPED)
+    )
+
+    details = html[html.index("<details") :]
+    assert details.startswith('<details class="dropped" id="dropped-claims"')
+    assert " open" not in details[: details.index(">")]
+    summary = text_of(details[details.index("<summary>") : details.index("</summary>")])
+    assert summary == (
+        "Removed by the source check &mdash; NOT part of the summary (3) 1 contradicts the record 1 high 1 medium 1 low"
+    )
+    items = re.findall(r'<li class="dropped-claim[^"]*".*?</li>', details, re.S)
+    assert len(items) == 3
+    # The contradiction comes first, as a warning; the rest by severity, each with its badge.
+    assert 'class="dropped-claim contradicted"' in items[0]
+    assert text_of(items[0]).startswith("high Contradicts the record: Has no known allergies.")
+    assert [re.search(r'data-severity="(\w+)"', i)[1] for i in items] == ["high", "medium", "low"]  # type: ignore[index]
+    assert "Contradicts the record" not in items[1] + items[2]
+
+
+def test_stored_drops_keep_their_verdict_and_severity_and_old_drafts_show_no_badge() -> None:
+    dropped = [
+        {"text": "No known allergies.", "citations": ["A1"], "reason": "negates A1", "verdict": "contradicted",
+         "severity": "high"},
+        {"text": "Has diabetes.", "citations": ["A1"], "reason": "not in cited sources"},
+        {"text": "Odd.", "citations": [], "reason": "x", "verdict": "bogus", "severity": "extreme"},
+    ]  # fmt: skip
+    view = draft_view(stored_doc(json={"dropped": dropped}))
+
+    assert view.narrative is not None
+    assert [(d.verdict, d.severity) for d in view.narrative.dropped] == [
+        ("contradicted", "high"),
+        ("unsupported", None),
+        ("unsupported", None),
+    ]
+    html = render("_narrative.html", narrative=view.narrative)
+    assert "1 contradicts the record" in text_of(html) and "1 high" in text_of(html)
+    assert html.count('class="badge severity-') == 2  # one in the summary line, one on the rated item
+
+
+def test_a_stored_draft_shows_its_conflicts_again() -> None:
+    structured = StructuredSummary((Section("Allergies", (Line("Peanuts", ("A1",)),)),), (CONFLICT,))
+    view = draft_view(stored_doc(json={"structured": structured.to_json()}))
+
+    assert view.structured is not None and view.structured.conflicts == (CONFLICT,)
+    assert "Conflict (allergies)" in text_of(render("_structured.html", structured=view.structured))
+
+
+def test_model_text_in_a_removed_statement_is_escaped() -> None:
+    hostile = DroppedClaim(Claim("<script>alert(1)</script>", ("A1",)), "x", "contradicted", "high")
+    html = render("_narrative.html", narrative=narrative_view([], [hostile]))
+    assert "<script>" not in html and "&lt;script&gt;" in html

@@ -12,6 +12,7 @@ import service.structured
 from fhir_adapters.fetch import fetch_record
 from fhir_adapters.models import ClinicalContext, Fact, FactKind, SourceRef
 from fhir_adapters.normalize import normalize
+from service.grounding import Claim, DroppedClaim
 from service.pipeline import compose_markdown, structured_json
 from service.structured import Line, Section, StructuredSummary, build_structured
 from tests.fakes import FakeFhirSource, bundle_patient, bundle_resources, load_synthea
@@ -321,3 +322,20 @@ async def test_the_summary_document_shows_the_conflicts_right_after_the_patient_
     assert f"- [{note_key}] DocumentReference/" in markdown  # the note is listed among the sources
     assert len(data["structured"]["conflicts"]) == 2
     assert note_key in data["sources"]
+
+
+def test_the_json_attachment_gives_each_dropped_statement_its_verdict_and_severity() -> None:
+    ctx = context(fact("allergy", 1, "Peanuts", status="active"))
+    dropped = [DroppedClaim(Claim("No known allergies.", ("A1",)), "negates A1", "contradicted", "high")]
+
+    data = structured_json(build_structured(ctx), [], dropped, ctx)
+
+    assert data["dropped"] == [
+        {
+            "text": "No known allergies.",
+            "citations": ["A1"],
+            "reason": "negates A1",
+            "verdict": "contradicted",
+            "severity": "high",
+        }
+    ]
