@@ -14,6 +14,8 @@ Rates (approval, edit, rejection) are shares of the reviewed ones (approved + ed
 they add up to 1; pending and superseded drafts are counted beside them. Time to review runs from the
 draft's creation to the first approval or rejection. Edit size is what difflib finds changed between the
 AI draft and the clinician's text, in words and in characters (only the sizes are ever stored).
+A draft's creation is its summary row's `created_at`; for a review of a draft this database did not
+write, the DocumentReference's date kept with the review.
 Weeks are ISO weeks of the draft's creation (`2026-W49`), so a week's row follows that week's drafts.
 
 What it must not do: read or return any clinical text other than the clinicians' own rejection reasons
@@ -222,7 +224,7 @@ def _drafts(
         doc = row.document_reference or ""
         actions = by_summary.get(row.id, []) + by_document.get(doc, [])
         actions.sort(key=lambda o: (o.at, o.id))
-        created = next((a.draft_created_at for a in actions if a.draft_created_at), None) or row.created_at
+        created = row.created_at
         if since is not None and created < since:
             continue
         drafts.append(
