@@ -20,6 +20,7 @@ from fhir_adapters.fetch import fetch_record
 from fhir_adapters.models import (
     ClinicalContext,
     ModelIdentity,
+    PatientRecord,
     PromptIdentity,
     Skipped,
     SourceRef,
@@ -216,18 +217,27 @@ class PreparedSummary:
 
 
 async def prepare_summary(
-    svc: Services, patient_id: str, *, encounter_id: str | None = None
+    svc: Services,
+    patient_id: str,
+    *,
+    encounter_id: str | None = None,
+    record: PatientRecord | None = None,
 ) -> PreparedSummary:
-    """Fetch, normalize and build the model request; compute the idempotency key. No generation."""
+    """Fetch, normalize and build the model request; compute the idempotency key. No generation.
+
+    `record`: one already read from another source (bundle files, an export); then nothing is
+    fetched from `svc.client`, and everything after the fetch is the same.
+    """
     settings = svc.settings
     started = time.perf_counter()
-    record = await fetch_record(
-        svc.client,
-        patient_id,
-        encounter_id=encounter_id,
-        observation_limit=settings.fhir.observation_limit,
-        max_concurrency=settings.fhir.max_concurrency,
-    )
+    if record is None:
+        record = await fetch_record(
+            svc.client,
+            patient_id,
+            encounter_id=encounter_id,
+            observation_limit=settings.fhir.observation_limit,
+            max_concurrency=settings.fhir.max_concurrency,
+        )
     record = without_ai_documents(record, settings.writer.identifier_system)
     fetched = time.perf_counter()
     ctx = quarantine_instructions(normalize(record))
