@@ -328,7 +328,7 @@ async def test_monitor_json_reports_what_the_review_actions_recorded(store: SqlS
     url = str(store.engine.url)
     result = CliRunner().invoke(cli, ["monitor", "--json", "--db-url", url])
     assert result.exit_code == 0, result.output
-    report = json.loads(result.output)
+    report = json.loads(result.stdout)
     assert set(report) == {"since", "overall", "by_model_prompt", "by_week"}
     (g,) = report["by_model_prompt"]
     assert (g["model_sha256"], g["model_name"], g["prompt"]) == (SHA_A, "model-a", "summary/v1")
@@ -347,7 +347,7 @@ async def test_monitor_json_reports_what_the_review_actions_recorded(store: SqlS
     assert week["week"] == "2025-W10"  # the drafts' date (2025-03-04), not today's
 
     later = CliRunner().invoke(cli, ["monitor", "--json", "--since", "2025-03-05", "--db-url", url])
-    assert json.loads(later.output)["overall"]["summaries"] == 0
+    assert json.loads(later.stdout)["overall"]["summaries"] == 0
 
     table = CliRunner().invoke(cli, ["monitor", "--db-url", url])
     assert table.exit_code == 0
@@ -417,7 +417,7 @@ async def test_monitor_counts_what_clinicians_did_on_the_review_screen_and_what_
 
     result = CliRunner().invoke(cli, ["monitor", "--json", "--db-url", settings.db.url])
     assert result.exit_code == 0, result.output
-    overall = json.loads(result.output)["overall"]
+    overall = json.loads(result.stdout)["overall"]
     assert {k: overall[k] for k in ("summaries", "approved", "edited", "rejected", "pending")} == {
         "summaries": 4,
         "approved": 1,

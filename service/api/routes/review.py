@@ -55,6 +55,7 @@ from service.api.views import (
     stored_source_views,
 )
 from service.db import audit
+from service.governance.recall import recall_notice
 from service.llm.base import EngineError
 from service.pipeline import Services, prepare_summary
 from service.prompts import PromptError
@@ -200,6 +201,7 @@ async def _stored_draft_context(
     await _audit(runtime, request, session, "view", "ok", draft.reference, f"version {draft.version}")
     return {
         "draft": draft,
+        "recall": recall_notice(doc),
         "structured": draft.structured,
         "narrative": draft.narrative,
         "sources": stored_source_views(draft.sources, prep.ctx),
