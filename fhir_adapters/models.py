@@ -123,6 +123,11 @@ class ClinicalContext:
     facts: list[Fact] = field(default_factory=list)
     skipped: list[Skipped] = field(default_factory=list)
     encounter: SourceRef | None = None
+    # What the facts were taken from, so a claim can be checked against the whole cited resource
+    # (every coding, date, value, dosage) and not only against the excerpt shown to the model:
+    # the raw resources by "Type/id", and the decoded text of every note by its "Type/id".
+    resources: dict[str, dict[str, Any]] = field(default_factory=dict, repr=False)
+    note_texts: dict[str, str] = field(default_factory=dict, repr=False)
 
     def by_key(self) -> dict[str, Fact]:
         return {f.key: f for f in self.facts}

@@ -122,7 +122,23 @@ def normalize(record: PatientRecord, *, note_chars: int = 4000, today: date | No
         facts=facts,
         skipped=skipped,
         encounter=_focus_encounter(record),
+        resources=_by_reference(record),
+        note_texts=_note_texts(record.notes),
     )
+
+
+def _note_texts(notes: Iterable[Note]) -> dict[str, str]:
+    texts: dict[str, list[str]] = {}
+    for note in notes:
+        texts.setdefault(note.source.reference, []).append(note.text)
+    return {ref: "\n\n".join(parts) for ref, parts in texts.items()}
+
+
+def _by_reference(record: PatientRecord) -> dict[str, JsonObject]:
+    found = {SourceRef.of(record.patient).reference: record.patient}
+    for resource_type, resources in record.resources.items():
+        found.update({f"{resource_type}/{r.get('id')}": r for r in resources})
+    return found
 
 
 # ---------------------------------------------------------------------------

@@ -1,27 +1,13 @@
 """Check the model's claims against the facts they cite; keep the supported ones, drop the rest.
 
 `parse_claims()` reads the model's JSON output (`{"claims": [{"text", "citations"}]}`), tolerating
-text around it and recovering whole claims from output that was cut off. `ground()` keeps a claim
-only when:
-
-- it is not empty, not a repeat of an earlier claim and at most `MAX_WORDS` words;
-- it cites at least one fact, and every cited key exists in the record;
-- every date it states (ISO, "04/01/2023", "April 1, 2023", "April 2023", a bare year) appears in
-  a cited fact (a year or month is supported by a full date inside it);
-- every number it states (7.2, 120/80, 1,000) appears in a cited fact, compared by value ("7.20"
-  = "7.2"; units are not compared);
-- every medication it names - any significant word of a medication in the record - appears in
-  a cited fact;
-- it is about what it cites: it states a (supported) number or date, or shares a content word
-  with the cited facts ("allergic" meets "allergy" through a crude five-letter stem);
-- it says little beyond what it cites: at most a quarter of its content words (none in a short
-  claim) may be absent from the cited facts, so a supported date or a shared word cannot carry
-  unsupported diagnoses or allergens.
-
-Each drop carries a specific reason, shown to the reviewing clinician. What this does not catch:
-a condition or drug named in a claim but absent from the whole record, and wrong meaning built
-from supported words ("no diabetes" citing a diabetes fact). The clinician's review is the last
-check, and the summary says so.
+text around it and recovering whole claims from output that was cut off. `ground()` drops a claim
+that is empty, a repeat, longer than `MAX_WORDS` words, cites nothing or cites a key that is not in
+the record; every other claim is checked by the verifier (`service.verify`) against the WHOLE
+resources its keys cite - every coding, date, value, dosage and status, and a note's full text -
+not only against the excerpt the model was shown. A claim is kept only when the verifier finds it
+supported; a dropped claim carries the verifier's reason, whether it contradicts the record, and
+a severity, all shown to the reviewing clinician and never written as fact.
 
 Pure: no IO, no logging of claim text.
 """
@@ -30,16 +16,15 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, replace
 from typing import Any, Literal
 
 from fhir_adapters.models import ClinicalContext, Fact
+from service.verify import RecordIndex, SourceEvidence, evidence_of, verify
+from service.verify.dates import widen
 
 MAX_WORDS = 60
-# Share of a claim's content words that may be absent from its cited sources (none in a claim of
-# fewer than four: "Allergic to bee venom" citing a peanut allergy shares "allergic" and nothing else).
-MAX_UNSUPPORTED_SHARE = 0.25
 NOT_JSON = "model output was not valid JSON"
 NO_CLAIMS = 'model output has no "claims" list'
 
@@ -193,18 +178,33 @@ def _normal_key(key: str) -> str:
 
 
 def ground(claims: Sequence[Claim], ctx: ClinicalContext) -> GroundingResult:
-    """Keep the claims every cited fact supports; drop the rest with a specific reason."""
+    """Keep the claims the cited resources support; drop the rest with a specific reason, a
+    verdict (unsupported / contradicted) and a severity."""
     facts = ctx.by_key()
-    medication_words = medication_vocabulary(ctx.facts)
+    record = _record_of(ctx)
+    as_of = next((f.date for f in ctx.facts if f.kind == "patient" and f.date), None) or record.as_of
     kept: list[Claim] = []
     dropped: list[DroppedClaim] = []
     seen: set[str] = set()
     for claim in claims:
-        reason = _problem(claim, facts, medication_words, seen)
-        if reason is None:
+        problem = _form_problem(claim, facts, seen)
+        if problem is not None:
+            dropped.append(problem)
+            continue
+        cited = [facts[key] for key in claim.citations]
+        verdict = verify(claim.text, [_evidence(fact, record) for fact in cited], as_of=as_of)
+        if verdict.supported:
             kept.append(claim)
         else:
-            dropped.append(DroppedClaim(claim, reason))
+            where = f"[{', '.join(claim.citations)}]"
+            dropped.append(
+                DroppedClaim(
+                    claim,
+                    f"{verdict.reason} {where}",
+                    verdict="contradicted" if verdict.outcome == "contradicted" else "unsupported",
+                    severity=verdict.severity or "low",
+                )
+            )
     return GroundingResult(kept=kept, dropped=dropped)
 
 
@@ -215,278 +215,64 @@ def ground_output(output: str, ctx: ClinicalContext) -> GroundingResult:
     return GroundingResult(kept=result.kept, dropped=unreadable + result.dropped)
 
 
-def _problem(
-    claim: Claim, facts: Mapping[str, Fact], medication_words: frozenset[str], seen: set[str]
-) -> str | None:
+def _form_problem(claim: Claim, facts: Mapping[str, Fact], seen: set[str]) -> DroppedClaim | None:
+    """What makes a claim unusable before its content is checked: empty, too long, a repeat, no
+    citation, a citation that is not in the record."""
     text = claim.text.strip()
-    if not text:
-        return "is empty"
     words = len(text.split())
-    if words > MAX_WORDS:
-        return f"has {words} words, more than the {MAX_WORDS}-word limit"
     fingerprint = " ".join(re.findall(r"\d+(?:\.\d+)?|[a-z]+", _INLINE_KEY.sub(" ", text.lower())))
-    if fingerprint in seen:
-        return "repeats an earlier claim"
+    reason: str | None = None
+    if not text:
+        reason = "is empty"
+    elif words > MAX_WORDS:
+        reason = f"has {words} words, more than the {MAX_WORDS}-word limit"
+    elif fingerprint in seen:
+        reason = "repeats an earlier claim"
+    elif not claim.citations:
+        reason = "cites no source"
+    else:
+        unknown = [key for key in claim.citations if key not in facts]
+        if unknown:
+            verb = "which is" if len(unknown) == 1 else "which are"
+            return DroppedClaim(claim, f"cites {_join(unknown)}, {verb} not in the record", severity="medium")
     seen.add(fingerprint)
-    if not claim.citations:
-        return "cites no source"
-    unknown = [key for key in claim.citations if key not in facts]
-    if unknown:
-        verb = "which is" if len(unknown) == 1 else "which are"
-        return f"cites {_join(unknown)}, {verb} not in the record"
-    cited = [facts[key] for key in claim.citations]
-    where = f"[{', '.join(claim.citations)}]"
-    evidence = Evidence.of(cited)
-    stated = Statement.of(text)
-    missing = [d.shown for d in stated.dates if not evidence.supports_date(d)]
-    missing += [n.shown for n in stated.numbers if not evidence.supports_number(n)]
-    if missing:
-        return f"states {_join(list(dict.fromkeys(missing)))} not found in cited sources {where}"
-    unnamed = sorted(w for w in stated.words & medication_words if w not in evidence.words)
-    if unnamed:
-        return f"names {_join(unnamed)}, not in cited sources {where}"
-    # A claim must be about what it cites: a supported number or date, or a shared content word.
-    if not (stated.stems & evidence.stems or stated.numbers or stated.dates):
-        return f"shares no words with cited sources {where}"
-    # ... and must not say much more than it cites: a sentence that strings supported dates to
-    # unsupported diagnoses is not grounded because its date is.
-    unsupported = sorted(stated.stems - evidence.stems)
-    if len(unsupported) > int(len(stated.stems) * MAX_UNSUPPORTED_SHARE):
-        shown = [w for w in stated.content_words if w[:5] in unsupported][:4]
-        return f"says {_join(shown)}, not found in cited sources {where}"
-    return None
+    return DroppedClaim(claim, reason) if reason else None
+
+
+def _record_of(ctx: ClinicalContext) -> RecordIndex:
+    return RecordIndex.of(ctx.resources.values(), ctx.note_texts)
+
+
+def _evidence(fact: Fact, record: RecordIndex) -> SourceEvidence:
+    """The whole cited resource when the record holds it; else what the fact itself states."""
+    found = record.evidence(fact.source.reference)
+    if found is not None:
+        return found
+    return evidence_of_fact(fact)
+
+
+def evidence_of_fact(fact: Fact) -> SourceEvidence:
+    """Evidence from a fact alone (a context built without its resources): its text, label,
+    value, date and status."""
+    rtype = {
+        "patient": "Patient", "condition": "Condition", "medication": "MedicationRequest",
+        "allergy": "AllergyIntolerance", "encounter": "Encounter", "observation": "Observation",
+        "procedure": "Procedure", "immunization": "Immunization", "note": "DocumentReference",
+    }[fact.kind]  # fmt: skip
+    text = " ".join(p for p in (fact.display, fact.value) if p)
+    resource: dict[str, Any] = {"resourceType": rtype, "id": fact.source.id, "code": {"text": text}}
+    base = evidence_of(resource, note_text=fact.text)
+    status = {"active": "active", "resolved": "inactive", "inactive": "inactive", "stopped": "inactive",
+              "completed": "inactive"}.get(fact.status or "")  # fmt: skip
+    dates = dict(base.dates)
+    if fact.date:
+        dates["fact"] = frozenset(widen(fact.date))
+    status = status if rtype in _HAS_STATUS else None
+    return replace(base, dates=dates, status=status, is_note=fact.kind == "note")
+
+
+_HAS_STATUS = frozenset({"Condition", "MedicationRequest", "AllergyIntolerance"})
 
 
 def _join(items: Sequence[str]) -> str:
     return items[0] if len(items) == 1 else f"{', '.join(items[:-1])} and {items[-1]}"
-
-
-# --- dates and numbers -------------------------------------------------------------------------
-
-_MONTHS = {
-    name: number
-    for number, names in enumerate(
-        (
-            ("january", "jan"), ("february", "feb"), ("march", "mar"), ("april", "apr"), ("may",),
-            ("june", "jun"), ("july", "jul"), ("august", "aug"), ("september", "sep", "sept"),
-            ("october", "oct"), ("november", "nov"), ("december", "dec"),
-        ),
-        1,
-    )
-    for name in names
-}  # fmt: skip
-_MONTH = r"(?P<mon>" + "|".join(sorted(_MONTHS, key=len, reverse=True)) + r")\.?"
-_DATE_PATTERNS = (
-    re.compile(r"\b(?P<y>\d{4})-(?P<m>\d{1,2})-(?P<d>\d{1,2})(?:T[0-9:.]+(?:Z|[+-]\d{2}:?\d{2})?)?(?!\d)"),
-    re.compile(r"\b(?P<a>\d{1,2})/(?P<b>\d{1,2})/(?P<y>\d{4})\b"),
-    re.compile(r"\b(?P<y>\d{4})/(?P<m>\d{1,2})/(?P<d>\d{1,2})\b"),
-    re.compile(rf"\b{_MONTH}\s+(?P<d>\d{{1,2}})(?:st|nd|rd|th)?,?\s+(?P<y>\d{{4}})\b", re.IGNORECASE),
-    re.compile(
-        rf"\b(?P<d>\d{{1,2}})(?:st|nd|rd|th)?\s+(?:of\s+)?{_MONTH},?\s+(?P<y>\d{{4}})\b", re.IGNORECASE
-    ),
-    re.compile(rf"\b{_MONTH},?\s+(?:of\s+)?(?P<y>\d{{4}})\b", re.IGNORECASE),
-    re.compile(r"\b(?P<y>\d{4})-(?P<m>0[1-9]|1[0-2])\b(?!-)"),
-    re.compile(r"(?<![A-Za-z0-9.,/])(?P<y>(?:19|20)\d{2})(?!\d|[.,/]\d|%)"),
-)
-_NUMBER = r"\d+(?:,\d{3})*(?:\.\d+)?"
-_NUMBER_OR_PAIR = re.compile(
-    rf"(?<![A-Za-z0-9.,])(?<![A-Za-z]-)(?P<a>{_NUMBER})(?:\s*/\s*(?P<b>{_NUMBER}))?(?!\d)(?!st\b|nd\b|rd\b|th\b)"
-)
-
-
-@dataclass(frozen=True)
-class StatedDate:
-    shown: str
-    candidates: frozenset[str]  # ISO forms it may mean: "2023-04-01" (or "2023-01-04"), "2023-04", "2023"
-
-
-@dataclass(frozen=True)
-class StatedNumber:
-    shown: str
-    values: tuple[str, ...]  # one value, or two for a pair like 120/80
-
-
-def _iso(year: str, month: int | None, day: int | None) -> str | None:
-    if month is None:
-        return year
-    if not 1 <= month <= 12:
-        return None
-    if day is None:
-        return f"{year}-{month:02d}"
-    return f"{year}-{month:02d}-{day:02d}" if 1 <= day <= 31 else None
-
-
-def find_dates(text: str) -> tuple[list[StatedDate], str]:
-    """The dates in `text`, and the text with them blanked out (so their digits are not numbers)."""
-    found: list[StatedDate] = []
-    for pattern in _DATE_PATTERNS:
-        def take(match: re.Match[str]) -> str:
-            groups = match.groupdict()
-            year = groups["y"]
-            day = int(groups["d"]) if groups.get("d") else None
-            if groups.get("mon"):
-                candidates = {_iso(year, _MONTHS[groups["mon"].lower()], day)}
-            elif groups.get("a"):  # 04/01/2023: month first (US) or day first
-                a, b = int(groups["a"]), int(groups["b"])
-                candidates = {_iso(year, a, b), _iso(year, b, a)}
-            else:
-                candidates = {_iso(year, int(groups["m"]) if groups.get("m") else None, day)}
-            valid = frozenset(c for c in candidates if c)
-            if not valid:
-                return match.group(0)
-            found.append(StatedDate(match.group(0), valid))
-            return " " * len(match.group(0))
-
-        text = pattern.sub(take, text)
-    return found, text
-
-
-def normal_number(raw: str) -> str:
-    """A number's value as text: "1,000" -> "1000", "7.20" -> "7.2", "007" -> "7".
-
-    >>> [normal_number(n) for n in ("1,000", "7.20", "007", "0.5", "10.0")]
-    ['1000', '7.2', '7', '0.5', '10']
-    """
-    whole, _, fraction = raw.replace(",", "").partition(".")
-    whole = whole.lstrip("0") or "0"
-    fraction = fraction.rstrip("0")
-    return f"{whole}.{fraction}" if fraction else whole
-
-
-def find_numbers(text: str) -> list[StatedNumber]:
-    """Numbers and pairs (120/80) in text whose dates were already blanked out.
-
-    Digits inside words (HbA1c, B12, COVID-19, C1) and ordinals (2nd) are not numbers.
-    """
-    found: list[StatedNumber] = []
-    for match in _NUMBER_OR_PAIR.finditer(text):
-        values = [normal_number(match.group("a"))]
-        if match.group("b"):
-            values.append(normal_number(match.group("b")))
-        found.append(StatedNumber(" ".join(match.group(0).split()), tuple(values)))
-    return found
-
-
-def _words(text: str) -> frozenset[str]:
-    return frozenset(re.findall(r"[a-z]+", text.lower()))
-
-
-# Words too common in claims and facts to show that a claim is about the fact it cites.
-_COMMON_WORDS = frozenset(
-    """
-    about after also active been before being current currently date does from have having into
-    most other over patient patients prescribed recent recently record since some still that their
-    there these they this those time very were what when which while will with without years
-    history diagnosed diagnosis treated taking takes known noted shows showed reports reported
-    presents presented including underwent received status condition visit visits encounter
-    episode ongoing previously documented recorded listed includes latest last
-    """.split()
-)
-
-
-def content_stems(words: Iterable[str]) -> frozenset[str]:
-    """Crude stems of the content words, so "allergic" meets "allergy" and "hypertensive" meets
-    "hypertension": the first five letters of each word of five letters or more.
-
-    >>> sorted(content_stems(["allergic", "to", "the", "peanuts", "patient"]))
-    ['aller', 'peanu']
-    """
-    return frozenset(w[:5] for w in words if len(w) >= 5 and w not in _COMMON_WORDS)
-
-
-@dataclass(frozen=True)
-class Statement:
-    dates: list[StatedDate]
-    numbers: list[StatedNumber]
-    words: frozenset[str]
-    stems: frozenset[str]
-    content_words: tuple[str, ...] = ()  # in order of appearance, for messages
-
-    @classmethod
-    def of(cls, text: str) -> Statement:
-        text = _INLINE_KEY.sub(" ", text)  # "[C1]" is a citation, not a stated number
-        dates, rest = find_dates(text)
-        words = _words(rest)  # month names belong to the stated dates, checked as dates
-        stems = content_stems(words)
-        ordered = tuple(dict.fromkeys(w for w in re.findall(r"[a-z]+", rest.lower()) if w[:5] in stems))
-        return cls(dates=dates, numbers=find_numbers(rest), words=words, stems=stems, content_words=ordered)
-
-
-@dataclass(frozen=True)
-class Evidence:
-    """What the cited facts say: their dates (with month and year prefixes), numbers and words."""
-
-    dates: frozenset[str]
-    numbers: frozenset[str]
-    pairs: frozenset[tuple[str, str]]
-    per_fact_numbers: tuple[frozenset[str], ...]
-    words: frozenset[str]
-    stems: frozenset[str]
-
-    @classmethod
-    def of(cls, facts: Iterable[Fact]) -> Evidence:
-        dates: set[str] = set()
-        numbers: set[str] = set()
-        pairs: set[tuple[str, str]] = set()
-        per_fact: list[frozenset[str]] = []
-        words: set[str] = set()
-        for fact in facts:
-            text = " ".join(p for p in (fact.text, fact.display, fact.value, fact.date) if p)
-            found, rest = find_dates(text)
-            for date in found:
-                for iso in date.candidates:
-                    dates.update({iso, iso[:7], iso[:4]})
-            fact_numbers: set[str] = set()
-            for number in find_numbers(rest):
-                fact_numbers.update(number.values)
-                if len(number.values) == 2:
-                    pairs.add((number.values[0], number.values[1]))
-            numbers |= fact_numbers
-            per_fact.append(frozenset(fact_numbers))
-            words |= _words(text)
-        return cls(
-            dates=frozenset(dates),
-            numbers=frozenset(numbers),
-            pairs=frozenset(pairs),
-            per_fact_numbers=tuple(per_fact),
-            words=frozenset(words),
-            stems=content_stems(words),
-        )
-
-    def supports_date(self, date: StatedDate) -> bool:
-        # A bare year may also be a plain quantity ("2000 mg"): then a number match is enough.
-        return bool(date.candidates & self.dates) or any(c in self.numbers for c in date.candidates)
-
-    def supports_number(self, number: StatedNumber) -> bool:
-        if len(number.values) == 1:
-            return number.values[0] in self.numbers
-        a, b = number.values
-        # 120/80 is supported as written, or by one fact holding both (systolic 120, diastolic 80).
-        return (a, b) in self.pairs or any(a in nums and b in nums for nums in self.per_fact_numbers)
-
-
-# --- medication names --------------------------------------------------------------------------
-
-# Words of medication names that say how a drug is given or packed, not which drug it is.
-_GENERIC_MEDICATION_WORDS = frozenset(
-    """
-    oral tablet tablets capsule capsules injection injectable solution suspension syrup cream
-    ointment topical extended release delayed chewable film coated disintegrating prefilled
-    syringe pen auto injector inhaler inhalation metered dose actuat spray nasal patch transdermal
-    powder vial drops ophthalmic otic rectal vaginal suppository lotion elixir liquid product
-    hydrochloride sodium potassium acetate sulfate phosphate citrate maleate succinate tartrate
-    besylate bromide chloride calcium magnesium hcl human unit units day days hour hours pack kit
-    daily twice each with without release system medication medicine drug
-    """.split()
-)
-
-
-def medication_vocabulary(facts: Iterable[Fact]) -> frozenset[str]:
-    """Significant words of every medication name in the record ("metformin", "lisinopril")."""
-    vocabulary: set[str] = set()
-    for fact in facts:
-        if fact.kind != "medication":
-            continue
-        name = fact.display or fact.text
-        vocabulary.update(w for w in _words(name) if len(w) >= 4 and w not in _GENERIC_MEDICATION_WORDS)
-    return frozenset(vocabulary)

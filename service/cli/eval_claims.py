@@ -2,10 +2,41 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import click
+
+from service.cli.common import EXIT_BAD_INPUT, fail
+from service.eval.claims import CorpusError, evaluate, render_text, write_report
 
 
 @click.command(name="claims")
-def claims() -> None:
-    """Score the claim verifier on a labelled corpus (JSONL) against its bundles."""
-    raise click.ClickException("not yet")
+@click.option(
+    "--bundles",
+    required=True,
+    type=click.Path(path_type=Path),
+    help="Folder holding the corpus's bundle files (.json / .json.gz), searched recursively.",
+)
+@click.option(
+    "--claims",
+    "corpus",
+    required=True,
+    type=click.Path(path_type=Path),
+    help="Labelled claims, one JSON object a line (bundle, patient, text, cites, label, kind).",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of the text report.")
+@click.option("--out", type=click.Path(path_type=Path), default=None, help="Also write claims.json here.")
+def claims(bundles: Path, corpus: Path, as_json: bool, out: Path | None) -> None:
+    """Score the claim verifier: supported kept, unsupported-or-contradicted kept, per kind, and
+    every misjudged claim with the verifier's reason."""
+    try:
+        result, _judged = evaluate(corpus, bundles)
+    except CorpusError as exc:
+        fail(str(exc), EXIT_BAD_INPUT)
+    if out is not None:
+        write_report(result, out)
+    if as_json:
+        click.echo(json.dumps(result.to_json(), indent=2))
+    else:
+        click.echo(render_text(result), nl=False)

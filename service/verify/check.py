@@ -60,6 +60,7 @@ class Verdict:
 
 SUPPORTED = Verdict("supported")
 
+_CLAUSE_BREAK = re.compile(r"[;:!?()]|,(?!\d{3})|\.(?!\d)")
 _INLINE_KEY = re.compile(r"\[([A-Za-z]{1,3}[0-9]+)\]")
 _AGE = re.compile(
     r"\b(?:aged?\s+(?P<a>\d{1,3})|(?P<n>\d{1,3})[\s-]+(?P<unit>year|month|week|day)s?[\s-]+old)\b", re.I
@@ -148,7 +149,9 @@ class _Claim:
         ]
         rest = _AGE.sub(" ", rest)
         quantities, pairs, _words_only = read_quantities(rest)
-        words = tokens(rest)
+        # Punctuation ends a phrase: "takes metformin; HbA1c 7.2%" is two parts, each checked on
+        # its own. "|" marks the boundary (a decimal point is not one).
+        words = [t for part in _CLAUSE_BREAK.split(rest) for t in [*tokens(part), "|"]][:-1]
         return cls(dates, ages, quantities, pairs, words, stems(words))
 
 
@@ -215,6 +218,9 @@ def _content(claim: _Claim, sources: Sequence[SourceEvidence]) -> list[str]:
         and s not in _CUES
         and s not in _MONTH_WORDS
         and s not in _GENDER_WORDS
+        and s != "|"
+        and not s[:1].isdigit()
+        and s not in _UNIT_STEMS
     ]
 
 
@@ -247,7 +253,7 @@ def _negation(claim: _Claim, sources: Sequence[SourceEvidence], cues: set[str]) 
         return Verdict(
             "contradicted",
             f"the cited {source.resource_type} records it ({source.label})",
-            _severity_of({source.resource_type}),
+            "high" if source.resource_type in _HIGH_TYPES | {"Condition"} else "medium",
         )
     return Verdict("unsupported", "denies something the cited sources do not state", "low")
 
@@ -394,9 +400,11 @@ def _pair_in(systolic: Quantity, diastolic: Quantity, source: SourceEvidence) ->
         return same_value(systolic, by_role["systolic"], rounding=True) and same_value(
             diastolic, by_role["diastolic"], rounding=True
         )
+    # Without component codes, by position: the systolic value stated before the diastolic one.
     values = list(source.quantities)
-    return any(same_value(systolic, a, rounding=False) for a in values) and any(
-        same_value(diastolic, b, rounding=False) for b in values
+    return any(
+        same_value(systolic, a, rounding=False) and any(same_value(diastolic, b, rounding=False) for b in values[i + 1 :])
+        for i, a in enumerate(values)
     )
 
 
@@ -466,22 +474,20 @@ def _words_problem(
             continue
         if any(contains_run(n.sequence, phrase) for n in notes):
             continue
-        missing.append(" ".join(words))
+        # Name the words the closest source lacks, or the whole phrase a note does not hold.
+        closest = max(coded, key=lambda s: len(set(run_stems) & s.stems), default=None)
+        if closest is not None and set(run_stems) & closest.stems:
+            missing.extend(w for w, st in zip(words, run_stems, strict=True) if st not in closest.stems)
+        else:
+            missing.append(" ".join(words))
     if missing:
         return Verdict(
             "unsupported", f"says {_join(missing)}, not stated by the cited sources", _severity_of(types)
         )
-    if not runs and not claim.quantities and not claim.pairs and not claim.dates and not claim.ages:
-        return (
-            None
-            if _content_free_ok(claim)
-            else Verdict("unsupported", "states nothing the sources could support", "low")
-        )
+    checkable = runs or claim.quantities or claim.pairs or claim.dates or claim.ages
+    if not checkable and not set(claim.words) & set(_GENDER_WORDS) and not set(claim.word_stems) & _ALIVE_CUES:
+        return Verdict("unsupported", "states nothing the cited sources could support", "low")
     return None
-
-
-def _content_free_ok(claim: _Claim) -> bool:
-    return bool(set(claim.word_stems) - STOP - FRAME)
 
 
 _UNIT_STEMS = frozenset(
@@ -517,8 +523,6 @@ def _runs(
 
 def _severity_of(types: set[str], topic: str | None = None) -> Severity:
     if types & _HIGH_TYPES or topic in ("allergies", "medications"):
-        return "high"
-    if "Condition" in types:
         return "high"
     return "medium"
 

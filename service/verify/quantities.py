@@ -45,7 +45,7 @@ _UNIT_FORMS: dict[str, str] = {
     r"\bfl\b": "fl",
     r"\bpg\b": "pg",
     r"\[lb_av\]|\blbs?\b|\bpounds?\b": "lb",
-    r"\[in_i\]|\binch(?:es)?\b|\bin\b(?=\s*[.,;)]|\s*$|\s+(?:on|and|tall|high)\b)": "in",
+    r"\[in_i\]|\binch(?:es)?\b": "in",  # never a bare "in": "130/85 in 2022" is a date
     r"\bkg\b|\bkilograms?\b": "kg",
     r"\bmg\b|\bmilligrams?\b": "mg",
     r"\bmcg\b|\bµg\b|\bug\b|\bmicrograms?\b": "mcg",
@@ -78,7 +78,7 @@ _PINT_NAMES = {
 _NUMBER = r"\d+(?:,\d{3})*(?:\.\d+)?"
 # A number: not glued to letters before it ("B12", "A1c", "COVID-19", "PHQ-2"), not an ordinal.
 _NUMBER_AT = re.compile(rf"(?<![A-Za-z0-9.,^*])(?<![A-Za-z]-)(?P<n>{_NUMBER})(?!\d)(?!st\b|nd\b|rd\b|th\b)")
-_PAIR_AT = re.compile(rf"(?<![A-Za-z0-9.,])(?P<a>{_NUMBER})\s*/\s*(?P<b>{_NUMBER})(?![\d.])")
+_PAIR_AT = re.compile(rf"(?<![A-Za-z0-9.,])(?P<a>{_NUMBER})\s*/\s*(?P<b>{_NUMBER})(?!\d|\.\d)")
 
 
 @dataclass(frozen=True)

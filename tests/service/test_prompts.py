@@ -345,7 +345,7 @@ async def test_fake_engine_round_trip_from_record_to_grounded_claims() -> None:
 
     assert engine.history == [request]
     assert [c.text for c in result.kept] == ["Type 2 diabetes, on metformin.", "Latest HbA1c 7.2%."]
-    assert [d.reason for d in result.dropped] == ["states 8.4 not found in cited sources [L2]"]
+    assert [d.reason for d in result.dropped] == ["states 8.4 %, not a value of the cited sources [L2]"]
 
 
 def test_prompt_template_identity_matches_its_fields() -> None:
