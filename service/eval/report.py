@@ -28,7 +28,8 @@ from typing import Any
 import jinja2
 from matplotlib.figure import Figure
 
-from service.eval.run import AGE_BANDS, UNKNOWN, PatientEvaluation, RunResult
+from service.eval.measures import AGE_BANDS, UNKNOWN, PatientEvaluation
+from service.eval.run import RunResult
 
 JsonObject = dict[str, Any]
 TEMPLATES = Path(__file__).parent / "templates"
@@ -78,7 +79,7 @@ def reason_kind(reason: str) -> str:
     >>> reason_kind("states 1901-01-01 not found in cited sources [C1, C2]")
     'states … not found in cited sources'
     >>> reason_kind("cites Z99, which is not in the record")
-    'cites …, which is not in the record'
+    'cites … which is not in the record'
     """
     text = re.sub(r"\s*\[[^\]]*\]", "", reason)
     text = re.sub(r"^(\w+) .*? (not found|not in|which is|which are)\b", r"\1 … \2", text)

@@ -3,14 +3,7 @@
 `evaluate()` runs the real pipeline (`prepare_summary` -> engine -> `complete_summary`, dry run)
 for every patient of a record source - a folder of bundle files or a FHIR server - under one or
 more configurations (model file, prompt version, sampling), one configuration after the other
-so only one model is loaded at a time. `measure_patient()` turns one result into figures:
-
-- claims kept / dropped (of which contradicted), dropped by severity, with their reasons;
-- key-fact coverage: every active allergy, medication and problem *of the record* (read from
-  the raw resources, not from what normalize kept) must be named in the written markdown;
-- narrative statements that add information beyond the coded part, and the ones that only
-  restate a coded line (its name, citation key, status or date): `quoted`;
-- conflicts the structured part lists, tokens and seconds.
+so only one model is loaded at a time; `service.eval.measures` turns each result into figures.
 
 What it must not do: write to the FHIR server or to chartbrief's summary database (an eval's
 dry runs are not summaries: monitoring and recall must never see them), or log anything but
@@ -21,47 +14,40 @@ from __future__ import annotations
 
 import re
 import time
-from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from datetime import date
-from typing import Any, Literal, Protocol
+from typing import Any, Protocol
 
 import structlog
 
-from fhir_adapters.bundle_source import BundleFolder
+from fhir_adapters.bundle_source import BundleFolder, BundleSource
 from fhir_adapters.client import FhirClient
-from fhir_adapters.errors import FhirNotFound
-from fhir_adapters.fetch import fetch_record
-from fhir_adapters.models import ClinicalContext, ModelIdentity, PatientRecord, PromptIdentity
-from fhir_adapters.normalize import codeable_text, medication_name
+from fhir_adapters.errors import FhirNotFound, FhirPermanentError
+from fhir_adapters.fetch import FhirSource, fetch_record
+from fhir_adapters.models import ModelIdentity, PatientRecord, PromptIdentity
+from fhir_adapters.normalize import codeable_text
 from service.config import FhirSettings, LlmSettings, Settings
 from service.db.models import SummaryRow
+from service.eval.measures import PatientEvaluation, measure_patient
 from service.llm.base import Engine
-from service.pipeline import Services, SummaryResult, complete_summary, prepare_summary
+from service.pipeline import Services, complete_summary, prepare_summary
 from service.prompts import load_prompt
 
 log = structlog.get_logger(__name__)
 
 JsonObject = dict[str, Any]
 EngineFactory = Callable[[LlmSettings], Engine]
-KeyKind = Literal["allergy", "medication", "problem"]
 
-AGE_BANDS: tuple[str, ...] = ("0-17", "18-44", "45-64", "65+")
-UNKNOWN = "unknown"
 # Bundle files have no server behind them; the pipeline's client then only names where a summary
 # came from. A host under .invalid can never resolve (RFC 2606), and a dry run sends nothing.
 BUNDLE_BASE_URL = "http://bundles.invalid/fhir"
-
-_ACTIVE_CONDITION = frozenset({"active", "recurrence", "relapse"})
-_NOT_A_FINDING = frozenset({"entered-in-error", "refuted"})
 
 
 class EvalInputError(ValueError):
     """Input the eval cannot use (a patient list, a --compare setting); names the file or field."""
 
 
-# --- what the report is made of -----------------------------------------------------------------
+# --- configurations and results --------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -72,131 +58,6 @@ class Configuration:
     settings: Settings
 
 
-@dataclass(frozen=True)
-class KeyFact:
-    """An active allergy, medication or problem of the record, and whether the markdown names it."""
-
-    kind: KeyKind
-    name: str | None  # None when the record holds no name for it (e.g. an unresolved medicationReference)
-    reference: str
-    found: bool
-
-    def to_json(self) -> JsonObject:
-        return {"kind": self.kind, "name": self.name, "reference": self.reference, "found": self.found}
-
-
-@dataclass(frozen=True)
-class NarrativeStatement:
-    """A kept statement of the narrative and what it says beyond the coded part."""
-
-    text: str
-    citations: tuple[str, ...]
-    new_terms: tuple[str, ...]  # words, numbers and dates absent from the coded part
-    written_by: Literal["model"] = "model"
-
-    @property
-    def adds_information(self) -> bool:
-        return bool(self.new_terms)
-
-    def to_json(self) -> JsonObject:
-        return {
-            "text": self.text,
-            "citations": list(self.citations),
-            "adds_information": self.adds_information,
-            "new_terms": list(self.new_terms),
-            "written_by": self.written_by,
-        }
-
-
-@dataclass(frozen=True)
-class DroppedStatement:
-    text: str
-    citations: tuple[str, ...]
-    reason: str
-    verdict: str
-    severity: str
-
-    def to_json(self) -> JsonObject:
-        return {
-            "text": self.text,
-            "citations": list(self.citations),
-            "reason": self.reason,
-            "verdict": self.verdict,
-            "severity": self.severity,
-        }
-
-
-@dataclass(frozen=True)
-class PatientEvaluation:
-    patient: str
-    sex: str
-    age: int | None
-    age_band: str
-    kept: tuple[NarrativeStatement, ...]
-    dropped: tuple[DroppedStatement, ...]
-    key_facts: tuple[KeyFact, ...]
-    conflicts: int
-    prompt_tokens: int
-    completion_tokens: int
-    seconds: float
-    seconds_generate: float
-    facts: int
-    skipped: int
-    origin: str = ""  # the bundle file or the server it was read from (for the operator)
-
-    @property
-    def claims_contradicted(self) -> int:
-        return sum(d.verdict == "contradicted" for d in self.dropped)
-
-    @property
-    def adds_information(self) -> int:
-        return sum(s.adds_information for s in self.kept)
-
-    @property
-    def adds_information_model_written(self) -> int:
-        return sum(s.adds_information and s.written_by == "model" for s in self.kept)
-
-    @property
-    def key_facts_found(self) -> int:
-        return sum(k.found for k in self.key_facts)
-
-    @property
-    def coverage(self) -> float:
-        """Share of the record's active allergies, medications and problems the markdown names (1.0
-        when it has none)."""
-        return self.key_facts_found / len(self.key_facts) if self.key_facts else 1.0
-
-    def to_json(self) -> JsonObject:
-        severities = Counter(d.severity for d in self.dropped)
-        return {
-            "patient": self.patient,
-            "origin": self.origin,
-            "sex": self.sex,
-            "age": self.age,
-            "age_band": self.age_band,
-            "claims_kept": len(self.kept),
-            "claims_dropped": len(self.dropped),
-            "claims_contradicted": self.claims_contradicted,
-            "dropped_by_severity": {s: severities.get(s, 0) for s in ("high", "medium", "low")},
-            "adds_information": self.adds_information,
-            "adds_information_model_written": self.adds_information_model_written,
-            "quoted": len(self.kept) - self.adds_information,
-            "key_facts": len(self.key_facts),
-            "key_facts_found": self.key_facts_found,
-            "coverage": round(self.coverage, 4),
-            "coverage_misses": [k.to_json() for k in self.key_facts if not k.found],
-            "conflicts": self.conflicts,
-            "prompt_tokens": self.prompt_tokens,
-            "completion_tokens": self.completion_tokens,
-            "seconds": round(self.seconds, 3),
-            "seconds_generate": round(self.seconds_generate, 3),
-            "facts": self.facts,
-            "skipped": self.skipped,
-            "kept": [s.to_json() for s in self.kept],
-            "dropped": [d.to_json() for d in self.dropped],
-        }
-
-
 @dataclass
 class RunResult:
     """Every patient of one configuration, with the exact model and prompt that wrote them."""
@@ -205,168 +66,6 @@ class RunResult:
     model: ModelIdentity
     prompt: PromptIdentity
     patients: list[PatientEvaluation] = field(default_factory=list)
-
-
-# --- pure measures ------------------------------------------------------------------------------
-
-
-def age_in_years(birth: str | None, as_of: str | None) -> int | None:
-    """Whole years between two ISO dates (a partial birth date counts from its first day).
-
-    >>> age_in_years("1950-06-15", "2015-06-14"), age_in_years("1950-06-15", "2015-06-15")
-    (64, 65)
-    >>> age_in_years("1950", "2000-01-01"), age_in_years(None, "2000-01-01")
-    (50, None)
-    """
-    start, end = _day(birth), _day(as_of)
-    if start is None or end is None or end < start:
-        return None
-    return end.year - start.year - ((end.month, end.day) < (start.month, start.day))
-
-
-def age_band(age: int | None) -> str:
-    """The report's age band.
-
-    >>> [age_band(a) for a in (0, 17, 18, 44, 45, 64, 65, 101, None)]
-    ['0-17', '0-17', '18-44', '18-44', '45-64', '45-64', '65+', '65+', 'unknown']
-    """
-    if age is None:
-        return UNKNOWN
-    if age < 18:
-        return AGE_BANDS[0]
-    if age < 45:
-        return AGE_BANDS[1]
-    return AGE_BANDS[2] if age < 65 else AGE_BANDS[3]
-
-
-def as_of_date(patient: JsonObject, ctx: ClinicalContext) -> str | None:
-    """The date an age is taken at: the date of death, else the latest date in the record."""
-    died = patient.get("deceasedDateTime")
-    if isinstance(died, str) and died:
-        return died[:10]
-    dates = [f.date for f in ctx.facts if f.date and f.kind != "patient"]
-    return max(dates) if dates else None
-
-
-def active_key_facts(record: PatientRecord) -> list[tuple[KeyKind, str | None, str]]:
-    """(kind, name, Type/id) of every active allergy, medication and problem in the raw record.
-
-    Read from the resources as fetched, not from normalize's facts, so that what normalize or the
-    structured part leave out shows as a miss instead of vanishing from the denominator.
-    """
-    items: list[tuple[KeyKind, str | None, str]] = []
-    for resource in record.of_type("AllergyIntolerance"):
-        if _status(resource.get("clinicalStatus")) == "active" and _is_finding(resource):
-            items.append(("allergy", codeable_text(resource.get("code")), _ref(resource)))
-    for resource in record.of_type("MedicationRequest"):
-        if resource.get("status") == "active":
-            items.append(("medication", medication_name(resource), _ref(resource)))
-    for resource in record.of_type("Condition"):
-        if _status(resource.get("clinicalStatus")) in _ACTIVE_CONDITION and _is_finding(resource):
-            items.append(("problem", codeable_text(resource.get("code")), _ref(resource)))
-    return items
-
-
-def key_fact_coverage(record: PatientRecord, markdown: str) -> tuple[KeyFact, ...]:
-    """Each active allergy, medication and problem, found when its name appears in the markdown
-    (case and spacing aside). One entry per kind and name: two orders of one drug are one fact."""
-    written = _plain(markdown)
-    seen: dict[tuple[str, str], KeyFact] = {}
-    for kind, name, reference in active_key_facts(record):
-        key = (kind, _plain(name) if name else reference)
-        if key not in seen:
-            seen[key] = KeyFact(kind, name, reference, bool(name) and _plain(name or "") in written)
-    return tuple(seen.values())
-
-
-def statement_terms(text: str, keys: frozenset[str]) -> frozenset[str]:
-    """What a text states, as comparable terms: `date:YYYY[-MM[-DD]]`, `num:7.2` and word stems;
-    citation keys, filler words and status words carry no information and are left out.
-
-    >>> text = "Hypertension [C1], active since March 4, 2019 (7.20 mmHg)"
-    >>> sorted(statement_terms(text, frozenset({"C1"})))
-    ['date:2019-03-04', 'hypert', 'mmhg', 'num:7.2']
-    """
-    text = _KEY.sub(lambda m: " " if m.group(1).upper() in keys else m.group(0), text)
-    terms: set[str] = set()
-
-    def take(iso: str) -> str:
-        terms.add(f"date:{iso}")
-        return " "
-
-    text = _ISO_DATE.sub(lambda m: take(m.group(1)), text)
-    text = _WRITTEN_DATE.sub(lambda m: take(_written_iso(m)), text)
-    text = _DAY_FIRST_DATE.sub(lambda m: take(_written_iso(m)), text)
-    text = _US_DATE.sub(lambda m: take(f"{m['y']}-{int(m['m']):02d}-{int(m['d']):02d}"), text)
-    text = _MONTH_YEAR.sub(lambda m: take(f"{m['y']}-{_MONTHS[m['mon'][:3].lower()]:02d}"), text)
-    text = _YEAR.sub(lambda m: take(m.group(1)), text)
-    terms.update(f"num:{_number(n)}" for n in _NUMBER.findall(text))
-    terms.update(w[:6] for w in re.findall(r"[a-z]+", text.lower()) if len(w) >= 3 and w not in _FILLER)
-    return frozenset(terms)
-
-
-def coded_terms(text: str, keys: frozenset[str]) -> frozenset[str]:
-    """The terms of the coded part, with every date also as its month and year (a statement that
-    says "in 2019" restates a coded 2019-03-04)."""
-    terms = set(statement_terms(text, keys))
-    for term in list(terms):
-        if term.startswith("date:"):
-            iso = term[5:]
-            terms.update({f"date:{iso[:7]}", f"date:{iso[:4]}"})
-    return frozenset(terms)
-
-
-def assess_statement(
-    text: str, citations: Sequence[str], coded: frozenset[str], keys: frozenset[str]
-) -> NarrativeStatement:
-    """A kept statement and the terms it states that the coded part does not.
-
-    >>> keys = frozenset({"C1"})
-    >>> coded = coded_terms("Hypertension (since 2011-01-01) [C1]", keys)
-    >>> assess_statement("Hypertension, active since 2011 [C1]", ["C1"], coded, keys).new_terms
-    ()
-    >>> assess_statement("Hypertension treated with lisinopril [C1]", ["C1"], coded, keys).new_terms
-    ('lisino', 'treate')
-    """
-    new = sorted(statement_terms(text, keys) - coded)
-    return NarrativeStatement(text, tuple(citations), tuple(new))
-
-
-def measure_patient(
-    record: PatientRecord, ctx: ClinicalContext, result: SummaryResult, seconds: float, origin: str = ""
-) -> PatientEvaluation:
-    """The figures of one summary. Pure."""
-    keys = frozenset(f.key for f in ctx.facts)
-    coded = coded_terms(f"{ctx.patient_summary}\n{result.structured.to_markdown()}", keys)
-    gender = record.patient.get("gender")
-    age = age_in_years(_text(record.patient.get("birthDate")), as_of_date(record.patient, ctx))
-    conflicts = result.structured.to_json().get("conflicts", [])
-    return PatientEvaluation(
-        patient=result.patient,
-        sex=gender if isinstance(gender, str) and gender else UNKNOWN,
-        age=age,
-        age_band=age_band(age),
-        kept=tuple(assess_statement(c.text, c.citations, coded, keys) for c in result.kept),
-        dropped=tuple(
-            DroppedStatement(
-                d.claim.text,
-                tuple(d.claim.citations),
-                d.reason,
-                str(getattr(d, "verdict", "unsupported")),
-                str(getattr(d, "severity", "low")),
-            )
-            for d in result.dropped
-        ),
-        key_facts=key_fact_coverage(record, result.markdown),
-        conflicts=len(conflicts) if isinstance(conflicts, list) else 0,
-        prompt_tokens=result.prompt_tokens,
-        completion_tokens=result.completion_tokens,
-        seconds=seconds,
-        seconds_generate=result.seconds_generate,
-        facts=result.facts,
-        skipped=len(result.skipped),
-        origin=origin,
-    )
 
 
 # --- record sources -----------------------------------------------------------------------------
@@ -386,6 +85,8 @@ class RecordSource(Protocol):
     def origin_of(self, patient_id: str) -> str: ...
 
     async def read_record(self, patient_id: str, settings: FhirSettings) -> PatientRecord: ...
+
+    async def medication_names(self, record: PatientRecord) -> dict[str, str]: ...
 
 
 @dataclass(frozen=True)
@@ -417,13 +118,18 @@ class ServerRecords:
             max_concurrency=settings.max_concurrency,
         )
 
+    async def medication_names(self, record: PatientRecord) -> dict[str, str]:
+        return await referenced_medication_names(self.client, record)
 
-@dataclass(frozen=True)
+
 class BundleRecords:
     """Patients of a folder of bundle files, each record built by `fetch_record` from its file."""
 
-    folder: BundleFolder
-    ids: tuple[str, ...]
+    def __init__(self, folder: BundleFolder, ids: Sequence[str]) -> None:
+        self.folder = folder
+        self.ids = tuple(ids)
+        # The bundle of the patient being read, kept for the look-ups that follow the read.
+        self._current: tuple[str, BundleSource] | None = None
 
     @property
     def description(self) -> str:
@@ -441,9 +147,43 @@ class BundleRecords:
         return str(path.relative_to(self.folder.root)) if path.is_relative_to(self.folder.root) else str(path)
 
     async def read_record(self, patient_id: str, settings: FhirSettings) -> PatientRecord:
-        return await self.folder.read_record(
-            patient_id, observation_limit=settings.observation_limit, max_concurrency=settings.max_concurrency
+        source = self.folder.source(patient_id)
+        self._current = (patient_id, source)
+        return await fetch_record(
+            source,
+            patient_id,
+            observation_limit=settings.observation_limit,
+            max_concurrency=settings.max_concurrency,
         )
+
+    async def medication_names(self, record: PatientRecord) -> dict[str, str]:
+        pid = str(record.patient.get("id"))
+        if self._current is None or self._current[0] != pid:
+            self._current = (pid, self.folder.source(pid))
+        return await referenced_medication_names(self._current[1], record)
+
+
+async def referenced_medication_names(source: FhirSource, record: PatientRecord) -> dict[str, str]:
+    """`Medication/id` -> name, for the MedicationRequests that name their drug only by reference.
+
+    The record as fetched holds no Medication resources; this look-up lets the report name an
+    active medication that the summary could not show instead of only counting it.
+    """
+    names: dict[str, str] = {}
+    for request in record.of_type("MedicationRequest"):
+        target = request.get("medicationReference")
+        reference = target.get("reference") if isinstance(target, dict) else None
+        match = re.fullmatch(r"(?:.*/)?Medication/([^/]+)", reference) if isinstance(reference, str) else None
+        if match is None or f"Medication/{match[1]}" in names:
+            continue
+        try:
+            medication = await source.read("Medication", match[1])
+        except FhirPermanentError:
+            continue
+        name = codeable_text(medication.get("code"))
+        if name:
+            names[f"Medication/{match[1]}"] = name
+    return names
 
 
 async def check_patients_exist(client: FhirClient, ids: Sequence[str], listed_in: str) -> None:
@@ -583,117 +323,26 @@ async def _evaluate_one(svc: Services, source: RecordSource, patient_id: str) ->
         generation = await svc.engine.generate(prep.request)
         result = await complete_summary(svc, prep, generation, dry_run=True)
         seconds = time.perf_counter() - started
-        return measure_patient(record, prep.ctx, result, seconds, source.origin_of(patient_id))
+        names = await source.medication_names(record)
+        return measure_patient(record, prep.ctx, result, seconds, source.origin_of(patient_id), names)
     finally:
         structlog.contextvars.unbind_contextvars("patient_id")
 
 
-# --- helpers ------------------------------------------------------------------------------------
-
-_MONTHS = {m: i for i, m in enumerate("jan feb mar apr may jun jul aug sep oct nov dec".split(), 1)}
-_MONTH = (
-    r"(?P<mon>jan(?:uary)?|feb(?:ruary)?|mar(?:ch)?|apr(?:il)?|may|june?|july?|aug(?:ust)?"
-    r"|sep(?:t(?:ember)?)?|oct(?:ober)?|nov(?:ember)?|dec(?:ember)?)\.?"
-)
-_KEY = re.compile(r"\[?\b([A-Za-z]{1,3}[0-9]+)\b\]?")
-_ISO_DATE = re.compile(r"\b(\d{4}-\d{2}-\d{2})(?:T[0-9:.]+(?:Z|[+-]\d{2}:?\d{2})?)?")
-_WRITTEN_DATE = re.compile(
-    rf"\b{_MONTH}\s+(?P<d>\d{{1,2}})(?:st|nd|rd|th)?,?\s+(?P<y>\d{{4}})\b", re.IGNORECASE
-)
-_DAY_FIRST_DATE = re.compile(
-    rf"\b(?P<d>\d{{1,2}})(?:st|nd|rd|th)?\s+(?:of\s+)?{_MONTH},?\s+(?P<y>\d{{4}})\b", re.IGNORECASE
-)
-_US_DATE = re.compile(r"\b(?P<m>\d{1,2})/(?P<d>\d{1,2})/(?P<y>\d{4})\b")
-_MONTH_YEAR = re.compile(rf"\b{_MONTH},?\s+(?:of\s+)?(?P<y>\d{{4}})\b", re.IGNORECASE)
-_YEAR = re.compile(r"(?<![\w.])((?:19|20)\d{2})(?![\w.])")
-_NUMBER = re.compile(r"\d+(?:\.\d+)?")
-# Words that frame a statement without adding to it: grammar, the record's own vocabulary
-# (statuses, "diagnosed", "ordered"), and the section words of the coded part.
-_FILLER = frozenset(
-    """
-    the and for with from has have had having was were are is been being this that these those
-    its his her hers him she they them their who which what when also not but any all per via
-    patient patients pt has shows showed noted recorded documented listed history historical
-    diagnosed diagnosis since ordered prescribed taking takes take took currently current active
-    inactive resolved stopped completed superseded status date dated hold recurrence relapse
-    condition conditions problem problems medication medications allergy allergies allergic
-    encounter encounters visit visits lab labs vital vitals result results latest recent recently
-    most last record records recorded summary known clinical clinically ongoing year years old aged
-    month months day days since until started start onset as of on at in to by an a
-    """.split()
-)
-
-
-def _written_iso(match: re.Match[str]) -> str:
-    return f"{match['y']}-{_MONTHS[match['mon'][:3].lower()]:02d}-{int(match['d']):02d}"
-
-
-def _number(raw: str) -> str:
-    whole, _, fraction = raw.partition(".")
-    fraction = fraction.rstrip("0")
-    whole = whole.lstrip("0") or "0"
-    return f"{whole}.{fraction}" if fraction else whole
-
-
-def _plain(text: str) -> str:
-    return " ".join(text.casefold().split())
-
-
-def _status(concept: object) -> str | None:
-    if not isinstance(concept, dict):
-        return None
-    for coding in concept.get("coding") or []:
-        if isinstance(coding, dict) and isinstance(coding.get("code"), str):
-            return str(coding["code"])
-    return None
-
-
-def _is_finding(resource: JsonObject) -> bool:
-    return _status(resource.get("verificationStatus")) not in _NOT_A_FINDING
-
-
-def _ref(resource: JsonObject) -> str:
-    return f"{resource.get('resourceType')}/{resource.get('id')}"
-
-
-def _text(value: object) -> str | None:
-    return value if isinstance(value, str) and value else None
-
-
-def _day(value: str | None) -> date | None:
-    if not value:
-        return None
-    match = re.match(r"(\d{4})(?:-(\d{2}))?(?:-(\d{2}))?", value)
-    if not match:
-        return None
-    try:
-        return date(int(match[1]), int(match[2] or 1), int(match[3] or 1))
-    except ValueError:
-        return None
-
-
 __all__ = [
-    "AGE_BANDS",
     "BUNDLE_BASE_URL",
     "BundleRecords",
     "Configuration",
     "EngineFactory",
     "EvalInputError",
     "EvalStore",
-    "KeyFact",
-    "NarrativeStatement",
-    "PatientEvaluation",
     "Progress",
     "RecordSource",
     "RunResult",
     "ServerRecords",
-    "age_band",
-    "age_in_years",
-    "assess_statement",
+    "check_patients_exist",
     "evaluate",
-    "key_fact_coverage",
-    "measure_patient",
     "read_patient_list",
+    "referenced_medication_names",
     "select_patients",
-    "statement_terms",
 ]
