@@ -16,7 +16,8 @@ from sqlalchemy.exc import SQLAlchemyError
 from fhir_adapters.client import FhirClient
 from service.cli.common import EXIT_BAD_INPUT, EXIT_SERVER, build_settings, fail, run
 from service.db.store import SqlSummaryStore
-from service.governance.recall import Criterion, RecallError, RecallReport, parse_criterion, run_recall
+from service.governance.recall import RecallReport, run_recall
+from service.governance.recall_rules import Criterion, RecallError, parse_criterion
 
 ACTION_TEXT = {
     "marked": "put under recall now",

@@ -27,7 +27,7 @@ from service.cli.main import cli
 from service.config import Settings
 from service.db.models import AuditEvent
 from service.db.store import SqlSummaryStore
-from service.governance.recall import RECALL_TAG, RECALL_URL
+from service.governance.recall_rules import RECALL_TAG, RECALL_URL
 from service.llm.fake import FAKE_IDENTITY, FakeEngine
 from service.pipeline import Services, summarize_patient
 from service.prompts import DEFAULT_PROMPTS_DIR

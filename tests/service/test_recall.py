@@ -25,7 +25,8 @@ from fhir_adapters.writer import PROMPT_EXTENSION_URL, build_device, provenance_
 from service.cli.main import cli
 from service.db.models import AuditEvent
 from service.db.store import SqlSummaryStore
-from service.governance.recall import (
+from service.governance.recall import run_recall
+from service.governance.recall_rules import (
     RECALL_TAG,
     Criterion,
     RecallError,
@@ -34,7 +35,6 @@ from service.governance.recall import (
     parse_criterion,
     recall_notice,
     review_state,
-    run_recall,
 )
 from tests.fhir_adapters.test_review import MemoryFhir, ai_provenance, draft_doc
 

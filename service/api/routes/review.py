@@ -55,7 +55,7 @@ from service.api.views import (
     stored_source_views,
 )
 from service.db import audit
-from service.governance.recall import recall_notice
+from service.governance.recall_rules import recall_notice
 from service.llm.base import EngineError
 from service.pipeline import Services, prepare_summary
 from service.prompts import PromptError
