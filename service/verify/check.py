@@ -403,7 +403,8 @@ def _pair_in(systolic: Quantity, diastolic: Quantity, source: SourceEvidence) ->
     # Without component codes, by position: the systolic value stated before the diastolic one.
     values = list(source.quantities)
     return any(
-        same_value(systolic, a, rounding=False) and any(same_value(diastolic, b, rounding=False) for b in values[i + 1 :])
+        same_value(systolic, a, rounding=False)
+        and any(same_value(diastolic, b, rounding=False) for b in values[i + 1 :])
         for i, a in enumerate(values)
     )
 
@@ -411,8 +412,8 @@ def _pair_in(systolic: Quantity, diastolic: Quantity, source: SourceEvidence) ->
 def _gender_problem(claim: _Claim, sources: Sequence[SourceEvidence]) -> Verdict | None:
     patient = next((s for s in sources if s.resource_type == "Patient"), None)
     genders = {_GENDER_WORDS[w] for w in claim.words if w in _GENDER_WORDS}
-    if patient is None or not genders:
-        return None
+    if patient is None or not genders or set(claim.word_stems) & _NEGATION:
+        return None  # a negated sex ("is not male") was judged with the negation
     if patient.gender not in genders:
         return Verdict(
             "unsupported", f"the Patient's recorded sex is {patient.gender or 'not recorded'}", "medium"
@@ -439,8 +440,8 @@ def _status_problem(claim: _Claim, sources: Sequence[SourceEvidence], cues: set[
 
 
 def _asserted_status(claim: _Claim, cues: set[str]) -> str | None:
-    if cues & _INACTIVE_CUES:
-        return "inactive"
+    if cues & _INACTIVE_CUES or (cues & _NEGATION and cues & _ACTIVE_CUES):
+        return "inactive"  # "resolved", "stopped", and "is not taking"
     if cues & _ACTIVE_CUES:
         return "active"
     text = " ".join(claim.words)
@@ -485,7 +486,11 @@ def _words_problem(
             "unsupported", f"says {_join(missing)}, not stated by the cited sources", _severity_of(types)
         )
     checkable = runs or claim.quantities or claim.pairs or claim.dates or claim.ages
-    if not checkable and not set(claim.words) & set(_GENDER_WORDS) and not set(claim.word_stems) & _ALIVE_CUES:
+    if (
+        not checkable
+        and not set(claim.words) & set(_GENDER_WORDS)
+        and not set(claim.word_stems) & _ALIVE_CUES
+    ):
         return Verdict("unsupported", "states nothing the cited sources could support", "low")
     return None
 

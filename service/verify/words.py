@@ -66,7 +66,7 @@ STOP = _stem_set(
     """
     a an the of on in at for to with and or as by from was were is are be been being has have had
     having this that these those which who whose it its their his her he she they them than then
-    also into per via there here one since
+    also into per via there here one since any all some
     """
 )
 
@@ -160,6 +160,8 @@ ALIASES: tuple[tuple[str, str], ...] = (
     ("paracetamol", "acetaminophen"),
     ("outpatient", "ambulatory"),
     ("wellness", "check up"),
+    ("weighed", "weight"),
+    ("weighs", "weight"),
 )
 _ALIAS_STEMS = tuple((tuple(stems(tokens(a))), tuple(stems(tokens(b)))) for a, b in ALIASES)
 

@@ -1,0 +1,102 @@
+"""`chartbrief eval claims`: the verifier's quality gate on the labelled corpus, and the command."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from service.cli.main import cli
+from service.eval.claims import CorpusError, evaluate, load_corpus
+
+FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
+CORPUS = FIXTURES / "eval" / "claims-public.jsonl"
+
+# The targets the verifier is held to (a quality gate, not a timing): at most 1% of unsupported or
+# contradicted claims kept, at least 95% of supported claims kept, every claim evaluable.
+MAX_UNSUPPORTED_KEPT = 0.01
+MIN_SUPPORTED_KEPT = 0.95
+
+
+@pytest.fixture(scope="module")
+def scored() -> dict[str, object]:
+    result, _judged = evaluate(CORPUS, FIXTURES)
+    return result.to_json()
+
+
+def test_verifier_meets_its_targets_on_the_public_corpus(scored: dict[str, object]) -> None:
+    assert scored["not_evaluable"] == 0
+    assert scored["evaluated"] == 500
+    assert scored["unsupported_kept"] <= MAX_UNSUPPORTED_KEPT, scored["misjudged"]
+    assert scored["supported_kept"] >= MIN_SUPPORTED_KEPT, scored["misjudged"]
+
+
+def test_every_kind_of_claim_is_scored_and_figures_add_up(scored: dict[str, object]) -> None:
+    confusion = scored["confusion"]
+    assert isinstance(confusion, dict)
+    assert sum(sum(row.values()) for row in confusion.values()) == scored["evaluated"]
+    by_kind = scored["by_kind"]
+    assert isinstance(by_kind, dict)
+    assert sum(k["evaluated"] for k in by_kind.values()) == scored["evaluated"]
+    rules = {json.loads(line)["kind"].split(":")[0] for line in CORPUS.read_text().splitlines()}
+    assert set(by_kind) == rules
+
+
+def test_contradictions_are_flagged_as_such_not_only_dropped(scored: dict[str, object]) -> None:
+    assert scored["contradicted_recall"] >= 0.9
+    severities = scored["severities"]
+    assert isinstance(severities, dict)
+    assert severities.get("high", 0) > 0
+
+
+def test_eval_claims_prints_the_figures_as_json_and_writes_them(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    result = CliRunner().invoke(
+        cli, ["eval", "claims", "--bundles", str(FIXTURES), "--claims", str(CORPUS), "--json", "--out", str(out)]
+    )
+    assert result.exit_code == 0, result.output
+    printed = json.loads(result.output)
+    written = json.loads((out / "claims.json").read_text())
+    for key in ("evaluated", "not_evaluable", "supported_kept", "unsupported_kept", "by_kind", "confusion"):
+        assert key in printed
+    assert printed == written
+
+
+def test_eval_claims_text_report_lists_the_headline_figures() -> None:
+    result = CliRunner().invoke(cli, ["eval", "claims", "--bundles", str(FIXTURES), "--claims", str(CORPUS)])
+
+    assert result.exit_code == 0, result.output
+    assert "supported kept: " in result.output
+    assert "unsupported-or-contradicted kept: " in result.output
+
+
+@pytest.mark.parametrize(
+    ("line", "message"),
+    [
+        ("not json", ":1: is not JSON"),
+        ('{"bundle": "b.json", "patient": "p", "text": "t", "cites": [], "label": "supported"}', "field 'cites'"),
+        ('{"bundle": "b.json", "patient": "p", "text": "t", "cites": ["Patient/p"], "label": "maybe"}',
+         "field 'label' must be one of"),
+    ],
+)
+def test_a_bad_corpus_line_is_named_with_its_field(tmp_path: Path, line: str, message: str) -> None:
+    corpus = tmp_path / "claims.jsonl"
+    corpus.write_text(line + "\n")
+
+    with pytest.raises(CorpusError, match=message):
+        load_corpus(corpus)
+
+
+def test_eval_claims_refuses_a_missing_bundle_with_exit_2(tmp_path: Path) -> None:
+    corpus = tmp_path / "claims.jsonl"
+    corpus.write_text(
+        json.dumps({"bundle": "nobody.json", "patient": "p", "text": "The patient is male.",
+                    "cites": ["Patient/p"], "label": "supported"}) + "\n"
+    )  # fmt: skip
+
+    result = CliRunner().invoke(cli, ["eval", "claims", "--bundles", str(tmp_path), "--claims", str(corpus)])
+
+    assert result.exit_code == 2
+    assert "bundle nobody.json: not found" in result.output
