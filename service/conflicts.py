@@ -217,9 +217,16 @@ def note_statement(text: str, kind: ConflictKind) -> NoteStatement:
 def _says(text: str, patterns: Iterable[re.Pattern[str]]) -> bool:
     for pattern in patterns:
         for match in pattern.finditer(text):
-            if not _HEDGES.search(_sentence_around(text, match.start(), match.end())):
+            hedged = _HEDGES.search(_sentence_around(text, match.start(), match.end()))
+            if not hedged and not _HEDGES.search(_heading_above(text, match.start())):
                 return True
     return False
+
+
+def _heading_above(text: str, position: int) -> str:
+    """The title of the markdown heading the position falls under ('' when there is none)."""
+    titles = [h["title"] for h in _HEADING.finditer(text, 0, position)]
+    return titles[-1] if titles else ""
 
 
 def _sentence_around(text: str, start: int, end: int) -> str:

@@ -101,6 +101,7 @@ def test_no_known_allergies_conflicts_only_with_allergies_active_before_the_note
         ("No known allergies except latex.", False),
         ("No known allergies, but reacts to latex gloves.", False),
         ("Her mother has no known allergies.", False),
+        ("# Family History\nNo known allergies.\n", False),
         ("No known allergies to anesthesia agents.", False),
         ("# Allergies\nlatex\n", False),  # listed: no disagreement with an active latex allergy
         ("# Chief Complaint\nNo complaints.\n", False),
