@@ -22,7 +22,7 @@ from service.db.store import SqlSummaryStore
 from service.governance.monitor import TABLE_COLUMNS, monitor_report, table_rows
 from service.governance.records import review_outcomes, summaries
 
-TABLE_WIDTH = 160
+TABLE_WIDTH = 200  # wide enough for the per-week table on one line per row
 
 
 def parse_since(value: str | None) -> datetime | None:
