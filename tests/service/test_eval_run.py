@@ -377,6 +377,49 @@ def test_one_source_exactly_and_known_compare_keys(tmp_path: Path) -> None:
     assert "--compare 'colour=blue': unknown key" in line
 
 
+# --- against a real FHIR server -----------------------------------------------------------------
+
+SERVER_PATIENTS = (
+    "Kermit_Trantow_f1a650a5-737e-4fd7-828e-03c3348b9524.json",
+    "Luigi_Wiegand_e27d88b0-c5e5-4042-ad49-184f6a900ee3.json",
+)
+COMPARED = ("sex", "age_band", "key_facts", "key_facts_found", "coverage", "claims_kept", "claims_dropped", "quoted")
+
+
+@pytest.mark.integration
+def test_a_fhir_server_and_the_same_bundle_files_give_the_same_figures(
+    fhir_base: str, loaded_patients: dict[str, Any], tmp_path: Path
+) -> None:
+    ids = [loaded_patients[name].id for name in SERVER_PATIENTS]
+    (tmp_path / "ids.txt").write_text("\n".join(ids) + "\n")
+    folder = tmp_path / "bundles"
+    folder.mkdir()
+    for name in SERVER_PATIENTS:
+        shutil.copy(FIXTURES / "synthea" / name, folder)
+
+    server = _invoke(
+        ["--fhir-base", fhir_base, "--patients", str(tmp_path / "ids.txt"), "--out", str(tmp_path / "server")],
+        ScriptedFactory(),
+    )
+    files = _invoke(["--bundles", str(folder), "--out", str(tmp_path / "files")], ScriptedFactory())
+
+    assert server.exit_code == 0, server.output
+    assert files.exit_code == 0, files.output
+    from_server = json.loads((tmp_path / "server" / "report.json").read_text())
+    from_files = json.loads((tmp_path / "files" / "report.json").read_text())
+    assert [p["patient"] for p in from_server["patients"]] == ids
+    assert from_server["source"] == f"FHIR server {fhir_base}"
+    assert [[p[f] for f in COMPARED] for p in from_server["patients"]] == [
+        [p[f] for f in COMPARED] for p in from_files["patients"]
+    ]
+
+    (tmp_path / "unknown.txt").write_text(f"{ids[0]}\nno-such-patient\n")
+    line = _one_line_error(
+        _invoke(["--fhir-base", fhir_base, "--patients", str(tmp_path / "unknown.txt"), "--out", str(tmp_path / "x")])
+    )
+    assert "unknown.txt" in line and "Patient/no-such-patient is not on" in line
+
+
 # --- with the real default model ----------------------------------------------------------------
 
 
