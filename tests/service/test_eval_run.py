@@ -240,6 +240,7 @@ def test_eval_run_on_every_fixture_gives_figures_that_add_up(all_fixtures_report
         for kept in p["kept"]:
             # the only claim that can pass is the patient line repeated verbatim: it adds nothing
             assert not kept["adds_information"], kept
+    assert overall["quoted"] > 0, "the patient line repeated verbatim is kept, and counted as restating"
     reasons = {r["reason"] for r in overall["top_reasons"]}
     assert any("not in the record" in r for r in reasons)
 
