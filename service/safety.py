@@ -30,10 +30,12 @@ AIAST_SYSTEM = "http://terminology.hl7.org/CodeSystem/v3-ObservationValue"
 # every Synthea fixture note through them). Parts in (?-i:...) are case-sensitive on purpose.
 _VERBS_TO_WRITE = r"(?:write|save|post|file|attach|assign|store|record|put|copy|submit|upload|send|move)"
 _FHIR_ID = r"(?=[A-Za-z0-9.-]*[0-9])[A-Za-z0-9][A-Za-z0-9.-]{0,63}"
-_EXFIL_VERBS = (
-    r"(?:send|forward|e-?mail|mail|post|upload|transmit|exfiltrate|leak|share|report|submit|fetch|load)"
-)
+# Verbs of sending: "report", "share" or "load" also live in clinical prose ("viral load", "shared
+# decision"), so they are not among them.
+_EXFIL_VERBS = r"(?:send|forward|e-?mail|mail|post|upload|transmit|exfiltrate|leak|submit)"
 _ADDRESS = r"(?:https?://|ftps?://|www\.|javascript:|[\w.+-]+@[\w-]+(?:\.[\w-]+)+)"
+# A line that starts a chat turn ("System:", "### Assistant:"): needs the note's own line breaks.
+_CHAT_TURN = r"(^|\n)\s*(#{1,4}\s*)?(system|assistant|user|human)\s*(message|turn|prompt)?\s*:"
 _PATTERNS = [
     # "ignore / disregard / forget ... the instructions (rules, prompt) ..."
     r"\b(ignore|disregard|forget|override|bypass)\s+(all\s+|any\s+)?(of\s+)?(the\s+|your\s+|these\s+|those\s+|my\s+)?"
@@ -68,12 +70,11 @@ _PATTERNS = [
     r"<\|?(im_start|im_end|system|assistant|user|eot_id|begin_of_text|start_header_id)\|?>",
     r"\[/?INST\]|<</?SYS>>|<(start|end)_of_turn>",
     r"\"(claims|citations)\"\s*:\s*\[",
-    r"(^|\n)\s*(#{1,4}\s*)?(system|assistant|user|human)\s*(message|turn|prompt)?\s*:",
+    _CHAT_TURN,
     r"(?-i:\[[A-Z]{1,3}[0-9]{1,4}\])",
 ]
 _INSTRUCTION = re.compile("|".join(f"(?:{p})" for p in _PATTERNS), re.IGNORECASE)
-# The patterns anchored at line starts need the lines; the others see one line of text.
-_LINE_ANCHORED = re.compile(_PATTERNS[-2], re.IGNORECASE)
+_LINE_ANCHORED = re.compile(_CHAT_TURN, re.IGNORECASE)
 
 
 def addresses_the_model(text: str) -> bool:

@@ -153,6 +153,8 @@ def test_instructions_to_a_model_are_recognized_however_phrased(text: str) -> No
         "Spine MRI: disc bulge at C5-C6 and L4-L5. Grade 2 of 4.",
         "Assessment and plan: continue lisinopril 10 mg; mark calendar for follow-up.",
         "Patient was seen by the medical assistant; summary of visit given to patient.",
+        "Patient education: see www.heart.org for diet information.",
+        "Viral load reported to the clinic; shared decision making, handout at https://example.org/diet.",
     ],
 )
 def test_ordinary_clinical_prose_is_left_alone(text: str) -> None:
