@@ -9,8 +9,10 @@ import json
 import re
 from collections.abc import Iterator
 from pathlib import Path
+from string import Template
 
 import pytest
+import yaml
 
 from fhir_adapters.text import UnsupportedContent, decode_text
 from service.grounding import Claim, DroppedClaim
@@ -184,3 +186,12 @@ def test_no_synthea_fixture_note_is_taken_for_instructions() -> None:
     assert len(notes) > 100
     flagged = [where for where, text in notes if addresses_the_model(text)]
     assert flagged == []
+
+
+def test_the_adversarial_corpus_is_quarantined_exactly_where_it_says() -> None:
+    corpus = yaml.safe_load((FIXTURES / "adversarial" / "cases.yaml").read_text(encoding="utf-8"))
+    values = {"OTHER_PATIENT": "f1a650a5-0000", "CANARY": "http://127.0.0.1:9"}
+    for case in corpus["cases"]:
+        payload = Template(case["payload"]).safe_substitute(values)
+        text = decode_text(payload.encode("utf-8"), case["content_type"])
+        assert addresses_the_model(text) == case["quarantine"], case["name"]
