@@ -33,7 +33,12 @@ from service.db.store import SummaryStore
 from service.grounding import Claim, DroppedClaim, ground, parse_claims
 from service.llm.base import Engine, Generation, GenerationRequest
 from service.prompts import PackedContext, build_request, load_prompt
-from service.safety import quarantine_instructions, without_ai_documents
+from service.safety import (
+    neutralized_claims,
+    neutralized_dropped,
+    quarantine_instructions,
+    without_ai_documents,
+)
 from service.structured import StructuredSummary, build_structured
 
 log = structlog.get_logger(__name__)
@@ -96,8 +101,15 @@ class SummaryResult:
             "claims_kept": len(self.kept),
             "claims_dropped": len(self.dropped),
             "kept": [{"text": c.text, "citations": list(c.citations)} for c in self.kept],
+            "claims_contradicted": sum(d.contradicted for d in self.dropped),
             "dropped": [
-                {"text": d.claim.text, "citations": list(d.claim.citations), "reason": d.reason}
+                {
+                    "text": d.claim.text,
+                    "citations": list(d.claim.citations),
+                    "reason": d.reason,
+                    "verdict": d.verdict,
+                    "severity": d.severity,
+                }
                 for d in self.dropped
             ],
             "facts": self.facts,
@@ -191,7 +203,14 @@ def structured_json(
         "structured": structured.to_json(),
         "narrative": [{"text": c.text, "citations": list(c.citations)} for c in kept],
         "dropped": [
-            {"text": d.claim.text, "citations": list(d.claim.citations), "reason": d.reason} for d in dropped
+            {
+                "text": d.claim.text,
+                "citations": list(d.claim.citations),
+                "reason": d.reason,
+                "verdict": d.verdict,
+                "severity": d.severity,
+            }
+            for d in dropped
         ],
         "sources": {k: by_key[k].source.versioned for k in sorted(keys, key=_key_order) if k in by_key},
     }
@@ -268,6 +287,9 @@ async def complete_summary(
     """Ground the model's output, write the draft back (unless dry run), record it."""
     ctx, structured = prep.ctx, prep.structured
     claims, unparsable = parse_claims(generation.text)
+    # The one place model text enters the summary: made inert (no HTML, link, image or URL) before
+    # it is checked, so what is verified is what the markdown, the JSON and the review screen show.
+    claims, unparsable = neutralized_claims(claims), neutralized_dropped(unparsable)
     grounded = ground(claims, ctx)
     dropped = unparsable + grounded.dropped
     markdown = compose_markdown(ctx, structured, grounded.kept, dropped, prep.packed.omitted)
