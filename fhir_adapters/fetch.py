@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import re
-from collections.abc import AsyncIterator, Awaitable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar, runtime_checkable
 
@@ -119,6 +119,12 @@ async def fetch_record(
         focus_skips = _add_focus_encounter(resources, focus_result, encounter_id, patient_id)
         skipped.extend(s for s in focus_skips if s not in skipped)
 
+    medications, medication_skips = await read_medications(
+        source, resources.get("MedicationRequest", []), semaphore
+    )
+    if medications:
+        resources["Medication"] = medications
+    skipped.extend(medication_skips)
     notes, note_skips = await read_notes(
         source, resources.get("DocumentReference", []), resources.get("DiagnosticReport", []), semaphore
     )
@@ -331,6 +337,50 @@ class _Attachment:
     @property
     def label(self) -> str:
         return f"{self.owner['resourceType']}/{self.owner['id']}#{self.where}"
+
+
+def medication_ids(requests: Iterable[JsonObject]) -> list[str]:
+    """Ids of the Medication resources orders name by reference (not contained ones), in order.
+
+    >>> medication_ids([{"medicationReference": {"reference": "Medication/7"}},
+    ...                 {"medicationReference": {"reference": "urn:uuid:ab-1"}},
+    ...                 {"medicationReference": {"reference": "#m"}}, {"medicationCodeableConcept": {}}])
+    ['7', 'ab-1']
+    """
+    ids: list[str] = []
+    for request in requests:
+        reference = request.get("medicationReference")
+        target = reference.get("reference") if isinstance(reference, dict) else None
+        if not isinstance(target, str) or target.startswith("#"):
+            continue
+        if target.startswith("urn:uuid:"):
+            ids.append(target.removeprefix("urn:uuid:"))
+            continue
+        parts = target.split("/")
+        if "Medication" in parts and parts.index("Medication") + 1 < len(parts):
+            ids.append(parts[parts.index("Medication") + 1])
+    return list(dict.fromkeys(ids))
+
+
+async def read_medications(
+    source: FhirSource, requests: list[JsonObject], semaphore: asyncio.Semaphore
+) -> tuple[list[JsonObject], list[Skipped]]:
+    """The Medication resources that orders reference: without them a drug named only by reference
+    has no name, and the summary could not list it."""
+    ids = medication_ids(requests)
+    results = await asyncio.gather(
+        *(_limited(semaphore, source.read("Medication", mid)) for mid in ids), return_exceptions=True
+    )
+    found: list[JsonObject] = []
+    skipped: list[Skipped] = []
+    for mid, result in zip(ids, results, strict=True):
+        if isinstance(result, FhirPermanentError):
+            skipped.append(Skipped(f"Medication/{mid}", f"could not be read ({_why(result)})"))
+        elif isinstance(result, BaseException):
+            raise result
+        elif isinstance(result, dict) and result.get("resourceType") == "Medication":
+            found.append(result)
+    return found, skipped
 
 
 async def read_notes(

@@ -25,6 +25,7 @@ The patient's name parts are replaced by `[name]` wherever they appear (notes re
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
@@ -78,7 +79,7 @@ def normalize(record: PatientRecord, *, note_chars: int = 4000, today: date | No
     drafts: list[_Draft] = []
     builders: list[tuple[str, Callable[[JsonObject], _Draft | str]]] = [
         ("Condition", _condition),
-        ("MedicationRequest", _medication),
+        ("MedicationRequest", functools.partial(_medication, medications=_medications_by_id(record))),
         ("AllergyIntolerance", _allergy),
         ("Encounter", _encounter),
         ("Observation", _observation),
@@ -346,8 +347,12 @@ def _condition(resource: JsonObject) -> _Draft | str:
     return _Draft(fact, "C", onset_full or "", (code or display.lower(), status or ""))
 
 
-def _medication(resource: JsonObject) -> _Draft | str:
-    display = medication_name(resource)
+def _medications_by_id(record: PatientRecord) -> dict[str, JsonObject]:
+    return {str(m.get("id")): m for m in record.of_type("Medication")}
+
+
+def _medication(resource: JsonObject, medications: dict[str, JsonObject] | None = None) -> _Draft | str:
+    display = medication_name(resource, medications)
     if not display:
         return "no medication name (medicationCodeableConcept or medicationReference.display)"
     status = _str(resource.get("status"))
@@ -563,7 +568,7 @@ def coding_key(concept: object) -> str | None:
     return None
 
 
-def medication_name(resource: JsonObject) -> str | None:
+def medication_name(resource: JsonObject, medications: dict[str, JsonObject] | None = None) -> str | None:
     """The medication's label: the CodeableConcept, the reference's display, or a contained Medication.
 
     >>> medication_name({"medicationReference": {"reference": "Medication/1", "display": "Aspirin 81 MG"}})
@@ -573,6 +578,9 @@ def medication_name(resource: JsonObject) -> str | None:
     'Insulin'
     >>> medication_name({"medicationReference": {"reference": "Medication/1"}}) is None
     True
+    >>> medication_name({"medicationReference": {"reference": "Medication/1"}},
+    ...                 {"1": {"resourceType": "Medication", "id": "1", "code": {"text": "Vancomycin"}}})
+    'Vancomycin'
     """
     name = codeable_text(resource.get("medicationCodeableConcept"))
     if name:
@@ -587,6 +595,11 @@ def medication_name(resource: JsonObject) -> str | None:
         for contained in resource.get("contained") or []:
             if isinstance(contained, dict) and contained.get("id") == target[1:]:
                 return codeable_text(contained.get("code"))
+    if isinstance(target, str) and medications:
+        # A Medication read beside the order ("Medication/7", or "urn:uuid:7" inside a bundle).
+        found = medications.get(target.removeprefix("urn:uuid:").split("/_history")[0].split("/")[-1])
+        if found is not None:
+            return codeable_text(found.get("code"))
     return None
 
 

@@ -13,7 +13,7 @@ latest of its code?) are passed in by the caller.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -76,11 +76,16 @@ class SourceEvidence:
 
 
 def evidence_of(
-    resource: JsonObject, *, note_text: str | None = None, latest: bool | None = None
+    resource: JsonObject,
+    *,
+    note_text: str | None = None,
+    latest: bool | None = None,
+    related: Sequence[JsonObject] = (),
 ) -> SourceEvidence:
-    """The evidence of one resource; `note_text` is the decoded text of a note resource."""
+    """The evidence of one resource; `note_text` is the decoded text of a note resource, `related`
+    the resources it names by reference (an order's Medication), whose labels it states too."""
     rtype = str(resource.get("resourceType", ""))
-    labels = _labels(rtype, resource)
+    labels = _labels(rtype, resource) + [t for r in related for t in _concepts(r.get("code"))]
     extra = _spelled_out(rtype, resource)
     text_parts = [*labels, *extra]
     quantities = list(_quantities(rtype, resource))

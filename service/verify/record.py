@@ -61,9 +61,24 @@ class RecordIndex:
         resource = self.resources.get(ref)
         if resource is None:
             return None
-        found = evidence_of(resource, note_text=self.note_texts.get(ref), latest=self._latest.get(ref))
+        found = evidence_of(
+            resource,
+            note_text=self.note_texts.get(ref),
+            latest=self._latest.get(ref),
+            related=self._related(resource),
+        )
         self._evidence[ref] = found
         return found
+
+    def _related(self, resource: JsonObject) -> list[JsonObject]:
+        """Resources whose names a resource borrows: the Medication an order names by reference."""
+        reference = resource.get("medicationReference")
+        target = reference.get("reference") if isinstance(reference, Mapping) else None
+        if not isinstance(target, str):
+            return []
+        mid = target.removeprefix("urn:uuid:").split("/_history")[0].split("/")[-1]
+        found = self.resources.get(f"Medication/{mid}")
+        return [found] if found is not None else []
 
 
 def _code_key(resource: JsonObject) -> str | None:
