@@ -230,7 +230,7 @@ def age_between(birth: str | None, as_of: str | None) -> str | None:
     >>> age_between(None, "2020-01-01") is None
     True
     """
-    start, end = _parse_day(birth), _parse_day(as_of)
+    start, end = parse_day(birth), parse_day(as_of)
     if start is None or end is None or end < start:
         return None
     months = (end.year - start.year) * 12 + end.month - start.month - (end.day < start.day)
@@ -241,7 +241,8 @@ def age_between(birth: str | None, as_of: str | None) -> str | None:
     return f"{about}{years} year{'s' if years != 1 else ''}"
 
 
-def _parse_day(value: str | None) -> date | None:
+def parse_day(value: str | None) -> date | None:
+    """The date a FHIR date or dateTime starts on (a month or year: its first day), or None."""
     if not value:
         return None
     match = re.match(r"(\d{4})(?:-(\d{2}))?(?:-(\d{2}))?", value)

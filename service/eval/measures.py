@@ -17,11 +17,10 @@ import re
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from datetime import date
 from typing import Any, Literal
 
 from fhir_adapters.models import ClinicalContext, PatientRecord
-from fhir_adapters.normalize import codeable_text, medication_name
+from fhir_adapters.normalize import codeable_text, medication_name, parse_day
 from service.pipeline import SummaryResult
 
 JsonObject = dict[str, Any]
@@ -170,7 +169,7 @@ def age_in_years(birth: str | None, as_of: str | None) -> int | None:
     >>> age_in_years("1950", "2000-01-01"), age_in_years(None, "2000-01-01")
     (50, None)
     """
-    start, end = _day(birth), _day(as_of)
+    start, end = parse_day(birth), parse_day(as_of)
     if start is None or end is None or end < start:
         return None
     return end.year - start.year - ((end.month, end.day) < (start.month, start.day))
@@ -411,18 +410,6 @@ def _ref(resource: JsonObject) -> str:
 
 def _text(value: object) -> str | None:
     return value if isinstance(value, str) and value else None
-
-
-def _day(value: str | None) -> date | None:
-    if not value:
-        return None
-    match = re.match(r"(\d{4})(?:-(\d{2}))?(?:-(\d{2}))?", value)
-    if not match:
-        return None
-    try:
-        return date(int(match[1]), int(match[2] or 1), int(match[3] or 1))
-    except ValueError:
-        return None
 
 
 __all__ = [
