@@ -35,6 +35,7 @@ from service.llm.base import Engine, Generation, GenerationRequest
 from service.prompts import PackedContext, build_request, load_prompt
 from service.safety import (
     neutralized_claims,
+    neutralized_coded,
     neutralized_dropped,
     quarantine_instructions,
     without_ai_documents,
@@ -259,7 +260,7 @@ async def prepare_summary(
         )
     record = without_ai_documents(record, settings.writer.identifier_system)
     fetched = time.perf_counter()
-    ctx = quarantine_instructions(normalize(record))
+    ctx = neutralized_coded(quarantine_instructions(normalize(record)))
     template = load_prompt(settings.prompt, settings.prompts_dir)
     request, rendered, packed = build_request(template, ctx, svc.engine, settings.llm)
     model = svc.engine.identity

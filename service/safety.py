@@ -220,3 +220,22 @@ def neutralized_claims(claims: Sequence[Claim]) -> list[Claim]:
 def neutralized_dropped(dropped: Sequence[DroppedClaim]) -> list[DroppedClaim]:
     """Each dropped claim with its text `neutralize`d: the reviewer sees it, so it must be inert too."""
     return [replace(d, claim=replace(d.claim, text=neutralize(d.claim.text))) for d in dropped]
+
+
+def neutralized_coded(ctx: ClinicalContext) -> ClinicalContext:
+    """The coded facts' labels made inert like model text: a Condition display or an Observation
+    value holding a tag, a markdown link or a URL would otherwise reach the markdown, the prompt
+    and the review screen as written. Notes keep their lines (they are quoted as data, and
+    quarantined when they address the model); the raw resources the verifier reads are untouched."""
+    facts = [
+        f
+        if f.kind == "note"
+        else replace(f, text=neutralize(f.text), display=_maybe(f.display), value=_maybe(f.value))
+        for f in ctx.facts
+    ]
+    return replace(ctx, facts=facts)
+
+
+def _maybe(text: str | None) -> str | None:
+    return neutralize(text) if text else text
+

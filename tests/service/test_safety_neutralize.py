@@ -195,3 +195,24 @@ def test_the_adversarial_corpus_is_quarantined_exactly_where_it_says() -> None:
         payload = Template(case["payload"]).safe_substitute(values)
         text = decode_text(payload.encode("utf-8"), case["content_type"])
         assert addresses_the_model(text) == case["quarantine"], case["name"]
+
+
+def test_coded_labels_reach_the_document_inert_and_notes_keep_their_lines() -> None:
+    from fhir_adapters.models import ClinicalContext, Fact, SourceRef
+    from service.safety import neutralized_coded
+
+    condition = Fact(
+        "C1",
+        "condition",
+        "Condition: Flu <script>x()</script> [site](http://evil.example)",
+        SourceRef("Condition", "c"),
+        display="Flu <b>now</b>",
+    )
+    note = Fact("N1", "note", "line one\nline two", SourceRef("DocumentReference", "d"))
+    ctx = ClinicalContext(SourceRef("Patient", "p"), "female", [condition, note])
+
+    cleaned = neutralized_coded(ctx)
+
+    assert cleaned.facts[0].text == "Condition: Flu site"
+    assert cleaned.facts[0].display == "Flu now"
+    assert cleaned.facts[1].text == "line one\nline two"
