@@ -17,6 +17,7 @@ import re
 from dataclasses import dataclass
 from decimal import ROUND_HALF_UP, Decimal, InvalidOperation
 from functools import lru_cache
+from typing import Any
 
 import pint
 
@@ -185,7 +186,7 @@ def _unit_after(text: str, position: int) -> tuple[str | None, int]:
 
 
 @lru_cache(maxsize=1)
-def _registry() -> pint.UnitRegistry:
+def _registry() -> pint.UnitRegistry[Any]:
     return pint.UnitRegistry()
 
 
