@@ -32,7 +32,7 @@ Alg = Literal["RS384", "ES384"]
 # What the batch reads, plus what it writes (STANDARDS.md, SMART Backend Services).
 DEFAULT_SYSTEM_SCOPES = (
     "system/Patient.rs system/Encounter.rs system/DocumentReference.rs system/Binary.rs "
-    "system/Condition.rs system/MedicationRequest.rs system/AllergyIntolerance.rs "
+    "system/Condition.rs system/MedicationRequest.rs system/Medication.rs system/AllergyIntolerance.rs "
     "system/Observation.rs system/Procedure.rs system/Immunization.rs system/DiagnosticReport.rs "
     "system/Group.rs system/DocumentReference.c system/DocumentReference.u system/Provenance.c "
     "system/Provenance.u system/Device.c"

@@ -66,6 +66,7 @@ _RESOURCE_SCOPES = (
     "patient/Condition.rs",
     "patient/Observation.rs",
     "patient/MedicationRequest.rs",
+    "patient/Medication.rs",  # the drug an order names by reference
     "patient/AllergyIntolerance.rs",
     "patient/DocumentReference.c",
     "patient/Provenance.c",
