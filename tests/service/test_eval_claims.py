@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import json
+import re
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
 
 from service.cli.main import cli
-from service.eval.claims import CorpusError, evaluate, load_corpus
+from service.eval.claims import CorpusError, evaluate, judge, load_bundles, load_corpus
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
 CORPUS = FIXTURES / "eval" / "claims-public.jsonl"
@@ -54,7 +56,8 @@ def test_contradictions_are_flagged_as_such_not_only_dropped(scored: dict[str, o
 def test_eval_claims_prints_the_figures_as_json_and_writes_them(tmp_path: Path) -> None:
     out = tmp_path / "out"
     result = CliRunner().invoke(
-        cli, ["eval", "claims", "--bundles", str(FIXTURES), "--claims", str(CORPUS), "--json", "--out", str(out)]
+        cli,
+        ["eval", "claims", "--bundles", str(FIXTURES), "--claims", str(CORPUS), "--json", "--out", str(out)],
     )
     assert result.exit_code == 0, result.output
     printed = json.loads(result.output)
@@ -76,9 +79,14 @@ def test_eval_claims_text_report_lists_the_headline_figures() -> None:
     ("line", "message"),
     [
         ("not json", ":1: is not JSON"),
-        ('{"bundle": "b.json", "patient": "p", "text": "t", "cites": [], "label": "supported"}', "field 'cites'"),
-        ('{"bundle": "b.json", "patient": "p", "text": "t", "cites": ["Patient/p"], "label": "maybe"}',
-         "field 'label' must be one of"),
+        (
+            '{"bundle": "b.json", "patient": "p", "text": "t", "cites": [], "label": "supported"}',
+            "field 'cites'",
+        ),
+        (
+            '{"bundle": "b.json", "patient": "p", "text": "t", "cites": ["Patient/p"], "label": "maybe"}',
+            "field 'label' must be one of",
+        ),
     ],
 )
 def test_a_bad_corpus_line_is_named_with_its_field(tmp_path: Path, line: str, message: str) -> None:
@@ -100,3 +108,62 @@ def test_eval_claims_refuses_a_missing_bundle_with_exit_2(tmp_path: Path) -> Non
 
     assert result.exit_code == 2
     assert "bundle nobody.json: not found" in result.output
+
+
+# The corpus's supported claims, reworded the ways a summary may word them, and perturbed the ways
+# a model gets facts wrong: the verifier must keep the first and drop the second (a check that its
+# rules are not fitted to the corpus's exact sentences).
+_MONTHS = ("January February March April May June July August September October November December").split()
+
+
+def _written(match: re.Match[str]) -> str:
+    return f"{_MONTHS[int(match[2]) - 1][:3]} {int(match[3])}, {match[1]}"
+
+
+def _iso(match: re.Match[str]) -> str:
+    return f"{match[3]}-{_MONTHS.index(match[1]) + 1:02d}-{int(match[2]):02d}"
+
+
+REWORDINGS = (
+    lambda t: re.sub(r"(\d{4})-(\d{2})-(\d{2})", _written, t),
+    lambda t: re.sub(rf"\b({'|'.join(_MONTHS)}) (\d{{1,2}}), (\d{{4}})", _iso, t),
+    lambda t: t.replace("The patient", "This patient").replace("the patient", "this patient"),
+    lambda t: t.rstrip(".") + " according to the record.",
+    lambda t: "Per the chart, " + t[0].lower() + t[1:],
+)
+
+
+def _shifted_value(text: str) -> str | None:
+    found = list(re.finditer(r"(?<![\w.-])(\d+\.\d+)(?!\d)", text))
+    if not found:
+        return None
+    value = found[-1]
+    return text[: value.end() - 1] + str((int(value[1][-1]) + 3) % 10) + text[value.end() :]
+
+
+def _shifted_day(text: str) -> str | None:
+    found = re.search(r"(\d{4})-(\d{2})-(\d{2})", text)
+    if not found:
+        return None
+    day = int(found[3])
+    return (
+        text[: found.start()]
+        + f"{found[1]}-{found[2]}-{day + 2 if day < 27 else day - 2:02d}"
+        + text[found.end() :]
+    )
+
+
+def test_rewordings_are_kept_and_wrong_values_or_days_dropped() -> None:
+    claims = [c for c in load_corpus(CORPUS) if c.label == "supported"]
+    records = load_bundles(FIXTURES, (c.bundle for c in claims))
+
+    reworded = [replace(c, text=r(c.text)) for c in claims for r in REWORDINGS if r(c.text) != c.text]
+    perturbed = [
+        replace(c, text=t) for c in claims for p in (_shifted_value, _shifted_day) if (t := p(c.text))
+    ]
+
+    dropped = [c.text for c in reworded if not judge(c, records[c.bundle]).kept]
+    kept = [c.text for c in perturbed if judge(c, records[c.bundle]).kept]
+    assert len(reworded) > 500 and len(perturbed) > 100
+    assert dropped == []
+    assert kept == []
