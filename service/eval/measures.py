@@ -20,7 +20,8 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from fhir_adapters.models import ClinicalContext, PatientRecord
-from fhir_adapters.normalize import codeable_text, medication_name, parse_day
+from fhir_adapters.normalize import codeable_text, coding_key, medication_name, parse_day
+from service.coded import condition_group
 from service.pipeline import SummaryResult
 
 JsonObject = dict[str, Any]
@@ -218,7 +219,13 @@ def active_key_facts(
             items.append(("medication", name, _ref(resource)))
     for resource in record.of_type("Condition"):
         if _status(resource.get("clinicalStatus")) in _ACTIVE_CONDITION and _is_finding(resource):
-            items.append(("problem", codeable_text(resource.get("code")), _ref(resource)))
+            name = codeable_text(resource.get("code"))
+            # Administrative items ("Medication review due") are left out of the coded part by
+            # design (service.structured); the same classification keeps them out of the count.
+            # Social findings are shown in their own section and stay counted.
+            if condition_group(coding_key(resource.get("code")), name) == "administrative":
+                continue
+            items.append(("problem", name, _ref(resource)))
     return items
 
 

@@ -14,11 +14,23 @@ from fhir_adapters.models import ClinicalContext, Fact, FactKind, SourceRef
 from fhir_adapters.normalize import normalize
 from service.grounding import Claim, DroppedClaim
 from service.pipeline import compose_markdown, structured_json
-from service.structured import Line, Section, StructuredSummary, build_structured
+from service.structured import (
+    ALLERGIES,
+    ENCOUNTERS,
+    FLAGGED,
+    LABS,
+    MEDICATIONS,
+    PROBLEMS,
+    SOCIAL,
+    SYNOPSIS,
+    Line,
+    Section,
+    StructuredSummary,
+    build_structured,
+)
 from tests.fakes import FakeFhirSource, bundle_patient, bundle_resources, load_synthea
 
 PREFIX = {"condition": "C", "medication": "M", "allergy": "A", "encounter": "E", "observation": "L"}
-PROBLEMS, MEDICATIONS, ALLERGIES, ENCOUNTERS, LABS = service.structured.TITLES
 
 
 def fact(kind: FactKind, n: int, display: str, **fields: Any) -> Fact:
@@ -43,23 +55,34 @@ def test_structured_doctests_pass() -> None:
     assert doctest.testmod(service.structured).failed == 0
 
 
-def test_structured_has_the_five_sections_in_order_even_for_an_empty_record() -> None:
+def test_structured_has_its_sections_in_reading_order_even_for_an_empty_record() -> None:
     summary = build_structured(context())
 
     assert [s.title for s in summary.sections] == [
+        "Synopsis",
         "Active problems",
         "Active medications",
         "Allergies",
+        "Flagged results",
+        "Social history and other findings",
         "Recent encounters",
-        "Latest key labs and vitals",
+        "Trends",
+        "Latest labs and vitals",
     ]
-    assert [s.lines for s in summary.sections] == [
+    assert [s.lines for s in summary.sections[1:]] == [
         (Line("No active problems recorded"),),
         (Line("No active medications recorded"),),
         (Line("No allergies recorded"),),
+        (Line("No labs or vital signs recorded"),),
+        (Line("No social history or other findings recorded"),),
         (Line("No encounters recorded"),),
+        (Line("No repeated key vitals or labs to show a trend"),),
         (Line("No labs or vital signs recorded"),),
     ]
+    assert summary.sections[0].lines[0].text == (
+        "female, 50 years old; no active problems recorded; no active medications recorded; "
+        "no allergies recorded"
+    )
     assert summary.cited_keys() == set()
 
 
@@ -200,7 +223,7 @@ def test_structured_json_round_trips() -> None:
 
     data = summary.to_json()
 
-    assert data["sections"][0] == {
+    assert data["sections"][1] == {
         "title": "Active problems",
         "lines": [{"text": "Asthma", "citations": ["C1"]}],
     }
@@ -230,11 +253,17 @@ async def test_structured_lines_cite_existing_facts_that_hold_their_numbers(pref
 
     by_key = ctx.by_key()
     assert summary.cited_keys() <= set(by_key)
-    for section in summary.sections:
-        for line in section.lines:
+    # Counts (synopsis, panels) and earlier values (trends) are checked by their own tests; here,
+    # every number a value line states is in the facts it cites (the range's name aside).
+    for title in (PROBLEMS, MEDICATIONS, ALLERGIES, FLAGGED, SOCIAL, ENCOUNTERS, LABS):
+        for line in summary.section(title).lines:
+            if not line.citations or "within range" in line.text or "without a reference range" in line.text:
+                continue
             cited = " ".join(by_key[k].text for k in line.citations)
-            for number in re.findall(r"\d+(?:\.\d+)?", line.text):
+            for number in re.findall(r"\d+(?:\.\d+)?", line.text.split(" \u2014 ")[0]):
                 assert number in cited, (line, number)
+    for part in summary.section(SYNOPSIS).lines[0].parts[:1]:
+        assert part.citations == ("P1",) and part.text in by_key["P1"].text
 
 
 async def test_structured_allen_lists_the_bundles_active_medications_and_allergies() -> None:
@@ -248,7 +277,11 @@ async def test_structured_allen_lists_the_bundles_active_medications_and_allergi
     assert {line.split(" (ordered")[0] for line in med_lines} == active_meds
     assert len(texts(summary, ALLERGIES)) == len(allergies) == 3
     assert len(texts(summary, ENCOUNTERS)) == 5
-    assert any(line.startswith("Hemoglobin A1c") for line in texts(summary, LABS))
+    # His HbA1c of 5.81 % is in the prediabetes range: flagged, naming the range's source.
+    assert any(
+        line.startswith("Hemoglobin A1c") and "prediabetes range (ADA" in line
+        for line in texts(summary, FLAGGED)
+    )
 
 
 async def test_structured_beatris_lists_recorded_allergies_even_though_her_notes_say_none() -> None:
@@ -296,8 +329,13 @@ async def test_structured_beatris_states_the_conflict_between_her_notes_and_her_
     assert sorted(allergies.record_keys) == allergy_keys
 
     markdown = summary.to_markdown()
-    assert markdown.startswith("## Conflicts in the record\n\n- Conflict: Record lists 9 active allergies")
-    assert markdown.index("## Conflicts in the record") < markdown.index("## Active problems")
+    after_flags = markdown.split("## Conflicts in the record\n\n", 1)[1]
+    assert after_flags.startswith("- Conflict: Record lists 9 active allergies")
+    assert (
+        markdown.index("## Flagged results")
+        < markdown.index("## Conflicts in the record")
+        < markdown.index("## Social history and other findings")
+    )
     line = next(li for li in markdown.splitlines() if "no known allergies" in li)
     assert f"[{', '.join(allergies.record_keys)}]" in line and f"[{latest_note}]" in line
 
@@ -310,7 +348,7 @@ async def test_structured_beatris_states_the_conflict_between_her_notes_and_her_
     assert StructuredSummary.from_json(data) == summary
 
 
-async def test_the_summary_document_shows_the_conflicts_right_after_the_patient_line() -> None:
+async def test_the_summary_document_shows_the_synopsis_first_and_the_conflicts_after_the_flags() -> None:
     _, ctx, summary = await structured_of("Beatris270")
     note_key = next(c for c in summary.conflicts if c.kind == "allergies").note_keys[0]
 
@@ -318,7 +356,8 @@ async def test_the_summary_document_shows_the_conflicts_right_after_the_patient_
     data = structured_json(summary, [], [], ctx)
 
     after_patient = markdown.split(f"Patient: {ctx.patient_summary}\n\n", 1)[1]
-    assert after_patient.startswith("## Conflicts in the record\n")
+    assert after_patient.startswith(f"## Synopsis\n\n- {ctx.patient_summary} [P1]; ")
+    assert "\n## Conflicts in the record\n" in after_patient.split("## Social history", 1)[0]
     assert f"- [{note_key}] DocumentReference/" in markdown  # the note is listed among the sources
     assert len(data["structured"]["conflicts"]) == 2
     assert note_key in data["sources"]
