@@ -111,6 +111,7 @@ class Point:
     day: str
     value: str  # as a reader sees it ("6.1 %", "120/80 mm[Hg]")
     number: float | None  # what the direction compares (the systolic of a blood pressure)
+    unit: str | None = None  # the unit of `number`: numbers in different units are not compared
 
 
 def history(ctx: ClinicalContext, fact: Fact, limit: int = 3) -> list[Point]:
@@ -127,7 +128,8 @@ def history(ctx: ClinicalContext, fact: Fact, limit: int = 3) -> list[Point]:
         if day is None or value is None:
             continue
         # Raw resources are not made inert by the pipeline as facts are; their text is, here.
-        by_day[day] = Point(day, neutralize(value), _number(resource))
+        number, unit = _number(resource)
+        by_day[day] = Point(day, neutralize(value), number, unit)
     return [by_day[d] for d in sorted(by_day)][-limit:]
 
 
@@ -138,9 +140,12 @@ def direction(points: list[Point], tolerance: float = 0.05) -> str:
     'rising'
     >>> direction([Point("2019", "80 kg", 80), Point("2021", "81 kg", 81)])
     'stable'
+    >>> direction([Point("2019", "100 mg/dL", 100, "mg/dL"), Point("2021", "5.5 mmol/L", 5.5, "mmol/L")])
+    'no direction'
     """
-    numbers = [p.number for p in points if p.number is not None]
-    if len(numbers) < 2 or numbers[0] == 0:
+    numbered = [p for p in points if p.number is not None]
+    numbers = [p.number for p in numbered if p.number is not None]
+    if len(numbers) < 2 or numbers[0] == 0 or len({p.unit for p in numbered}) > 1:
         return "no direction"
     change = (numbers[-1] - numbers[0]) / abs(numbers[0])
     if abs(change) <= tolerance:
@@ -158,16 +163,23 @@ def _effective_day(resource: dict[str, Any]) -> str | None:
     return start[:10] if isinstance(start, str) and re.match(r"\d{4}-\d{2}-\d{2}", start) else None
 
 
-def _number(resource: dict[str, Any]) -> float | None:
+def _number(resource: dict[str, Any]) -> tuple[float | None, str | None]:
+    """The number a direction compares and its unit (the systolic's, for a blood pressure)."""
     quantity = resource.get("valueQuantity")
     if isinstance(quantity, dict) and isinstance(quantity.get("value"), int | float):
-        return float(quantity["value"])
+        return float(quantity["value"]), _unit(quantity)
     for component in resource.get("component") or []:
         codes = [c.get("code") for c in (component.get("code") or {}).get("coding") or []]
-        value = (component.get("valueQuantity") or {}).get("value")
+        quantity = component.get("valueQuantity") or {}
+        value = quantity.get("value")
         if "8480-6" in codes and isinstance(value, int | float):
-            return float(value)
-    return None
+            return float(value), _unit(quantity)
+    return None, None
+
+
+def _unit(quantity: dict[str, Any]) -> str | None:
+    unit = quantity.get("code") or quantity.get("unit")
+    return str(unit) if unit else None
 
 
 # ---------------------------------------------------------------------------

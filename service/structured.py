@@ -274,15 +274,16 @@ def synopsis_line(ctx: ClinicalContext, problems: list[Fact]) -> Line:
         parts.append(Line(f"{len(names)} active {noun}", tuple(f.key for f in meds)))
     else:
         parts.append(Line("no active medications recorded"))
-    allergens = [
-        f for f in ctx.of_kind("allergy")
-        if f.status in ("active", None) and not is_non_allergen(f.code, f.display)
-    ]  # fmt: skip
+    active = [f for f in ctx.of_kind("allergy") if f.status in ("active", None)]
+    allergens = [f for f in active if not is_non_allergen(f.code, f.display)]
     named = _merged(allergens, lambda f: f.display or f.text)
     if named:
         rest = f" (+{len(named) - 3} more)" if len(named) > 3 else ""
         shown = ", ".join(li.text for li in named[:3]) + rest
         parts.append(Line(f"allergies: {shown}", tuple(f.key for f in allergens)))
+    elif active:
+        # An allergy is recorded, its allergen is not: never "no allergies recorded".
+        parts.append(Line("allergy recorded without a named allergen", tuple(f.key for f in active)))
     else:
         parts.append(Line("no allergies recorded"))
     encounters = ctx.of_kind("encounter")
@@ -408,7 +409,9 @@ def flagged_lines(
         if flag is not None and flag.abnormal:
             lines.append(Line(f"{_value_text(f)} \u2014 {flag.text()}", (f.key,)))
     flagged = bool(lines)
-    ages = [age_years_at(ctx, f.date) for f in observations]
+    # A child's result that its own interpretation or reference range covers was checked: only
+    # the others went unflagged for want of a range that applies to children.
+    ages = [age_years_at(ctx, f.date) for f in observations if flags[f.key] is None]
     young = [age for age in ages if age is not None and age < table.min_age_years]
     patient = next(iter(ctx.of_kind("patient")), None)
     now = age_years_at(ctx, patient.date if patient else None)
