@@ -3,7 +3,7 @@ a citation shows its source, the clinician approves (or rejects), and the FHIR s
 
 Stack: Chromium (Playwright) -> chartbrief (uvicorn, 127.0.0.1) -> test EHR (SMART authorization server
 and FHIR proxy, tests/smart_ehr) -> the real local FHIR server with the Synthea fixtures loaded.
-Two tests script the model (FakeEngine, claims known to be grounded or not); one runs the real
+Most tests script the model (FakeEngine, claims known to be grounded or not); one runs the real
 default model and checks what it streamed and what survived grounding, whatever that is.
 """
 
@@ -21,7 +21,7 @@ from typing import Any
 
 import httpx
 import pytest
-from playwright.sync_api import Browser, Page, expect
+from playwright.sync_api import Browser, Locator, Page, expect
 
 from fhir_adapters.sandbox import LoadedPatient
 from service.api import create_app
@@ -46,8 +46,12 @@ MODEL_TIMEOUT_MS = 300_000  # the real model on two shared CPU cores
 
 
 @contextmanager
-def chartbrief(fhir_base: str, tmp_path: Path, engine: Engine | None) -> Iterator[tuple[str, TestEhr]]:
-    """chartbrief and a test EHR in front of the FHIR server; yields (chartbrief URL, EHR)."""
+def chartbrief(
+    fhir_base: str, tmp_path: Path, engine: Engine | None, *, prompt: str | None = None
+) -> Iterator[tuple[str, TestEhr]]:
+    """chartbrief and a test EHR in front of the FHIR server; yields (chartbrief URL, EHR).
+
+    `prompt` pins the narrative's prompt version (else the configured default)."""
     served = ServedApp()
     try:
         with TestEhr(fhir_base, redirect_uris=[f"{served.url}/callback"]) as ehr:
@@ -55,6 +59,7 @@ def chartbrief(fhir_base: str, tmp_path: Path, engine: Engine | None) -> Iterato
                 {
                     "db": {"url": f"sqlite:///{tmp_path}/chartbrief.db"},
                     "smart": {"public_base_url": served.url, "allowed_issuers": [ehr.base_url]},
+                    **({"prompt": prompt} if prompt else {}),
                 }
             )
             served.start(create_app(settings, engine=engine))
@@ -207,3 +212,96 @@ def test_the_real_default_model_streams_a_summary_that_a_clinician_approves(
     assert verifiers(fhir_base, doc) == ["Practitioner/dr-1"]
     markdown = base64.b64decode(doc["content"][0]["attachment"]["data"]).decode()
     assert "AI-generated draft" in markdown
+
+
+# Long statements the record does not support (no diabetes, no such dates or drugs in Kermit's
+# chart), each citing an allergy: all of them are removed by the source check.
+LONG_UNSUPPORTED = [
+    f"Statement {n}: has had type 2 diabetes mellitus since 19{70 + n} with repeated hospital "
+    f"admissions for ketoacidosis, was started on insulin glargine 40 units nightly in 19{80 + n}, "
+    "and is followed every three months by an endocrinologist who adjusts the dose."
+    for n in range(1, 7)
+]
+# The claims-with-citations prompt: one scripted answer gives every statement at once.
+CLAIMS_PROMPT = "summary/v1"
+MANY_DROPPED = json.dumps({"claims": [{"text": text, "citations": ["A1"]} for text in LONG_UNSUPPORTED]})
+REVIEW_ACTIONS = ("#approve-button", "#regenerate-button", "#actions summary >> text=Edit",
+                  "#actions summary >> text=Reject")  # fmt: skip
+
+
+def open_with_many_dropped(browser: Browser, app_url: str, ehr: TestEhr, patient_id: str) -> Page:
+    page = browser.new_page(viewport={"width": 1280, "height": 1000})
+    ehr_opens_chartbrief(page, app_url, ehr, patient_id)
+    wait_for_summary(page)
+    expect(page.locator("#dropped-claims .dropped-text")).to_have_count(len(LONG_UNSUPPORTED))
+    return page
+
+
+def page_top(locator: Locator) -> float:
+    """Where an element starts, from the top of the page (not of the viewport: clicks scroll)."""
+    top: float = locator.evaluate("e => e.getBoundingClientRect().top + window.scrollY")
+    return top
+
+
+def test_the_removed_statements_start_collapsed_under_their_count_and_open_with_one_click(
+    browser: Browser, fhir_base: str, kermit: str, tmp_path: Path
+) -> None:
+    engine = scripted("collapsed-dropped", MANY_DROPPED)
+    with chartbrief(fhir_base, tmp_path, engine, prompt=CLAIMS_PROMPT) as (app_url, ehr):
+        page = open_with_many_dropped(browser, app_url, ehr, kermit)
+        dropped = page.locator("#dropped-claims")
+        head = dropped.locator("summary")
+        texts = dropped.locator(".dropped-text")
+        reasons = dropped.locator(".reason")
+
+        # Collapsed: closed, none of the removed text shown; the summary line counts and rates them.
+        expect(dropped).not_to_have_attribute("open", re.compile(".*"))
+        assert dropped.evaluate("d => d.open") is False
+        expect(head).to_be_visible()
+        expect(head).to_contain_text(f"NOT part of the summary ({len(LONG_UNSUPPORTED)})")
+        badges = head.locator(".badge[class*='severity-']")
+        expect(badges.first).to_be_visible()
+        counted = [re.fullmatch(r"(\d+) (high|medium|low)", t.strip()) for t in badges.all_inner_texts()]
+        assert counted and all(counted), badges.all_inner_texts()
+        assert sum(int(m.group(1)) for m in counted if m) == len(LONG_UNSUPPORTED)
+        for n in range(len(LONG_UNSUPPORTED)):
+            expect(texts.nth(n)).to_be_hidden()
+            expect(reasons.nth(n)).to_be_hidden()
+        # Six long statements take one line while collapsed: they push nothing below them down.
+        closed = dropped.bounding_box()
+        approve_closed = page_top(page.locator("#approve-button"))
+        assert closed is not None and closed["height"] < 60, closed
+        expect(page.locator("#kept-claims")).not_to_contain_text("Statement 1:")
+
+        # One click opens the list: every removed statement, struck out, with its reason.
+        head.click()
+        assert dropped.evaluate("d => d.open") is True
+        shown = dropped.inner_text()
+        for n, text in enumerate(LONG_UNSUPPORTED):
+            expect(texts.nth(n)).to_be_visible()
+            expect(reasons.nth(n)).to_be_visible()
+            expect(reasons.nth(n)).to_contain_text(re.compile(r"Reason: \S"))
+            assert text in shown
+        opened = dropped.bounding_box()
+        assert opened is not None and opened["height"] > 3 * closed["height"]
+        assert page_top(page.locator("#approve-button")) > approve_closed
+        page.close()
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="the review actions come after the whole coded part and the narrative (about 1840 px down "
+    "a 1000 px viewport for Kermit, the removed statements collapsed); nothing keeps them in view",
+)
+def test_the_review_actions_are_in_view_without_scrolling_beside_many_removed_statements(
+    browser: Browser, fhir_base: str, kermit: str, tmp_path: Path
+) -> None:
+    engine = scripted("actions-in-view", MANY_DROPPED)
+    with chartbrief(fhir_base, tmp_path, engine, prompt=CLAIMS_PROMPT) as (app_url, ehr):
+        page = open_with_many_dropped(browser, app_url, ehr, kermit)
+        try:
+            assert page.evaluate("window.scrollY") == 0
+            for action in REVIEW_ACTIONS:
+                expect(page.locator(action)).to_be_in_viewport(timeout=2_000)
+        finally:
+            page.close()
