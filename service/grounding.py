@@ -23,8 +23,11 @@ from typing import Any, Literal
 from fhir_adapters.models import ClinicalContext, Fact
 from service.verify import RecordIndex, SourceEvidence, evidence_of, verify
 from service.verify.dates import widen
+from service.verify.terms import coded_terms, statement_terms
 
 MAX_WORDS = 60
+_MIN_WORDS = 2  # words or numbers: "HbA1c 7.2%" is a statement, a bare "P1" is not
+_WORD_OR_NUMBER = re.compile(r"[A-Za-z]\w*|\d+(?:[.,]\d+)?")
 NOT_JSON = "model output was not valid JSON"
 NO_CLAIMS = 'model output has no "claims" list'
 
@@ -33,14 +36,21 @@ _LIST_MARKER = re.compile(r"^(?:\d{1,2}[.)]|[-*\u2022])\s+")
 _MAX_JSON_STARTS = 200  # bounds the search for JSON in long garbage output
 
 
+Origin = Literal["model", "quote"]
+
+
 @dataclass(frozen=True)
 class Claim:
+    """A statement and the keys it cites; `origin` "quote" when it is a note's line, verbatim."""
+
     text: str
     citations: tuple[str, ...]
+    origin: Origin = "model"
 
 
 Severity = Literal["high", "medium", "low"]
-Verdict = Literal["unsupported", "contradicted"]
+Verdict = Literal["unsupported", "contradicted", "redundant"]
+ADDS_NOTHING = "adds nothing beyond the coded part: it restates a coded line's name, status or date"
 
 
 @dataclass(frozen=True)
@@ -48,7 +58,8 @@ class DroppedClaim:
     """A claim that is not written as fact, why, and how much it matters.
 
     `verdict` is "contradicted" when the claim negates or inverts what a cited source records
-    (shown to the reviewer as a warning, not only as a drop). `severity`: high for a contradicted
+    (shown to the reviewer as a warning, not only as a drop); "redundant" when it is supported but
+    says nothing the coded part does not already say. `severity`: high for a contradicted
     or wrong allergy, medication or dose, medium for a wrong date or value, low for wording.
     """
 
@@ -77,12 +88,20 @@ class GroundingResult:
 # --- parsing -----------------------------------------------------------------------------------
 
 
-def parse_claims(output: str) -> tuple[list[Claim], list[DroppedClaim]]:
+def parse_claims(
+    output: str, *, cite: str | None = None, lines: bool = False
+) -> tuple[list[Claim], list[DroppedClaim]]:
     """Claims from model output, and what could not be read as a claim.
 
     Output that is not valid JSON gives one DroppedClaim holding the raw text; whole claim
     objects inside it (output cut off at max_tokens) are still recovered.
+
+    `cite`: the one source the output was written from (a note read on its own): the output may
+    then be `{"statements": ["...", ...]}` or plain lines, one statement each, and every claim cites
+    that source (`lines`: the request had no output schema, so plain lines are expected).
     """
+    if cite is not None:
+        return _cited(output, cite, lines=lines)
     raw = Claim(output.strip(), ())
     document = _first_json(output)
     if document is None:
@@ -106,7 +125,32 @@ def parse_claims(output: str) -> tuple[list[Claim], list[DroppedClaim]]:
     return claims, dropped
 
 
-def _first_json(output: str) -> dict[str, Any] | list[Any] | None:
+def _cited(output: str, cite: str, *, lines: bool) -> tuple[list[Claim], list[DroppedClaim]]:
+    document = _first_json(output, "statements")
+    items = document.get("statements") if isinstance(document, dict) else None
+    if not isinstance(items, list) and _first_json(output) is not None:
+        found, unreadable = parse_claims(output)
+        return [replace(c, citations=(cite,)) for c in found], [
+            replace(d, claim=replace(d.claim, citations=(cite,))) for d in unreadable
+        ]
+    if not isinstance(items, list) and not lines:
+        return [], [DroppedClaim(Claim(output.strip(), (cite,)), NOT_JSON)]
+    if not isinstance(items, list):
+        # A prompt without an output schema answers in lines, one statement each.
+        items = [line for line in (" ".join(raw.split()) for raw in output.splitlines()) if line]
+    claims: list[Claim] = []
+    dropped: list[DroppedClaim] = []
+    for number, item in enumerate(items, 1):
+        text = item.get("text") if isinstance(item, dict) else item
+        if isinstance(text, str):
+            claims.append(Claim(_LIST_MARKER.sub("", " ".join(text.split())), (cite,)))
+        else:
+            raw = json.dumps(item, ensure_ascii=False)
+            dropped.append(DroppedClaim(Claim(raw, (cite,)), f"statement {number} is not text"))
+    return claims, dropped
+
+
+def _first_json(output: str, key: str = "claims") -> dict[str, Any] | list[Any] | None:
     decoder = json.JSONDecoder()
     starts = [m.start() for m in re.finditer(r"[{\[]", output)][:_MAX_JSON_STARTS]
     for start in starts:
@@ -114,7 +158,7 @@ def _first_json(output: str) -> dict[str, Any] | list[Any] | None:
             value, _end = decoder.raw_decode(output, start)
         except ValueError:
             continue
-        if isinstance(value, dict) and "claims" in value:
+        if isinstance(value, dict) and key in value:
             return value
         if isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
             return value
@@ -177,10 +221,16 @@ def _normal_key(key: str) -> str:
 # --- grounding ---------------------------------------------------------------------------------
 
 
-def ground(claims: Sequence[Claim], ctx: ClinicalContext) -> GroundingResult:
+def ground(claims: Sequence[Claim], ctx: ClinicalContext, *, coded: str | None = None) -> GroundingResult:
     """Keep the claims the cited resources support; drop the rest with a specific reason, a
-    verdict (unsupported / contradicted) and a severity."""
+    verdict (unsupported / contradicted) and a severity.
+
+    `coded`: the coded part as written (its markdown); a supported claim that states nothing it
+    does not (only a coded line's name, key, status or date) is dropped as redundant.
+    """
     facts = ctx.by_key()
+    keys = frozenset(facts)
+    known = coded_terms(f"{ctx.patient_summary}\n{coded}", keys) if coded is not None else None
     record = _record_of(ctx)
     as_of = next((f.date for f in ctx.facts if f.kind == "patient" and f.date), None) or record.as_of
     kept: list[Claim] = []
@@ -193,7 +243,9 @@ def ground(claims: Sequence[Claim], ctx: ClinicalContext) -> GroundingResult:
             continue
         cited = [facts[key] for key in claim.citations]
         verdict = verify(claim.text, [_evidence(fact, record) for fact in cited], as_of=as_of)
-        if verdict.supported:
+        if verdict.supported and known is not None and not statement_terms(claim.text, keys) - known:
+            dropped.append(DroppedClaim(claim, f"{ADDS_NOTHING} [{', '.join(claim.citations)}]", "redundant"))
+        elif verdict.supported:
             kept.append(claim)
         else:
             where = f"[{', '.join(claim.citations)}]"
@@ -224,6 +276,8 @@ def _form_problem(claim: Claim, facts: Mapping[str, Fact], seen: set[str]) -> Dr
     reason: str | None = None
     if not text:
         reason = "is empty"
+    elif len(_WORD_OR_NUMBER.findall(_INLINE_KEY.sub(" ", text))) < _MIN_WORDS:
+        reason = f"is not a statement (fewer than {_MIN_WORDS} words)"
     elif words > MAX_WORDS:
         reason = f"has {words} words, more than the {MAX_WORDS}-word limit"
     elif fingerprint in seen:

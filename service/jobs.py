@@ -77,6 +77,7 @@ from service.pipeline import (
     Services,
     SummaryResult,
     complete_summary,
+    narrate_summary,
     prepare_summary,
     unchanged_result,
 )
@@ -940,8 +941,7 @@ async def _prepare(svc: Services, patient_id: str) -> PreparedSummary:
 
 
 async def _generate_and_complete(svc: Services, prep: PreparedSummary) -> SummaryResult:
-    generation = await svc.engine.generate(prep.request)
-    return await complete_summary(svc, prep, generation)
+    return await complete_summary(svc, prep, await narrate_summary(svc, prep))
 
 
 @dataclass(frozen=True)

@@ -30,8 +30,20 @@ from fhir_adapters.normalize import normalize
 from fhir_adapters.writer import WriteResult, idempotency_key, write_summary
 from service.config import Settings
 from service.db.store import SummaryStore
-from service.grounding import Claim, DroppedClaim, ground, parse_claims
-from service.llm.base import Engine, Generation, GenerationRequest
+from service.grounding import Claim, DroppedClaim, GroundingResult, ground
+from service.llm.base import Engine
+from service.narrative import (
+    TIME_BUDGET,
+    Narration,
+    NoteCall,
+    NotePlan,
+    NotesRead,
+    UnreadNote,
+    narrate,
+    plan_notes,
+    quotations,
+    statements_of,
+)
 from service.prompts import PackedContext, build_request, load_prompt
 from service.safety import (
     neutralized_claims,
@@ -84,6 +96,9 @@ class SummaryResult:
     dry_run: bool = False
     facts: int = 0
     unchanged: bool = False  # an earlier summary of the same key stands; nothing was generated
+    notes: int = 0  # notes in the record
+    # A prompt that reads the notes: the ones read, and the others with their reasons.
+    notes_read: NotesRead | None = None
 
     def to_json(self) -> dict[str, Any]:
         """The CLI's `--json` object."""
@@ -101,7 +116,10 @@ class SummaryResult:
             "idempotency_key": self.idempotency_key,
             "claims_kept": len(self.kept),
             "claims_dropped": len(self.dropped),
-            "kept": [{"text": c.text, "citations": list(c.citations)} for c in self.kept],
+            "kept": [
+                {"text": c.text, "citations": list(c.citations), "written_by": c.origin} for c in self.kept
+            ],
+            "claims_quoted": sum(c.origin == "quote" for c in self.kept),
             "claims_contradicted": sum(d.contradicted for d in self.dropped),
             "dropped": [
                 {
@@ -115,6 +133,8 @@ class SummaryResult:
             ],
             "facts": self.facts,
             "omitted_from_prompt": self.omitted,
+            "notes": self.notes,
+            "notes_read": self.notes_read.to_json() if self.notes_read else None,
             "skipped": [{"resource": s.resource, "reason": s.reason} for s in self.skipped],
             "inputs": len(self.inputs),
             "prompt_tokens": self.prompt_tokens,
@@ -151,29 +171,49 @@ def compose_markdown(
     kept: list[Claim],
     dropped: list[DroppedClaim],
     omitted: dict[str, int],
+    notes: NotesRead | None = None,
 ) -> str:
     """The document a clinician reads in the EHR. Pure.
 
     Only grounded statements appear as text; dropped ones are counted, never written as fact
-    (their text and reasons travel in the structured JSON attachment and the result).
+    (their text and reasons travel in the structured JSON attachment and the result). `notes`:
+    what a prompt that reads the notes read and left unread (None for a record-wide prompt).
     """
     lines = ["# Patient summary (AI draft)", "", AI_BANNER, "", f"Patient: {ctx.patient_summary}", ""]
     lines.append(structured.to_markdown().rstrip())
-    lines += ["", "## Narrative (model-written, each statement verified against its sources)", ""]
+    if notes is None:
+        lines += ["", "## Narrative (model-written, each statement verified against its sources)", ""]
+    else:
+        lines += ["", "## From the notes (each statement checked against the note it cites)", ""]
     if kept:
-        lines += [f"- {c.text} [{', '.join(c.citations)}]" for c in kept]
+        lines += [_statement_line(c) for c in kept]
+    elif notes is not None and not notes.total:
+        lines.append("_The record holds no notes; the coded sections above are the summary._")
+    elif notes is not None:
+        lines.append(
+            "_No statement from the notes could be verified against them; see the coded sections above._"
+        )
     else:
         lines.append(
             "_No model statement could be verified against the record; see the coded sections above._"
         )
+    if kept and notes is not None:
+        quoted = sum(c.origin == "quote" for c in kept)
+        lines += [
+            "",
+            f"_{len(kept) - quoted} statement(s) written by the model, {quoted} quoted from the notes._",
+        ]
     if dropped:
         lines += [
             "",
-            f"_{len(dropped)} model statement(s) removed: the cited sources do not support them._",
+            f"_{len(dropped)} model statement(s) removed: the cited sources do not support them "
+            "or they add nothing to the coded part._",
         ]
     if omitted:
         left = ", ".join(f"{n} {kind}" for kind, n in sorted(omitted.items()))
         lines += ["", f"_Not shown to the model (context window): {left}._"]
+    if notes is not None and notes.total:
+        lines += ["", notes.summary_line()]
     keys = sorted(structured.cited_keys() | {k for c in kept for k in c.citations}, key=_key_order)
     by_key = ctx.by_key()
     lines += ["", "## Sources", ""]
@@ -185,6 +225,13 @@ def compose_markdown(
     return "\n".join(lines) + "\n"
 
 
+def _statement_line(claim: Claim) -> str:
+    cites = ", ".join(claim.citations)
+    if claim.origin == "quote":
+        return f"- \u201c{claim.text}\u201d (quoted from the note) [{cites}]"
+    return f"- {claim.text} [{cites}]"
+
+
 def _key_order(key: str) -> tuple[str, int]:
     prefix = key.rstrip("0123456789")
     digits = key[len(prefix) :]
@@ -192,7 +239,11 @@ def _key_order(key: str) -> tuple[str, int]:
 
 
 def structured_json(
-    structured: StructuredSummary, kept: list[Claim], dropped: list[DroppedClaim], ctx: ClinicalContext
+    structured: StructuredSummary,
+    kept: list[Claim],
+    dropped: list[DroppedClaim],
+    ctx: ClinicalContext,
+    notes: NotesRead | None = None,
 ) -> dict[str, Any]:
     by_key = ctx.by_key()
     keys = (
@@ -202,7 +253,7 @@ def structured_json(
     )
     return {
         "structured": structured.to_json(),
-        "narrative": [{"text": c.text, "citations": list(c.citations)} for c in kept],
+        "narrative": [{"text": c.text, "citations": list(c.citations), "written_by": c.origin} for c in kept],
         "dropped": [
             {
                 "text": d.claim.text,
@@ -214,6 +265,7 @@ def structured_json(
             for d in dropped
         ],
         "sources": {k: by_key[k].source.versioned for k in sorted(keys, key=_key_order) if k in by_key},
+        "notes": None if notes is None else notes.to_json(),
     }
 
 
@@ -225,7 +277,7 @@ class PreparedSummary:
     encounter_id: str | None
     ctx: ClinicalContext
     structured: StructuredSummary
-    request: GenerationRequest
+    calls: tuple[NoteCall, ...]  # the model calls: one per note read, or one over the record
     prompt: PromptIdentity
     packed: PackedContext
     model: ModelIdentity
@@ -234,6 +286,9 @@ class PreparedSummary:
     notes: int
     started: float
     seconds_fetch: float
+    plan: NotePlan | None = None  # a prompt that reads the notes: which, and why not the others
+    seconds_budget: float = 60.0
+    quotations: bool = True
 
 
 async def prepare_summary(
@@ -262,43 +317,59 @@ async def prepare_summary(
     fetched = time.perf_counter()
     ctx = neutralized_coded(quarantine_instructions(normalize(record)))
     template = load_prompt(settings.prompt, settings.prompts_dir)
-    request, rendered, packed = build_request(template, ctx, svc.engine, settings.llm)
+    plan: NotePlan | None = None
+    options: dict[str, str] | None = None
+    if template.reads == "notes":
+        narrative = settings.narrative
+        plan = plan_notes(template, ctx, svc.engine, settings.llm, narrative)
+        calls = plan.calls
+        packed = PackedContext(facts_included=[], omitted={}, text="")
+        # What decides the text besides prompt and model (the time budget is a guard, not a choice).
+        options = {"max_notes": str(narrative.max_notes), "quotations": str(narrative.quotations).lower()}
+    else:
+        request, _rendered, packed = build_request(template, ctx, svc.engine, settings.llm)
+        calls = (NoteCall(None, request),)
     model = svc.engine.identity
     inputs = record.sources
     return PreparedSummary(
         patient_id=patient_id,
         encounter_id=encounter_id,
         ctx=ctx,
-        structured=build_structured(ctx),
-        request=request,
-        prompt=rendered.identity,
+        structured=build_structured(ctx, show_administrative=settings.narrative.show_administrative),
+        calls=calls,
+        prompt=template.identity,
         packed=packed,
         model=model,
         inputs=inputs,
-        idempotency_key=idempotency_key(inputs, rendered.identity, model, ctx.encounter),
+        idempotency_key=idempotency_key(inputs, template.identity, model, ctx.encounter, options),
         notes=len(record.notes),
         started=started,
         seconds_fetch=fetched - started,
+        plan=plan,
+        seconds_budget=settings.narrative.seconds_budget,
+        quotations=settings.narrative.quotations,
     )
 
 
+async def narrate_summary(svc: Services, prep: PreparedSummary) -> Narration:
+    """The model's part: every planned call, within the time budget."""
+    return await narrate(svc.engine, prep.calls, seconds_budget=prep.seconds_budget)
+
+
 async def complete_summary(
-    svc: Services, prep: PreparedSummary, generation: Generation, *, dry_run: bool = False
+    svc: Services, prep: PreparedSummary, narration: Narration, *, dry_run: bool = False
 ) -> SummaryResult:
     """Ground the model's output, write the draft back (unless dry run), record it."""
     ctx, structured = prep.ctx, prep.structured
-    claims, unparsable = parse_claims(generation.text)
-    # The one place model text enters the summary: made inert (no HTML, link, image or URL) before
-    # it is checked, so what is verified is what the markdown, the JSON and the review screen show.
-    claims, unparsable = neutralized_claims(claims), neutralized_dropped(unparsable)
-    grounded = ground(claims, ctx)
-    dropped = unparsable + grounded.dropped
-    markdown = compose_markdown(ctx, structured, grounded.kept, dropped, prep.packed.omitted)
+    kept, dropped = ground_narration(prep, narration)
+    notes = notes_read(prep, narration)
+    markdown = compose_markdown(ctx, structured, kept, dropped, prep.packed.omitted, notes)
+    grounded = GroundingResult(kept=kept, dropped=dropped)
     cited_keys = structured.cited_keys() | {k for c in grounded.kept for k in c.citations}
     draft = SummaryDraft(
         patient=ctx.patient,
         markdown=markdown,
-        structured=structured_json(structured, grounded.kept, dropped, ctx),
+        structured=structured_json(structured, grounded.kept, dropped, ctx, notes),
         cited=cited_refs(ctx, cited_keys),
         inputs=prep.inputs,
         model=prep.model,
@@ -322,15 +393,17 @@ async def complete_summary(
         omitted=prep.packed.omitted,
         skipped=ctx.skipped,
         inputs=prep.inputs,
-        prompt_tokens=generation.prompt_tokens,
-        completion_tokens=generation.completion_tokens,
-        finish_reason=generation.finish_reason,
+        prompt_tokens=narration.prompt_tokens,
+        completion_tokens=narration.completion_tokens,
+        finish_reason=narration.finish_reason,
         seconds=time.perf_counter() - prep.started,
         seconds_fetch=prep.seconds_fetch,
-        seconds_generate=generation.seconds,
+        seconds_generate=narration.seconds,
         write=write,
         dry_run=dry_run,
         facts=len(ctx.facts),
+        notes=notes.total if notes else prep.notes,
+        notes_read=notes,
     )
     _record(svc, result)
     log.info(
@@ -404,10 +477,56 @@ async def summarize_patient(
             notes=prep.notes,
             packed=len(prep.packed.facts_included),
         )
-        generation = await svc.engine.generate(prep.request)
-        return await complete_summary(svc, prep, generation, dry_run=dry_run)
+        narration = await narrate_summary(svc, prep)
+        return await complete_summary(svc, prep, narration, dry_run=dry_run)
     finally:
         structlog.contextvars.unbind_contextvars("patient_id")
+
+
+def ground_narration(prep: PreparedSummary, narration: Narration) -> tuple[list[Claim], list[DroppedClaim]]:
+    """The reduce step and the check: the calls' statements merged, made inert, grounded; then, for
+    a read note the model said nothing verifiable about, its key lines quoted (grounded too)."""
+    ctx = prep.ctx
+    claims, unparsable = statements_of(narration)
+    # The one place model text enters the summary: made inert (no HTML, link, image or URL) before
+    # it is checked, so what is verified is what the markdown, the JSON and the review screen show.
+    claims, unparsable = neutralized_claims(claims), neutralized_dropped(unparsable)
+    # A prompt that reads the notes is there to say what the coded part cannot: what only restates
+    # it is dropped as redundant. (The record-wide prompt is asked to restate; its claims stand.)
+    coded = prep.structured.to_markdown() if prep.plan is not None else None
+    grounded = ground(claims, ctx, coded=coded)
+    kept, dropped = list(grounded.kept), unparsable + grounded.dropped
+    if prep.plan is not None and prep.quotations:
+        said = {key for claim in kept for key in claim.citations}
+        quotes = [
+            quote
+            for output in narration.outputs
+            if output.key is not None and output.key not in said and output.key in prep.plan.views
+            for quote in quotations(prep.plan.views[output.key])
+        ]
+        # Quotations are record text: made inert like model text, and checked like it (a line that
+        # only restates a coded line is not worth quoting).
+        quoted = ground(neutralized_claims(quotes), ctx, coded=coded)
+        kept += [q for q in quoted.kept if _new_text(q, kept)]
+    return kept, dropped
+
+
+def _new_text(claim: Claim, kept: list[Claim]) -> bool:
+    same = " ".join(claim.text.lower().split())
+    return all(" ".join(k.text.lower().split()) != same for k in kept)
+
+
+def notes_read(prep: PreparedSummary, narration: Narration) -> NotesRead | None:
+    plan = prep.plan
+    if plan is None:
+        return None
+    unread = list(plan.unread)
+    for key in narration.late:
+        fact = plan.views[key].fact
+        title = fact.display or "Clinical note"
+        unread.append(UnreadNote(key, fact.source.reference, fact.date, title, TIME_BUDGET))
+    read = tuple(o.key for o in narration.outputs if o.key is not None)
+    return NotesRead(total=plan.notes, read=read, unread=tuple(unread), max_notes=plan.max_notes)
 
 
 def _period(ctx: ClinicalContext) -> dict[str, str | None]:
@@ -454,6 +573,8 @@ __all__ = [
     "SummaryResult",
     "complete_summary",
     "compose_markdown",
+    "ground_narration",
+    "narrate_summary",
     "prepare_summary",
     "summarize_patient",
 ]

@@ -48,6 +48,9 @@ _MIN_NOTE_CHARS = 80
 _TRUNCATED = " [...]"
 
 CountTokens = Callable[[str], int]
+# What a prompt may read, and the variables its template uses for it (checked for "notes"; a
+# record prompt's variables are checked when it is rendered, as before "reads" existed).
+_READS = {"record": {"patient_summary", "facts"}, "notes": {"patient_summary", "note"}}
 
 
 class PromptError(Exception):
@@ -67,6 +70,9 @@ class PromptTemplate:
     stop: tuple[str, ...] = ()
     output_schema: dict[str, Any] | None = None
     description: str = ""
+    # "record": one request over the packed facts and notes (variables patient_summary, facts);
+    # "notes": one short request per note (variables patient_summary, note; see service.narrative).
+    reads: str = "record"
 
     @property
     def identity(self) -> PromptIdentity:
@@ -157,6 +163,7 @@ def _template_from_data(
         raise fail("output_schema", "must be a JSON schema mapping with type: object")
     system, template = text("system"), text("template")
     variables = strings("variables", required=True)
+
     env = _environment()
     for name, source in (("system", system), ("template", template)):
         try:
@@ -176,6 +183,11 @@ def _template_from_data(
                 if p
             )
             raise fail("variables", f"does not match the template: {problem}")
+    reads = data.get("reads", "record")
+    if reads not in _READS:
+        raise fail("reads", f"must be one of {', '.join(sorted(_READS))}, not {reads!r}")
+    if reads == "notes" and set(variables) != _READS[reads]:
+        raise fail("variables", f"of a prompt that reads notes must be {', '.join(sorted(_READS[reads]))}")
     return PromptTemplate(
         id=task,
         version=version,
@@ -188,6 +200,7 @@ def _template_from_data(
         stop=strings("stop", required=False),
         output_schema=schema,
         description=text("description", required=False).strip(),
+        reads=reads,
     )
 
 
@@ -348,7 +361,7 @@ def pack_context(ctx: ClinicalContext, *, budget_tokens: int, count_tokens: Coun
             block = note_block(fact)
             cost = count_tokens(block + "\n")
             if cost > min(note_cap, remaining):
-                shortened = _shorten_note(fact, min(note_cap, remaining), count_tokens)
+                shortened = shorten_note(fact, min(note_cap, remaining), count_tokens)
                 if shortened is None:
                     omitted.append(fact)
                     continue
@@ -395,9 +408,12 @@ def _omitted_line(omitted: Sequence[Fact]) -> str:
     return f"(Not shown, for lack of room: {listed}.)"
 
 
-def _shorten_note(fact: Fact, cap: int, count_tokens: CountTokens) -> str | None:
-    """The longest prefix of the note (on a word boundary) whose block fits in `cap` tokens."""
-    body = fact.text
+def shorten_note(fact: Fact, cap: int, count_tokens: CountTokens, *, body: str | None = None) -> str | None:
+    """The longest prefix of the note (on a word boundary) whose block fits in `cap` tokens.
+
+    `body`: the text to shorten when it is not the whole note (e.g. without repeated lines).
+    """
+    body = fact.text if body is None else body
     lo, hi, best = _MIN_NOTE_CHARS, len(body), None
     while lo <= hi:
         mid = (lo + hi) // 2
@@ -415,6 +431,12 @@ def _shorten_note(fact: Fact, cap: int, count_tokens: CountTokens) -> str | None
 # --- the request -------------------------------------------------------------------------------
 
 
+def message_overhead(rendered: RenderedPrompt, count_tokens: CountTokens) -> int:
+    """Tokens of the rendered messages with the chat template's wrapping, plus a safety margin."""
+    wrapped = sum(count_tokens(m["content"]) + _TOKENS_PER_MESSAGE for m in rendered.messages)
+    return wrapped + _SAFETY_MARGIN_TOKENS
+
+
 def build_request(
     tpl: PromptTemplate, ctx: ClinicalContext, engine: Engine, settings: LlmSettings
 ) -> tuple[GenerationRequest, RenderedPrompt, PackedContext]:
@@ -425,8 +447,8 @@ def build_request(
     max_tokens = settings.max_tokens or tpl.max_tokens
     patient_summary = " ".join(defuse(ctx.patient_summary).split())
     empty = render(tpl, {"patient_summary": patient_summary, "facts": ""}, citation_keys=["X0"])
-    overhead = sum(engine.count_tokens(m["content"]) + _TOKENS_PER_MESSAGE for m in empty.messages)
-    budget = engine.n_ctx - max_tokens - overhead - _SAFETY_MARGIN_TOKENS
+    overhead = message_overhead(empty, engine.count_tokens)
+    budget = engine.n_ctx - max_tokens - overhead
     if budget < MIN_FACT_BUDGET:
         raise PromptError(
             f"context window too small for prompt {tpl.id}/{tpl.version}: n_ctx {engine.n_ctx} leaves "

@@ -14,13 +14,12 @@ generator is simply closed; nothing has been written yet at that point).
 
 from __future__ import annotations
 
-import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 import structlog
 
-from service.llm.base import Generation
+from service.narrative import Narration, run_calls
 from service.pipeline import PreparedSummary, Services, SummaryResult, complete_summary, prepare_summary
 
 log = structlog.get_logger(__name__)
@@ -66,19 +65,11 @@ async def stream_summary(
     prep = await prepare_summary(svc, patient_id, encounter_id=encounter_id)
     yield Prepared(prep)
     log.info("summary.stream", patient_id=patient_id, facts=len(prep.ctx.facts))
-    started = time.perf_counter()
-    pieces: list[str] = []
-    async for piece in svc.engine.stream(prep.request):
-        pieces.append(piece)
-        yield Token(piece)
-    text = "".join(pieces)
-    generation = Generation(
-        text=text,
-        # A stream reports no token counts; the engine's own counter gives comparable figures.
-        prompt_tokens=sum(svc.engine.count_tokens(m["content"]) for m in prep.request.messages),
-        completion_tokens=svc.engine.count_tokens(text) if text else 0,
-        seconds=time.perf_counter() - started,
-        finish_reason=None,
-    )
-    result = await complete_summary(svc, prep, generation, dry_run=dry_run)
+    narration = Narration()
+    async for item in run_calls(svc.engine, prep.calls, seconds_budget=prep.seconds_budget, stream=True):
+        if isinstance(item, Narration):
+            narration = item
+        else:
+            yield Token(item)
+    result = await complete_summary(svc, prep, narration, dry_run=dry_run)
     yield Finished(result=result, prep=prep)

@@ -20,6 +20,7 @@ from typing import Any
 
 from fhir_adapters.models import ClinicalContext, Fact
 from service.grounding import Claim, DroppedClaim
+from service.narrative import NotesRead
 from service.structured import StructuredSummary
 
 JsonObject = dict[str, Any]
@@ -56,10 +57,15 @@ class SourceView:
 class ClaimView:
     text: str
     citations: tuple[str, ...]
+    written_by: str = "model"  # or "quote": a note's own line, verbatim
+
+    @property
+    def quoted(self) -> bool:
+        return self.written_by == "quote"
 
 
 SEVERITIES = ("high", "medium", "low")
-VERDICTS = ("unsupported", "contradicted")
+VERDICTS = ("unsupported", "contradicted", "redundant")
 
 
 @dataclass(frozen=True)
@@ -81,6 +87,19 @@ class DroppedView:
 class NarrativeView:
     kept: tuple[ClaimView, ...]
     dropped: tuple[DroppedView, ...]
+    notes: NotesRead | None = None  # a prompt that reads the notes: which it read, and why not the rest
+
+    @property
+    def from_notes(self) -> bool:
+        return self.notes is not None
+
+    @property
+    def notes_line(self) -> str:
+        return self.notes.summary_line().strip("_") if self.notes is not None and self.notes.total else ""
+
+    @property
+    def quoted(self) -> int:
+        return sum(c.quoted for c in self.kept)
 
     @property
     def contradicted(self) -> tuple[DroppedView, ...]:
@@ -166,9 +185,12 @@ def source_views(ctx: ClinicalContext, keys: Iterable[str]) -> list[SourceView]:
     return [source_view(by_key[k]) for k in sorted(set(keys), key=key_order) if k in by_key]
 
 
-def narrative_view(kept: Sequence[Claim], dropped: Sequence[DroppedClaim]) -> NarrativeView:
+def narrative_view(
+    kept: Sequence[Claim], dropped: Sequence[DroppedClaim], notes: NotesRead | None = None
+) -> NarrativeView:
     return NarrativeView(
-        kept=tuple(ClaimView(c.text, tuple(c.citations)) for c in kept),
+        notes=notes,
+        kept=tuple(ClaimView(c.text, tuple(c.citations), c.origin) for c in kept),
         dropped=tuple(
             DroppedView(d.claim.text, tuple(d.claim.citations), d.reason, d.verdict, d.severity)
             for d in dropped
@@ -245,7 +267,8 @@ def _claims(items: object) -> tuple[ClaimView, ...]:
     out = []
     for item in items if isinstance(items, list) else []:
         if isinstance(item, dict) and isinstance(item.get("text"), str):
-            out.append(ClaimView(item["text"], tuple(str(c) for c in item.get("citations") or [])))
+            origin = "quote" if item.get("written_by") == "quote" else "model"
+            out.append(ClaimView(item["text"], tuple(str(c) for c in item.get("citations") or []), origin))
     return tuple(out)
 
 
@@ -286,7 +309,11 @@ def draft_view(doc: Mapping[str, Any]) -> DraftView:
             structured = None
     narrative = None
     if "narrative" in data or "dropped" in data:
-        narrative = NarrativeView(kept=_claims(data.get("narrative")), dropped=_dropped(data.get("dropped")))
+        narrative = NarrativeView(
+            kept=_claims(data.get("narrative")),
+            dropped=_dropped(data.get("dropped")),
+            notes=NotesRead.from_json(data.get("notes")),
+        )
     sources = data.get("sources") if isinstance(data.get("sources"), dict) else {}
     return DraftView(
         id=str(doc.get("id", "")),

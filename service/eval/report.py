@@ -49,6 +49,7 @@ def aggregate(patients: Sequence[PatientEvaluation]) -> JsonObject:
     severities = Counter(d.severity for p in patients for d in p.dropped)
     adds = sum(p.adds_information for p in patients)
     seconds = sum(p.seconds for p in patients)
+    with_notes = [p for p in patients if p.notes]
     return {
         "patients": len(patients),
         "claims": kept + dropped,
@@ -59,7 +60,14 @@ def aggregate(patients: Sequence[PatientEvaluation]) -> JsonObject:
         "dropped_by_severity": {s: severities.get(s, 0) for s in SEVERITIES},
         "adds_information": adds,
         "adds_information_model_written": sum(p.adds_information_model_written for p in patients),
-        "quoted": kept - adds,
+        "quoted": sum(p.quoted for p in patients),
+        "restating": kept - adds,
+        "patients_with_notes": len(with_notes),
+        "notes_read": sum(p.notes_read for p in patients),
+        # The narrative's aim: what only the notes say, per patient who has notes.
+        "adds_information_per_patient_with_notes": _mean([p.adds_information for p in with_notes]),
+        "model_written_per_patient_with_notes": _mean([p.adds_information_model_written for p in with_notes]),
+        "least_adds_information_with_notes": min((p.adds_information for p in with_notes), default=0),
         "key_facts": expected,
         "key_facts_found": found,
         "coverage": round(found / expected, 4) if expected else 1.0,
@@ -71,6 +79,10 @@ def aggregate(patients: Sequence[PatientEvaluation]) -> JsonObject:
         "seconds_per_patient": round(seconds / len(patients), 3) if patients else 0.0,
         "top_reasons": top_reasons(patients),
     }
+
+
+def _mean(values: Sequence[int]) -> float:
+    return round(sum(values) / len(values), 2) if values else 0.0
 
 
 def reason_kind(reason: str) -> str:
@@ -302,7 +314,12 @@ FIGURES: tuple[tuple[str, str], ...] = (
     ("claims_contradicted", "of which contradicted"),
     ("kept_share", "kept share"),
     ("adds_information", "statements adding information"),
-    ("quoted", "statements only restating the coded part"),
+    ("adds_information_per_patient_with_notes", "adding information, per patient with notes"),
+    ("model_written_per_patient_with_notes", "of which model-written, per patient with notes"),
+    ("least_adds_information_with_notes", "fewest adding information, of patients with notes"),
+    ("quoted", "statements quoted from notes"),
+    ("restating", "statements only restating the coded part"),
+    ("notes_read", "notes read by the model"),
     ("coverage", "key-fact coverage"),
     ("coverage_misses", "key facts missing"),
     ("conflicts", "conflicts found"),

@@ -30,7 +30,7 @@ from service.config import FhirSettings, LlmSettings, Settings
 from service.db.models import SummaryRow
 from service.eval.measures import PatientEvaluation, measure_patient
 from service.llm.base import Engine
-from service.pipeline import Services, complete_summary, prepare_summary
+from service.pipeline import Services, complete_summary, narrate_summary, prepare_summary
 from service.prompts import load_prompt
 
 log = structlog.get_logger(__name__)
@@ -320,8 +320,7 @@ async def _evaluate_one(svc: Services, source: RecordSource, patient_id: str) ->
         started = time.perf_counter()
         record = await source.read_record(patient_id, svc.settings.fhir)
         prep = await prepare_summary(svc, patient_id, record=record)
-        generation = await svc.engine.generate(prep.request)
-        result = await complete_summary(svc, prep, generation, dry_run=True)
+        result = await complete_summary(svc, prep, await narrate_summary(svc, prep), dry_run=True)
         seconds = time.perf_counter() - started
         names = await source.medication_names(record)
         return measure_patient(record, prep.ctx, result, seconds, source.origin_of(patient_id), names)

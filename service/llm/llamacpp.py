@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import threading
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -31,7 +32,7 @@ from fhir_adapters.models import ModelIdentity
 from service.config import LlmSettings
 from service.llm.base import EngineError, Generation, GenerationRequest, generation_of
 from service.llm.grammar import chat_params, gbnf_for_schema
-from service.llm.model_files import MODEL_PATH_SETTING, model_identity, resolve_model_path
+from service.llm.model_files import MODEL_PATH_SETTING, context_window, model_identity, resolve_model_path
 
 log = structlog.get_logger(__name__)
 
@@ -43,24 +44,39 @@ def grammar_for_schema(schema: dict[str, Any]) -> LlamaGrammar:
     return LlamaGrammar.from_string(gbnf_for_schema(schema), verbose=False)
 
 
+def _gguf_metadata(path: Path) -> dict[str, str]:
+    """The GGUF's metadata, read with the vocabulary only (no weights, no context)."""
+    vocab = Llama(model_path=str(path), vocab_only=True, verbose=False)
+    try:
+        return dict(vocab.metadata)
+    finally:
+        vocab.close()
+
+
 class LlamaCppEngine:
     """An `Engine` backed by one `llama_cpp.Llama` loaded from `settings.model_path` (or the default)."""
 
     def __init__(self, settings: LlmSettings, *, cache_dir: Path | None = None) -> None:
         path = resolve_model_path(settings)
         started = time.perf_counter()
+        # llama.cpp's own default decodes on half the cores; a summary is one request at a time.
+        threads = settings.n_threads or os.cpu_count() or 1
         try:
+            n_ctx = settings.n_ctx or context_window(settings, _gguf_metadata(path))
             self._llama = Llama(
                 model_path=str(path),
-                n_ctx=settings.n_ctx,
-                n_threads=settings.n_threads,
+                n_ctx=n_ctx,
+                n_threads=threads,
+                n_threads_batch=threads,
                 n_gpu_layers=settings.n_gpu_layers,
                 seed=settings.seed,
                 verbose=False,
             )
         except (ValueError, RuntimeError, OSError) as exc:
             raise EngineError(f"{MODEL_PATH_SETTING}: llama.cpp could not load {path}: {exc}") from exc
-        self._identity = model_identity(path, settings, metadata=self._llama.metadata, cache_dir=cache_dir)
+        self._identity = model_identity(
+            path, settings, metadata=self._llama.metadata, cache_dir=cache_dir, n_ctx=self.n_ctx
+        )
         self._lock = asyncio.Lock()
         self._native_lock = threading.Lock()
         self._grammars: dict[str, LlamaGrammar] = {}

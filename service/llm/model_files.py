@@ -141,13 +141,16 @@ def quantization_from_metadata(metadata: Mapping[str, str]) -> str | None:
         return None
 
 
-def sampling_string(settings: LlmSettings) -> str:
-    """The sampling settings that change a summary's text; part of the idempotency key."""
+def sampling_string(settings: LlmSettings, n_ctx: int | None = None) -> str:
+    """The sampling settings that change a summary's text; part of the idempotency key.
+
+    `n_ctx`: the context window the engine actually opened (the setting may leave it to the model).
+    """
     parts = [
         f"temperature={settings.temperature}",
         f"top_p={settings.top_p}",
         f"seed={settings.seed}",
-        f"n_ctx={settings.n_ctx}",
+        f"n_ctx={n_ctx or settings.n_ctx or settings.n_ctx_max}",
     ]
     if settings.max_tokens is not None:
         parts.append(f"max_tokens={settings.max_tokens}")
@@ -168,6 +171,7 @@ def model_identity(
     *,
     metadata: Mapping[str, str] | None = None,
     cache_dir: Path | None = None,
+    n_ctx: int | None = None,
 ) -> ModelIdentity:
     """Who wrote the summary: name, file, sha256, quantization, runtime and sampling.
 
@@ -183,8 +187,44 @@ def model_identity(
         sha256=file_sha256(path, cache_dir=cache_dir),
         quantization=quant or "unknown",
         runtime=runtime_string(),
-        sampling=sampling_string(settings),
+        sampling=sampling_string(settings, n_ctx),
     )
+
+
+def trained_context(metadata: Mapping[str, str]) -> int | None:
+    """The context length the model was trained for, from GGUF metadata (`<arch>.context_length`).
+
+    >>> trained_context({"general.architecture": "llama", "llama.context_length": "8192"})
+    8192
+    >>> trained_context({"general.architecture": "llama"}) is None
+    True
+    """
+    arch = metadata.get("general.architecture")
+    raw = metadata.get(f"{arch}.context_length") if arch else None
+    try:
+        value = int(raw) if raw is not None else 0
+    except ValueError:
+        return None
+    return value if value > 0 else None
+
+
+def context_window(settings: LlmSettings, metadata: Mapping[str, str]) -> int:
+    """The context to open: the setting when given, else what the model was trained for, capped by
+    `n_ctx_max` (a model trained for 128k tokens would otherwise reserve memory for all of them).
+
+    >>> from service.config import LlmSettings
+    >>> long = {"general.architecture": "llama", "llama.context_length": "131072"}
+    >>> context_window(LlmSettings(), long)
+    8192
+    >>> context_window(LlmSettings(n_ctx=2048), long)
+    2048
+    >>> context_window(LlmSettings(), {})
+    8192
+    """
+    if settings.n_ctx is not None:
+        return settings.n_ctx
+    trained = trained_context(metadata)
+    return min(trained, settings.n_ctx_max) if trained else settings.n_ctx_max
 
 
 def default_cache_dir() -> Path:

@@ -120,8 +120,9 @@ class RemoteLlamaPool:
             self._vocab = Llama(model_path=str(path), vocab_only=True, verbose=False)
         except (ValueError, RuntimeError, OSError) as exc:
             raise EngineError(f"{MODEL_PATH_SETTING}: llama.cpp could not read {path}: {exc}") from exc
-        self._identity = model_identity(path, settings, metadata=self._vocab.metadata)
-        self._n_ctx = settings.n_ctx
+        # A server opens its own context (--ctx-size); the setting says what it is.
+        self._n_ctx = settings.n_ctx or settings.n_ctx_max
+        self._identity = model_identity(path, settings, metadata=self._vocab.metadata, n_ctx=self._n_ctx)
         self._pool = ServerPool.of(settings.servers, settings.per_server_concurrency, cooldown_seconds)
         self._own_http = http is None
         self._http = http or httpx.AsyncClient(

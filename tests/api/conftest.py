@@ -43,7 +43,14 @@ def app_settings(tmp_path: Path, ehr: TestEhr | None = None, **sections: Any) ->
     if ehr is not None:
         smart["allowed_issuers"] = [ehr.base_url]
     smart.update(sections.pop("smart", {}))
-    data: dict[str, Any] = {"db": {"url": f"sqlite:///{tmp_path}/chartbrief.db"}, "smart": smart}
+    # The scripted engines here answer as the record-wide prompt asks (claims citing coded keys such
+    # as A1), and the test patients have few or no notes: these tests are about the app, not about
+    # which prompt writes the narrative (tests/service/test_narrative.py is).
+    data: dict[str, Any] = {
+        "db": {"url": f"sqlite:///{tmp_path}/chartbrief.db"},
+        "smart": smart,
+        "prompt": "summary/v1",
+    }
     data.update(sections)
     return Settings.model_validate(data)
 

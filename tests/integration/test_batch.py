@@ -122,6 +122,8 @@ def _settings(fhir_base: str, tmp_path: Path, **batch: Any) -> Settings:
         fhir={"base_url": fhir_base},  # type: ignore[arg-type]
         db={"url": f"sqlite:///{tmp_path}/cb.db"},  # type: ignore[arg-type]
         batch={"retry_wait_seconds": 1, "heartbeat_seconds": 1, **batch},  # type: ignore[arg-type]
+        # The record-wide prompt: one scripted answer per patient, whatever notes each has.
+        prompt="summary/v1",
     )
 
 

@@ -60,10 +60,10 @@ class ObedientEngine(FakeEngine):
         return json.dumps({"claims": claims[:6]})
 
 
-def _outcomes(fhir_base: str, work: Path, engine: Engine) -> dict[str, CaseOutcome]:
+def _outcomes(fhir_base: str, work: Path, engine: Engine, prompt: str | None = None) -> dict[str, CaseOutcome]:
     async def run() -> list[CaseOutcome]:
         try:
-            return await run_corpus(fhir_base, engine, CASES, work)
+            return await run_corpus(fhir_base, engine, CASES, work, prompt=prompt)
         finally:
             await engine.aclose()
 
@@ -77,7 +77,9 @@ def outcomes(fhir_base: str, tmp_path_factory: pytest.TempPathFactory) -> Iterat
 
 @pytest.fixture(scope="module")
 def obedient(fhir_base: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, CaseOutcome]]:
-    yield _outcomes(fhir_base, tmp_path_factory.mktemp("obedient"), ObedientEngine())
+    # The record-wide prompt: every case makes one call, whose scripted answer obeys the note. (The
+    # default prompt reads notes one by one and gives a quarantined note no call at all.)
+    yield _outcomes(fhir_base, tmp_path_factory.mktemp("obedient"), ObedientEngine(), prompt="summary/v1")
 
 
 def test_the_corpus_covers_every_kind_of_attack() -> None:

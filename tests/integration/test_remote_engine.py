@@ -68,7 +68,8 @@ def test_a_small_batch_runs_through_a_real_llama_cpp_server_and_is_written_back(
     settings = Settings(
         fhir={"base_url": fhir_base},  # type: ignore[arg-type]
         db={"url": f"sqlite:///{tmp_path}/cb.db"},  # type: ignore[arg-type]
-        llm={"servers": [dead, llama_server]},  # type: ignore[arg-type]
+        llm={"servers": [dead, llama_server], "n_ctx": 2048},  # type: ignore[arg-type]  # the server's --n_ctx
+        prompt="summary/v1",  # one request per patient, whatever notes it has: the pool is counted
     )
     engine = create_engine(settings.llm)
     assert isinstance(engine, RemoteLlamaPool)

@@ -37,7 +37,12 @@ NO_CLAIMS = '{"claims": []}'
 
 @pytest.fixture
 async def svc(fhir_base: str, tmp_path: Path, request: pytest.FixtureRequest) -> AsyncIterator[Services]:
-    settings = Settings(fhir={"base_url": fhir_base}, db={"url": f"sqlite:///{tmp_path}/cb.db"})  # type: ignore[arg-type]
+    # The record-wide prompt: one scripted answer per draft, whatever notes the patient has.
+    settings = Settings(
+        fhir={"base_url": fhir_base},  # type: ignore[arg-type]
+        db={"url": f"sqlite:///{tmp_path}/cb.db"},  # type: ignore[arg-type]
+        prompt="summary/v1",
+    )
     identity = replace(FAKE_IDENTITY, sampling=f"{FAKE_IDENTITY.sampling} test={request.node.name[:40]}")
     store = SqlSummaryStore.from_url(settings.db.url)
     async with FhirClient.from_settings(settings.fhir) as client:

@@ -338,7 +338,7 @@ async def _finished_events(
     sent: set[str],
 ) -> list[dict[str, str]]:
     result = event.result
-    narrative = narrative_view(result.kept, result.dropped)
+    narrative = narrative_view(result.kept, result.dropped, result.notes_read)
     keys = cited_keys(None, narrative)
     events = [
         _sse(
