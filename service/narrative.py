@@ -38,11 +38,11 @@ from service.prompts import (
     MIN_FACT_BUDGET,
     PromptError,
     PromptTemplate,
-    RenderedPrompt,
     defuse,
     message_overhead,
     note_block,
     render,
+    request_of,
     shorten_note,
 )
 
@@ -180,7 +180,7 @@ TIME_BUDGET = "time budget"
 NO_ROOM = "no room in the context window"
 
 
-def _unread(view: NoteView, reason: str) -> UnreadNote:
+def unread_note(view: NoteView, reason: str) -> UnreadNote:
     fact = view.fact
     return UnreadNote(fact.key, fact.source.reference, fact.date, fact.display or "Clinical note", reason)
 
@@ -206,14 +206,14 @@ def plan_notes(
     repeated = 0
     for view in views:
         if not view.adds_text:
-            unread.append(_unread(view, REPEATS))
+            unread.append(unread_note(view, REPEATS))
             continue
         if len(calls) >= narrative.max_notes:
-            unread.append(_unread(view, OVER_LIMIT))
+            unread.append(unread_note(view, OVER_LIMIT))
             continue
         call = _note_call(tpl, view, patient_summary, engine, max_tokens, llm)
         if call is None:
-            unread.append(_unread(view, NO_ROOM))
+            unread.append(unread_note(view, NO_ROOM))
             continue
         calls.append(call)
         chosen[view.fact.key] = view
@@ -254,18 +254,6 @@ def _note_call(
         block, truncated = shortened, True
     rendered = render(tpl, {"patient_summary": patient_summary, "note": block}, citation_keys=[key])
     return NoteCall(key, request_of(rendered, max_tokens, llm), truncated)
-
-
-def request_of(rendered: RenderedPrompt, max_tokens: int, llm: LlmSettings) -> GenerationRequest:
-    return GenerationRequest(
-        messages=rendered.messages,
-        max_tokens=max_tokens,
-        stop=list(rendered.stop),
-        json_schema=rendered.json_schema,
-        temperature=llm.temperature,
-        top_p=llm.top_p,
-        seed=llm.seed,
-    )
 
 
 @dataclass(frozen=True)
@@ -578,6 +566,7 @@ __all__ = [
     "NoteView",
     "NotesRead",
     "UnreadNote",
+    "unread_note",
     "narrate",
     "note_views",
     "plan_notes",

@@ -38,11 +38,11 @@ from service.narrative import (
     NoteCall,
     NotePlan,
     NotesRead,
-    UnreadNote,
     narrate,
     plan_notes,
     quotations,
     statements_of,
+    unread_note,
 )
 from service.prompts import PackedContext, build_request, load_prompt
 from service.safety import (
@@ -521,10 +521,7 @@ def notes_read(prep: PreparedSummary, narration: Narration) -> NotesRead | None:
     if plan is None:
         return None
     unread = list(plan.unread)
-    for key in narration.late:
-        fact = plan.views[key].fact
-        title = fact.display or "Clinical note"
-        unread.append(UnreadNote(key, fact.source.reference, fact.date, title, TIME_BUDGET))
+    unread += [unread_note(plan.views[key], TIME_BUDGET) for key in narration.late]
     read = tuple(o.key for o in narration.outputs if o.key is not None)
     return NotesRead(total=plan.notes, read=read, unread=tuple(unread), max_notes=plan.max_notes)
 

@@ -462,13 +462,17 @@ def build_request(
         citation_keys=[f.key for f in packed.facts_included],
     )
     rendered = replace(rendered, max_tokens=max_tokens)
-    request = GenerationRequest(
+    return request_of(rendered, max_tokens, settings), rendered, packed
+
+
+def request_of(rendered: RenderedPrompt, max_tokens: int, llm: LlmSettings) -> GenerationRequest:
+    """The engine request for a rendered prompt, with the sampling settings."""
+    return GenerationRequest(
         messages=rendered.messages,
         max_tokens=max_tokens,
         stop=list(rendered.stop),
         json_schema=rendered.json_schema,
-        temperature=settings.temperature,
-        top_p=settings.top_p,
-        seed=settings.seed,
+        temperature=llm.temperature,
+        top_p=llm.top_p,
+        seed=llm.seed,
     )
-    return request, rendered, packed
