@@ -169,6 +169,25 @@ def resource_key(resource: JsonObject) -> str | None:
     return f"{resource.get('resourceType')}/{rid}"
 
 
+def parse_http_date(value: str | None) -> datetime | None:
+    """The time in an HTTP date (a `Date` or `Retry-After` header), or None when missing or unreadable.
+
+    A date without a zone is taken as UTC, as HTTP dates always are.
+
+    >>> parse_http_date("Mon, 23 Nov 2026 16:09:18 GMT").isoformat()
+    '2026-11-23T16:09:18+00:00'
+    >>> parse_http_date("yesterday") is None
+    True
+    """
+    if not value:
+        return None
+    try:
+        when = parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return when if when.tzinfo is not None else when.replace(tzinfo=UTC)
+
+
 def parse_retry_after(value: str | None, now: datetime) -> float | None:
     """Seconds to wait from a Retry-After header (delay-seconds or HTTP date); None if unusable.
 
@@ -184,13 +203,8 @@ def parse_retry_after(value: str | None, now: datetime) -> float | None:
     text = value.strip()
     if text.isdigit():
         return float(text)
-    try:
-        when = parsedate_to_datetime(text)
-    except (TypeError, ValueError):
-        return None
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=UTC)
-    return max(0.0, (when - now).total_seconds())
+    when = parse_http_date(text)
+    return None if when is None else max(0.0, (when - now).total_seconds())
 
 
 def backoff_seconds(attempt: int, initial: float, cap: float, jitter: float = 0.0) -> float:
