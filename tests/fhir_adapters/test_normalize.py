@@ -11,7 +11,10 @@ from typing import Any
 
 import pytest
 
-import fhir_adapters.normalize
+import fhir_adapters.normalize.context
+import fhir_adapters.normalize.datatypes
+import fhir_adapters.normalize.facts
+import fhir_adapters.normalize.patient
 import fhir_adapters.text
 from fhir_adapters.fetch import fetch_record
 from fhir_adapters.models import ClinicalContext, Fact, Note, PatientRecord, Skipped, SourceRef
@@ -63,7 +66,13 @@ def all_text(ctx: ClinicalContext) -> str:
 
 
 def test_normalize_and_text_doctests_pass() -> None:
-    assert doctest.testmod(fhir_adapters.normalize).failed == 0
+    for module in (
+        fhir_adapters.normalize.context,
+        fhir_adapters.normalize.datatypes,
+        fhir_adapters.normalize.facts,
+        fhir_adapters.normalize.patient,
+    ):
+        assert doctest.testmod(module).failed == 0
     assert doctest.testmod(fhir_adapters.text).failed == 0
 
 
