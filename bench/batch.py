@@ -30,8 +30,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from fhir_adapters.client import FhirClient  # noqa: E402
-from fhir_adapters.sandbox import LoadedPatient, load_files  # noqa: E402
-from service.devserver import LOAD_TIMEOUT_SECONDS, LocalFhirServer, synthea_files  # noqa: E402
+from service.dev.devserver import LOAD_TIMEOUT_SECONDS, LocalFhirServer, synthea_files  # noqa: E402
+from service.dev.sandbox import LoadedPatient, load_files  # noqa: E402
 from service.logging import configure_logging  # noqa: E402
 
 CHARTBRIEF = [sys.executable, "-m", "service.cli.main"]

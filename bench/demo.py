@@ -26,10 +26,10 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from fhir_adapters.client import FhirClient  # noqa: E402
-from fhir_adapters.sandbox import LoadFailure, load_files  # noqa: E402
 from service.cli.summarize import render_text  # noqa: E402
 from service.config import Settings  # noqa: E402
-from service.devserver import LOAD_TIMEOUT_SECONDS, SYNTHEA_DIR, LocalFhirServer  # noqa: E402
+from service.dev.devserver import LOAD_TIMEOUT_SECONDS, SYNTHEA_DIR, LocalFhirServer  # noqa: E402
+from service.dev.sandbox import LoadFailure, load_files  # noqa: E402
 from service.llm import create_engine  # noqa: E402
 from service.logging import configure_logging  # noqa: E402
 from service.pipeline import summarize_patient  # noqa: E402

@@ -54,10 +54,10 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from fhir_adapters.client import FhirClient  # noqa: E402
-from fhir_adapters.sandbox import load_bundle, read_bundle  # noqa: E402
 from service.api import create_app  # noqa: E402
 from service.config import Settings  # noqa: E402
-from service.devserver import LOAD_TIMEOUT_SECONDS, SYNTHEA_DIR, LocalFhirServer  # noqa: E402
+from service.dev.devserver import LOAD_TIMEOUT_SECONDS, SYNTHEA_DIR, LocalFhirServer  # noqa: E402
+from service.dev.sandbox import load_bundle, read_bundle  # noqa: E402
 from service.llm import create_engine  # noqa: E402
 from service.llm.base import Engine  # noqa: E402
 from service.llm.fake import FakeEngine  # noqa: E402

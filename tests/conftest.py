@@ -15,13 +15,13 @@ from typing import Any, TypeVar
 import pytest
 
 from fhir_adapters.client import FhirClient
-from fhir_adapters.sandbox import LoadedPatient, LoadFailure, load_files
-from service.devserver import (
+from service.dev.devserver import (
     LOAD_TIMEOUT_SECONDS,
     LocalFhirServer,
     LocalFhirServerError,
     synthea_files,
 )
+from service.dev.sandbox import LoadedPatient, LoadFailure, load_files
 
 EXTERNAL_BASE_ENV = "CHARTBRIEF_TEST_FHIR_BASE"
 

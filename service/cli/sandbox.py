@@ -8,8 +8,8 @@ from pathlib import Path
 import click
 
 from fhir_adapters.client import FhirClient
-from fhir_adapters.sandbox import LoadFailure, load_files
 from service.cli.common import EXIT_BAD_INPUT, build_settings, fail, fhir_base_option, run
+from service.dev.sandbox import LoadFailure, load_files
 
 
 @click.group()

@@ -134,7 +134,7 @@ def bundle_files(folder: Path) -> dict[str, Path]:
 
 def load_bundles(folder: Path, names: Iterable[str]) -> dict[str, RecordIndex]:
     """The records of the named bundle files, each as the verifier sees it."""
-    from fhir_adapters.sandbox import SandboxError, read_bundle
+    from service.dev.sandbox import SandboxError, read_bundle
 
     files = bundle_files(folder)
     records: dict[str, RecordIndex] = {}

@@ -13,9 +13,9 @@ import httpx
 import pytest
 from sqlalchemy import select
 
-from fhir_adapters.sandbox import LoadedPatient
 from service.db import apikeys
 from service.db.models import AuditEvent
+from service.dev.sandbox import LoadedPatient
 from service.llm.fake import FakeEngine
 from tests.api.conftest import APP_BASE, app_settings, running_app
 from tests.smart_ehr.server import TestEhr

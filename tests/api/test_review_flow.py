@@ -16,10 +16,10 @@ import httpx
 import pytest
 from sqlalchemy import select
 
-from fhir_adapters.sandbox import LoadedPatient
 from fhir_adapters.smart import TokenSet
 from service.db.launch import load_session
 from service.db.models import AuditEvent, Rejection
+from service.dev.sandbox import LoadedPatient
 from tests.api.conftest import (
     REDIRECT_URI,
     app_settings,

@@ -18,7 +18,7 @@ import pytest
 import uvicorn
 from playwright.sync_api import Browser, sync_playwright
 
-from fhir_adapters.sandbox import LoadedPatient
+from service.dev.sandbox import LoadedPatient
 
 CHROMIUM = os.environ.get("CHARTBRIEF_TEST_CHROMIUM", "/usr/bin/chromium")
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"]

@@ -23,9 +23,9 @@ import httpx
 import pytest
 from playwright.sync_api import Browser, Locator, Page, expect
 
-from fhir_adapters.sandbox import LoadedPatient
 from service.api import create_app
 from service.config import Settings
+from service.dev.sandbox import LoadedPatient
 from service.llm.base import Engine
 from service.llm.fake import FAKE_IDENTITY, FakeEngine
 from tests.e2e.conftest import ServedApp

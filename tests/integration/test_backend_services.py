@@ -12,7 +12,7 @@ import pytest
 from fhir_adapters.backend_auth import BackendClient, BackendServicesToken, generate_key
 from fhir_adapters.client import FhirClient
 from fhir_adapters.errors import FhirAuthError
-from service.devserver import LocalFhirServer
+from service.dev.devserver import LocalFhirServer
 
 pytestmark = pytest.mark.integration
 

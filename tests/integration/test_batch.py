@@ -20,20 +20,20 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from service.jobs import BatchRequest, open_fhir, run_batch, since_with_overlap
 
 from fhir_adapters.backend_auth import DEFAULT_SYSTEM_SCOPES, generate_key
 from fhir_adapters.client import FhirClient
-from fhir_adapters.sandbox import LoadedPatient, LoadFailure, load_files
 from service.config import BackendSettings, Settings
 from service.db.batch import DONE, OPEN_STATES, BatchRepository
-from service.devserver import (
+from service.dev.devserver import (
     LOAD_TIMEOUT_SECONDS,
     REPO_ROOT,
     LocalFhirServer,
     LocalFhirServerError,
     synthea_files,
 )
-from service.jobs import BatchRequest, open_fhir, run_batch, since_with_overlap
+from service.dev.sandbox import LoadedPatient, LoadFailure, load_files
 from service.llm.base import Generation, GenerationRequest
 from service.llm.fake import FakeEngine
 from tests.integration.conftest import run_in_private_loop

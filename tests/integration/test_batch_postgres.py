@@ -20,7 +20,7 @@ import psycopg
 import pytest
 
 from service.db.batch import DONE, RUNNING, BatchRepository, RunItem
-from service.devserver import REPO_ROOT
+from service.dev.devserver import REPO_ROOT
 from tests.integration.test_batch import (
     batch_command,
     start_loaded_server,

@@ -10,7 +10,7 @@ import pytest
 
 from fhir_adapters.bulk import BulkExportError, ExportReport, export_resources, wait_for_manifest
 from fhir_adapters.client import FhirClient
-from fhir_adapters.sandbox import LoadedPatient
+from service.dev.sandbox import LoadedPatient
 
 pytestmark = pytest.mark.integration
 

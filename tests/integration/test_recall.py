@@ -21,12 +21,12 @@ from click.testing import CliRunner
 from sqlalchemy import select
 
 from fhir_adapters.client import FhirClient
-from fhir_adapters.sandbox import LoadedPatient
 from service import review
 from service.cli.main import cli
 from service.config import Settings
 from service.db.models import AuditEvent
 from service.db.store import SqlSummaryStore
+from service.dev.sandbox import LoadedPatient
 from service.governance.recall_rules import RECALL_TAG, RECALL_URL
 from service.llm.fake import FAKE_IDENTITY, FakeEngine
 from service.pipeline import Services, summarize_patient

@@ -12,10 +12,10 @@ import httpx
 import pytest
 
 from fhir_adapters.client import FhirClient
-from fhir_adapters.sandbox import LoadedPatient
 from service.config import Settings
 from service.db.store import SqlSummaryStore
-from service.devserver import free_port
+from service.dev.devserver import free_port
+from service.dev.sandbox import LoadedPatient
 from service.llm import create_engine
 from service.llm.model_files import default_model_path
 from service.llm.remote import RemoteLlamaPool

@@ -17,12 +17,12 @@ from typing import Any
 import pytest
 
 from fhir_adapters.client import FhirClient
-from fhir_adapters.sandbox import LoadedPatient
 from fhir_adapters.writer import provenance_id
 from service import review
 from service.config import Settings
 from service.db import audit
 from service.db.store import SqlSummaryStore
+from service.dev.sandbox import LoadedPatient
 from service.llm.fake import FAKE_IDENTITY, FakeEngine
 from service.pipeline import Services, summarize_patient
 

@@ -11,7 +11,13 @@ import httpx
 import pytest
 
 from fhir_adapters.client import FhirClient
-from fhir_adapters.sandbox import (
+from service.dev.devserver import (
+    LOAD_TIMEOUT_SECONDS,
+    LocalFhirServer,
+    LocalFhirServerError,
+    synthea_files,
+)
+from service.dev.sandbox import (
     LoadedPatient,
     as_transaction,
     conditional_targets,
@@ -19,12 +25,6 @@ from fhir_adapters.sandbox import (
     ensure_targets,
     read_bundle,
     with_shared_providers,
-)
-from service.devserver import (
-    LOAD_TIMEOUT_SECONDS,
-    LocalFhirServer,
-    LocalFhirServerError,
-    synthea_files,
 )
 from tests.integration.conftest import EXTERNAL_BASE_ENV
 

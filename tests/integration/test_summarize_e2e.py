@@ -16,10 +16,10 @@ import pytest
 from click.testing import CliRunner
 
 from fhir_adapters.client import FhirClient
-from fhir_adapters.sandbox import LoadedPatient
 from service.cli.main import cli
 from service.config import LlmSettings, Settings
 from service.db.store import SqlSummaryStore
+from service.dev.sandbox import LoadedPatient
 from service.llm import create_engine
 from service.llm.base import Engine
 from service.llm.fake import FakeEngine

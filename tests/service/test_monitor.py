@@ -20,13 +20,13 @@ import pytest
 from click.testing import CliRunner
 from structlog.testing import capture_logs
 
-from fhir_adapters.sandbox import LoadedPatient
 from fhir_adapters.writer import provenance_id
 from service import review
 from service.cli.main import cli
 from service.config import Settings
 from service.db.audit import RejectionRecord
 from service.db.store import SqlSummaryStore
+from service.dev.sandbox import LoadedPatient
 from service.governance.monitor import edit_size, iso_week, monitor_report
 from service.governance.records import ReviewOutcomeRecord, SummaryRecord, review_outcomes
 from service.llm.fake import FakeEngine

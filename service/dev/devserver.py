@@ -25,7 +25,7 @@ from typing import IO, Any, Self
 import httpx
 import yaml
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_SEKMET = REPO_ROOT / ".venv-fhir" / "bin" / "sekmet"
 SYNTHEA_DIR = REPO_ROOT / "tests" / "fixtures" / "synthea"
 HOST = "127.0.0.1"

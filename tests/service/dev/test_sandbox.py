@@ -16,7 +16,7 @@ from fhir.resources.R4B import get_fhir_model_class
 from structlog.testing import capture_logs
 
 from fhir_adapters.errors import FhirBadRequest, FhirTransportError
-from fhir_adapters.sandbox import (
+from service.dev.sandbox import (
     TARGET_CONCURRENCY,
     ConditionalTarget,
     LoadFailure,
@@ -35,7 +35,7 @@ from fhir_adapters.sandbox import (
     with_shared_providers,
 )
 
-SYNTHEA = Path(__file__).resolve().parents[1] / "fixtures" / "synthea"
+SYNTHEA = Path(__file__).resolve().parents[2] / "fixtures" / "synthea"
 # Synthea 3.x (conditional references to providers) and 2.4 (providers inline) samples.
 SYNTHEA_3 = next(SYNTHEA.glob("Beatris270_Bogan287_*.json.gz"))
 SYNTHEA_24 = next(SYNTHEA.glob("Kermit_Trantow_*.json"))
