@@ -25,18 +25,12 @@ from joserfc import jwt
 from joserfc.errors import JoseError
 from joserfc.jwk import ECKey, RSAKey
 
+from fhir_adapters.scopes import DEFAULT_SYSTEM_SCOPES
+
 log = structlog.get_logger(__name__)
 
 ASSERTION_TYPE = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
 Alg = Literal["RS384", "ES384"]
-# What the batch reads, plus what it writes (STANDARDS.md, SMART Backend Services).
-DEFAULT_SYSTEM_SCOPES = (
-    "system/Patient.rs system/Encounter.rs system/DocumentReference.rs system/Binary.rs "
-    "system/Condition.rs system/MedicationRequest.rs system/Medication.rs system/AllergyIntolerance.rs "
-    "system/Observation.rs system/Procedure.rs system/Immunization.rs system/DiagnosticReport.rs "
-    "system/Group.rs system/DocumentReference.c system/DocumentReference.u system/Provenance.c "
-    "system/Provenance.u system/Device.c"
-)
 
 
 class BackendAuthError(Exception):

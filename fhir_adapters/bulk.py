@@ -61,7 +61,7 @@ from fhir_adapters.errors import (
     FhirRetryableError,
     FhirTransportError,
 )
-from fhir_adapters.fetch import SEARCHED_TYPES
+from fhir_adapters.scopes import CHANGE_TYPES
 
 log = structlog.get_logger(__name__)
 
@@ -72,7 +72,7 @@ Clock = Callable[[], float]
 NDJSON = "application/fhir+ndjson"
 FHIR_JSON = "application/fhir+json"
 # What a summary reads: the patient and every type `fetch` searches.
-DEFAULT_TYPES: tuple[str, ...] = ("Patient", *SEARCHED_TYPES)
+DEFAULT_TYPES: tuple[str, ...] = CHANGE_TYPES
 # One resource per line; a DocumentReference with inline note data can be a few MB. A longer
 # "line" is a broken file, and buffering it would defeat streaming.
 MAX_LINE_BYTES = 32 * 1024 * 1024

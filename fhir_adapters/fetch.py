@@ -32,6 +32,7 @@ from pydantic import ValidationError
 
 from fhir_adapters.errors import FhirBadRequest, FhirPermanentError
 from fhir_adapters.models import Note, PatientRecord, Skipped, SourceRef
+from fhir_adapters.scopes import SEARCHED_TYPES
 from fhir_adapters.text import UnsupportedContent, decode_base64, decode_text, ensure_supported, text_sha256
 
 log = structlog.get_logger(__name__)
@@ -40,18 +41,6 @@ JsonObject = dict[str, Any]
 SearchParams = Mapping[str, str | Sequence[str]]
 T = TypeVar("T")
 
-# The types searched with `patient=<id>`, and the element naming the patient in each.
-SEARCHED_TYPES: dict[str, str] = {
-    "Encounter": "subject",
-    "DocumentReference": "subject",
-    "Condition": "subject",
-    "MedicationRequest": "subject",
-    "AllergyIntolerance": "patient",
-    "Observation": "subject",
-    "Procedure": "subject",
-    "Immunization": "patient",
-    "DiagnosticReport": "subject",
-}
 
 
 @runtime_checkable
@@ -540,7 +529,6 @@ def _str(value: object) -> str | None:
 
 
 __all__ = [
-    "SEARCHED_TYPES",
     "EncounterNotOfPatient",
     "FhirSource",
     "accept_resources",

@@ -53,8 +53,18 @@ class SourceRef:
 class Skipped:
     """A resource or attachment that could not be used, and why. Never PHI: ids and reasons."""
 
-    resource: str  # "DocumentReference/123" or "DocumentReference/123#content[1]"
+    resource: str  # "DocumentReference/123", "DocumentReference/123#content[1]", or a type: "Procedure"
     reason: str
+
+    @property
+    def resource_type(self) -> str:
+        """`DocumentReference` for `DocumentReference/123#content[1]`."""
+        return self.resource.split("/", 1)[0].split("#", 1)[0]
+
+    @property
+    def whole_type(self) -> bool:
+        """True when a whole type is missing (its search was refused), not one resource."""
+        return "/" not in self.resource
 
 
 @dataclass(frozen=True)

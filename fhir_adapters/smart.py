@@ -57,24 +57,6 @@ _log = structlog.get_logger(__name__)
 SMART_CONFIGURATION_PATH = ".well-known/smart-configuration"
 CLIENT_ASSERTION_TYPE = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
 
-# The narrow SMART v2 scopes of an EHR launch (docs/STANDARDS.md): read what the summary uses,
-# create the summary, its Device and its Provenance. `launch` asks for the EHR's context.
-_RESOURCE_SCOPES = (
-    "patient/Patient.rs",
-    "patient/Encounter.rs",
-    "patient/DocumentReference.rs",
-    "patient/Condition.rs",
-    "patient/Observation.rs",
-    "patient/MedicationRequest.rs",
-    "patient/Medication.rs",  # the drug an order names by reference
-    "patient/AllergyIntolerance.rs",
-    "patient/DocumentReference.c",
-    "patient/Provenance.c",
-    "patient/Device.c",
-)
-DEFAULT_SCOPES = " ".join(("launch", "openid", "fhirUser", *_RESOURCE_SCOPES))
-# A standalone launch has no EHR context to hand over: the user picks the patient at the EHR.
-STANDALONE_SCOPES = " ".join(("launch/patient", "openid", "fhirUser", *_RESOURCE_SCOPES))
 
 ID_TOKEN_ALGORITHMS = ("RS256", "RS384", "ES384")
 CLIENT_ASSERTION_ALGORITHMS = ("RS384", "ES384")
@@ -825,8 +807,6 @@ class RefreshingToken(TokenProvider):
 
 __all__ = [
     "CLIENT_ASSERTION_TYPE",
-    "DEFAULT_SCOPES",
-    "STANDALONE_SCOPES",
     "RefreshingToken",
     "SmartClient",
     "SmartConfiguration",

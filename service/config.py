@@ -14,6 +14,8 @@ from urllib.parse import urlsplit
 from pydantic import BaseModel, Field, HttpUrl, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from fhir_adapters.scopes import CHANGE_TYPES
+
 _LOOPBACK = frozenset({"localhost", "127.0.0.1", "::1"})
 # The development default of `smart.session_secret`; production refuses to start with it.
 PLACEHOLDER_SESSION_SECRET = "development-only-session-secret-change-me"  # noqa: S105 - a known placeholder
@@ -374,18 +376,7 @@ def web_settings_problems(settings: Settings) -> list[str]:
 # -- nightly batch and SMART Backend Services ----------------------------------------------------------
 
 # Every type a summary reads: a change to any of them changes the summary's inputs.
-BATCH_CHANGE_TYPES = (
-    "Patient",
-    "Encounter",
-    "DocumentReference",
-    "Condition",
-    "MedicationRequest",
-    "AllergyIntolerance",
-    "Observation",
-    "Procedure",
-    "Immunization",
-    "DiagnosticReport",
-)
+BATCH_CHANGE_TYPES = CHANGE_TYPES
 
 
 class BatchSettings(BaseModel):

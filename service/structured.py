@@ -24,7 +24,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from fhir_adapters.models import ClinicalContext, Fact
+from fhir_adapters.models import ClinicalContext, Fact, Skipped
 from service.coded import (
     age_years_at,
     condition_group,
@@ -147,11 +147,77 @@ class Section:
 
 
 @dataclass(frozen=True)
+class NotRead:
+    """Resources of one type left out of the summary for one reason: refused, unreadable,
+    malformed, or excluded (an AI-written draft). `count` 0 = the whole type (its search was
+    refused), so the summary is written without any of it."""
+
+    resource_type: str
+    reason: str
+    count: int = 0
+
+    @property
+    def whole_type(self) -> bool:
+        return self.count == 0
+
+    def text(self) -> str:
+        """`Procedure: none read (search refused by the server (status 403))`, `2 Binary: ...`."""
+        if self.whole_type:
+            return f"{self.resource_type}: none read ({self.reason})"
+        return f"{self.count} {self.resource_type}: {self.reason}"
+
+    def to_json(self) -> dict[str, Any]:
+        return {"resource_type": self.resource_type, "reason": self.reason, "count": self.count}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> NotRead:
+        return cls(str(data["resource_type"]), str(data["reason"]), int(data.get("count") or 0))
+
+
+def not_read(skipped: list[Skipped]) -> tuple[NotRead, ...]:
+    """What was skipped while reading, one entry per type and reason, whole types first. Pure.
+
+    >>> [n.text() for n in not_read([Skipped("Binary/1", "could not be read (status 404)"),
+    ...     Skipped("Procedure", "search refused by the server (status 403)"),
+    ...     Skipped("Binary/2", "could not be read (status 404)")])]
+    ['Procedure: none read (search refused by the server (status 403))', '2 Binary: could not be read (status 404)']
+    """
+    whole = [NotRead(s.resource_type, s.reason) for s in skipped if s.whole_type]
+    counts: dict[tuple[str, str], int] = {}
+    for s in skipped:
+        if not s.whole_type:
+            counts[(s.resource_type, s.reason)] = counts.get((s.resource_type, s.reason), 0) + 1
+    return (*dict.fromkeys(whole), *(NotRead(t, r, n) for (t, r), n in counts.items()))
+
+
+@dataclass(frozen=True)
 class StructuredSummary:
     sections: tuple[Section, ...]
     conflicts: tuple[Conflict, ...] = ()
     # id, version and sha256 of the reference-range table the flags were read against.
     reference_ranges: dict[str, str] = field(default_factory=dict)
+    # What the record held that this summary could not use, and why.
+    not_read: tuple[NotRead, ...] = ()
+
+    @property
+    def missing_types(self) -> tuple[str, ...]:
+        """The resource types the summary is written without (their search was refused)."""
+        return tuple(n.resource_type for n in self.not_read if n.whole_type)
+
+    def incomplete_line(self) -> str | None:
+        """The warning a reader must see first when whole resource types are missing."""
+        if not self.missing_types:
+            return None
+        return (
+            f"**Incomplete record:** the FHIR server refused the search for {', '.join(self.missing_types)}; "
+            "this summary is written without them."
+        )
+
+    def not_read_line(self) -> str | None:
+        """`_Not shown (could not be used): ..._`, or None when everything read was used."""
+        if not self.not_read:
+            return None
+        return "_Not shown (could not be used): " + "; ".join(n.text() for n in self.not_read) + "._"
 
     def to_markdown(self) -> str:
         """Each section as a `##` heading and a bullet list, the conflicts (when there are any)
@@ -167,6 +233,11 @@ class StructuredSummary:
                 conflicts_shown = True
         if not conflicts_shown:
             blocks.insert(0, self._conflicts_block())
+        warning, shown = self.incomplete_line(), self.not_read_line()
+        if warning:
+            blocks.insert(0, warning)
+        if shown:
+            blocks.append(shown)
         return "\n\n".join(blocks) + "\n"
 
     def _conflicts_block(self) -> str:
@@ -181,6 +252,7 @@ class StructuredSummary:
             ],
             "conflicts": [conflict.to_json() for conflict in self.conflicts],
             "reference_ranges": dict(self.reference_ranges),
+            "not_read": [n.to_json() for n in self.not_read],
         }
 
     @classmethod
@@ -193,6 +265,7 @@ class StructuredSummary:
             ),
             tuple(Conflict.from_json(c) for c in data.get("conflicts") or []),
             {str(k): str(v) for k, v in (data.get("reference_ranges") or {}).items()},
+            tuple(NotRead.from_json(n) for n in data.get("not_read") or []),
         )
 
     def cited_keys(self) -> set[str]:
@@ -250,6 +323,7 @@ def build_structured(
         ),
         find_conflicts(ctx),
         table.identity(),
+        not_read(ctx.skipped),
     )
 
 

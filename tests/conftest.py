@@ -3,6 +3,10 @@
 `fhir_base` is `CHARTBRIEF_TEST_FHIR_BASE` when set (HAPI or any other R4 server; nothing here
 assumes sekmet), else a local sekmet server started for the session and stopped at its end.
 `loaded_patients` loads every bundle in tests/fixtures/synthea into that server once.
+
+Every test starts from a clean environment (`clean_environment`): no `CHARTBRIEF_*` setting of
+the shell running the tests reaches it (only the `CHARTBRIEF_TEST_*` knobs of the tests
+themselves), and the database a default `Settings()` opens is a file in the test's own folder.
 """
 
 from __future__ import annotations
@@ -24,6 +28,18 @@ from service.dev.devserver import (
 from service.dev.sandbox import LoadedPatient, LoadFailure, load_files
 
 EXTERNAL_BASE_ENV = "CHARTBRIEF_TEST_FHIR_BASE"
+TEST_KNOBS = "CHARTBRIEF_TEST_"
+
+
+@pytest.fixture(autouse=True)
+def clean_environment(monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Settings come from the test, never from the shell: strip `CHARTBRIEF_*` (the tests' own
+    `CHARTBRIEF_TEST_*` knobs aside) and point the default database at a private folder."""
+    for name in list(os.environ):
+        if name.startswith("CHARTBRIEF_") and not name.startswith(TEST_KNOBS):
+            monkeypatch.delenv(name)
+    home = tmp_path_factory.mktemp("chartbrief-home")
+    monkeypatch.setenv("CHARTBRIEF_DB__URL", f"sqlite:///{home / 'chartbrief.db'}")
 
 T = TypeVar("T")
 

@@ -18,10 +18,9 @@ from structlog.testing import capture_logs
 
 from fhir_adapters.auth import TokenProvider
 from fhir_adapters.client import FhirClient
+from fhir_adapters.scopes import DEFAULT_SCOPES, STANDALONE_SCOPES
 from fhir_adapters.smart import (
     CLIENT_ASSERTION_TYPE,
-    DEFAULT_SCOPES,
-    STANDALONE_SCOPES,
     RefreshingToken,
     SmartClient,
     SmartConfiguration,

@@ -25,8 +25,6 @@ from fastapi.responses import RedirectResponse, Response
 from starlette.concurrency import run_in_threadpool
 
 from fhir_adapters.smart import (
-    DEFAULT_SCOPES,
-    STANDALONE_SCOPES,
     SmartError,
     TokenSet,
     authorize_url,
@@ -34,6 +32,7 @@ from fhir_adapters.smart import (
     new_pkce,
     split_scopes,
 )
+from fhir_adapters.scopes import DEFAULT_SCOPES, STANDALONE_SCOPES, review_scopes
 from service.api.deps import Runtime, RuntimeDep
 from service.api.errors import ApiError, BadRequest, Forbidden
 from service.api.security import scopes_allow
@@ -52,7 +51,7 @@ router = APIRouter(tags=["SMART launch"], include_in_schema=True)
 
 # Approve, edit, reject and supersede PUT the draft and its Provenance: they need `.u` as well as
 # the narrow create/read set of an EHR launch.
-REVIEW_SCOPES = ("patient/DocumentReference.u", "patient/Provenance.u")
+REVIEW_SCOPES = review_scopes("patient")
 # What a session cannot work without: (resource, interaction) pairs the granted scopes must allow.
 REQUIRED_RIGHTS = (
     ("Patient", "r"),
