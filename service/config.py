@@ -269,7 +269,7 @@ class ApiSettings(BaseModel):
         description="The aud a JWT must carry; empty = smart.public_base_url.",
     )
     jwt_algorithms: list[ApiAlgorithm] = Field(
-        default_factory=lambda: ["RS256", "RS384", "ES256", "ES384"],
+        default_factory=lambda: list[ApiAlgorithm](["RS256", "RS384", "ES256", "ES384"]),
         min_length=1,
         description="Accepted JWT signature algorithms (asymmetric only: never none or HMAC).",
     )

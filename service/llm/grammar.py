@@ -37,6 +37,6 @@ def gbnf_for_schema(schema: dict[str, Any]) -> str:
 @functools.lru_cache(maxsize=32)
 def _gbnf(schema_json: str) -> str:
     try:
-        return json_schema_to_gbnf(schema_json)
+        return str(json_schema_to_gbnf(schema_json))
     except Exception as exc:  # the converter raises bare Exceptions and KeyErrors alike
         raise EngineError(f"the prompt's output schema cannot be turned into a grammar: {exc}") from exc

@@ -26,7 +26,8 @@ from pathlib import Path
 from typing import Any, cast
 
 import structlog
-from llama_cpp import Llama, LlamaGrammar
+from llama_cpp import Llama
+from llama_cpp.llama_grammar import LlamaGrammar
 
 from fhir_adapters.models import ModelIdentity
 from service.config import LlmSettings
