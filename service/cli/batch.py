@@ -19,10 +19,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import SQLAlchemyError
 
 from fhir_adapters.backend_auth import BackendAuthError
-from service.cli.common import EXIT_BAD_INPUT, EXIT_SERVER, build_settings, fail, fhir_base_option, run
-from service.config import Settings
-from service.db.batch import RUN_COMPLETED_WITH_FAILURES, BatchRepository
-from service.jobs import (
+from service.batch import (
     BatchError,
     BatchReport,
     BatchRequest,
@@ -33,6 +30,9 @@ from service.jobs import (
     run_batch,
     run_progress,
 )
+from service.cli.common import EXIT_BAD_INPUT, EXIT_SERVER, build_settings, fail, fhir_base_option, run
+from service.config import Settings
+from service.db.batch import RUN_COMPLETED_WITH_FAILURES, BatchRepository
 from service.logging import configure_logging
 
 EXIT_FAILURES = 5
@@ -185,7 +185,7 @@ async def worker_command(
             "`chartbrief batch run` does the work itself",
             EXIT_BAD_INPUT,
         )
-    from service.queue import run_worker  # deferred: procrastinate is only needed here
+    from service.batch.queue import run_worker  # deferred: procrastinate is only needed here
 
     try:
         await run_worker(

@@ -6,7 +6,7 @@ for a retry or after a crash). `chartbrief batch status` and `batch report` read
 one-process runner and the Procrastinate workers write them.
 
 What it must not do: decide anything (what to retry, when a run is dead: that is
-`service.jobs`), or store PHI: patient ids, resource ids, counts, timings and error classes only.
+`service.batch.items`), or store PHI: patient ids, resource ids, counts, timings and error classes only.
 Every change is one short transaction, so several workers on PostgreSQL can share a run.
 """
 

@@ -20,10 +20,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from service.jobs import BatchRequest, open_fhir, run_batch, since_with_overlap
 
-from fhir_adapters.backend_auth import DEFAULT_SYSTEM_SCOPES, generate_key
+from fhir_adapters.backend_auth import generate_key
 from fhir_adapters.client import FhirClient
+from fhir_adapters.scopes import DEFAULT_SYSTEM_SCOPES
+from service.batch import BatchRequest, run_batch
+from service.batch.connect import open_fhir
+from service.batch.selection import since_with_overlap
 from service.config import BackendSettings, Settings
 from service.db.batch import DONE, OPEN_STATES, BatchRepository
 from service.dev.devserver import (

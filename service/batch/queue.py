@@ -26,7 +26,7 @@ import logging
 import time
 from collections.abc import Callable
 from contextlib import AsyncExitStack
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import procrastinate
@@ -38,6 +38,12 @@ from procrastinate.retry import BaseRetryStrategy, RetryDecision
 from procrastinate.schema import SchemaManager
 from sqlalchemy.engine import make_url
 
+from fhir_adapters.client import backoff_seconds
+from service.batch.connect import FhirConnection, open_fhir, services_for
+from service.batch.items import interrupted_error, outcome_for, record_failure
+from service.batch.report import BatchReport, LogProgress, ProgressSink, RunOutcome, UsageMeter, report_for
+from service.batch.request import BatchError, BatchRequest
+from service.batch.selection import create_run, select_patients
 from service.config import Settings
 from service.db.batch import (
     FAILED,
@@ -49,25 +55,6 @@ from service.db.batch import (
     process_name,
 )
 from service.db.store import SqlSummaryStore
-from service.jobs import (
-    BatchError,
-    BatchReport,
-    BatchRequest,
-    FhirConnection,
-    LogProgress,
-    ProgressSink,
-    RunOutcome,
-    UsageMeter,
-    create_run,
-    interrupted_error,
-    open_fhir,
-    outcome_for,
-    record_failure,
-    report_for,
-    retry_delay,
-    select_patients,
-    services_for,
-)
 from service.llm import create_engine
 from service.llm.base import Engine
 from service.pipeline import Services, summarize_patient
@@ -131,8 +118,9 @@ class BackoffRetry(BaseRetryStrategy):
     def get_retry_decision(self, *, exception: BaseException, job: Job) -> RetryDecision | None:
         if not isinstance(exception, RetryLater) or job.attempts + 1 >= self.max_job_attempts:
             return None
-        wait = retry_delay(job.attempts + 1, self.initial_seconds, self.max_seconds)
-        return RetryDecision(retry_in={"seconds": wait})
+        wait = backoff_seconds(job.attempts + 1, self.initial_seconds, self.max_seconds)
+        # `retry_at`, not `retry_in`: Procrastinate types `retry_in` seconds as whole ints.
+        return RetryDecision(retry_at=datetime.now(UTC) + timedelta(seconds=wait))
 
 
 # ---------------------------------------------------------------------------------------------------
