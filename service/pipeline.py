@@ -27,9 +27,11 @@ from fhir_adapters.models import (
     SummaryDraft,
 )
 from fhir_adapters.normalize import normalize
-from fhir_adapters.writer import WriteResult, idempotency_key, write_summary
+from fhir_adapters.write.draft import idempotency_key
+from fhir_adapters.write.send import WriteResult, write_summary
 from service.config import Settings
 from service.db.store import SummaryStore
+from service.fhir import write_options
 from service.grounding import Claim, DroppedClaim, GroundingResult, ground
 from service.llm.base import Engine
 from service.narrative import (
@@ -379,7 +381,7 @@ async def complete_summary(
         encounter=ctx.encounter,
         **_period(ctx),
     )
-    write = None if dry_run else await write_summary(svc.client, draft, svc.settings.writer)
+    write = None if dry_run else await write_summary(svc.client, draft, write_options(svc.settings.writer))
     result = SummaryResult(
         patient=prep.patient_id,
         encounter=prep.encounter_id,

@@ -2,7 +2,7 @@
 
 - `approve`, `edit` (saves the clinician's text, then approves it), `reject` (entered-in-error; the
   optional reason goes to the `rejections` table, never to the EHR or a log) call
-  `fhir_adapters.review` and record one audit row per FHIR action: `ok`, `denied` (another patient's
+  `fhir_adapters.write.send` and record one audit row per FHIR action: `ok`, `denied` (another patient's
   document, or not a chartbrief draft) or `error` (stale version, server failure).
 - `regenerate` writes a fresh draft that supersedes the old one: the summary pipeline runs again with
   the sampling seed one above the old draft's. The seed is part of the idempotency key (through
@@ -24,15 +24,16 @@ from typing import Any, Literal
 import structlog
 from sqlalchemy.orm import Session, sessionmaker
 
-from fhir_adapters import review as fhir_review
 from fhir_adapters.errors import FhirError
 from fhir_adapters.models import ModelIdentity
-from fhir_adapters.review import (
+from fhir_adapters.write import send as fhir_write
+from fhir_adapters.write.draft import version_of
+from fhir_adapters.write.review import (
     ReviewConflict,
     ReviewError,
     ReviewForbidden,
     ReviewNotFound,
-    version_of,
+    sampling_of,
 )
 from service.db import audit
 from service.db.store import SqlSummaryStore
@@ -195,13 +196,13 @@ async def approve(
     trail = _Audit(sessions, actor=actor, patient_id=patient_id, request_id=request_id)
     ref = _doc_ref(document_reference_id)
     try:
-        doc = await fhir_review.approve(
+        doc = await fhir_write.approve(
             svc.client,
             document_reference_id,
             verifier=actor,
             when=_now_iso(),
             version=version,
-            settings=svc.settings.writer,
+            identifier_system=svc.settings.writer.identifier_system,
             patient_id=patient_id,
         )
     except Exception as exc:
@@ -232,14 +233,14 @@ async def edit(
     # The AI text is read only to measure the edit; only the size is kept.
     before = await capture.text_before_edit(svc.client, document_reference_id, patient_id)
     try:
-        edited = await fhir_review.edit(
+        edited = await fhir_write.edit(
             svc.client,
             document_reference_id,
             markdown=markdown,
             editor=actor,
             when=_now_iso(),
             version=version,
-            settings=svc.settings.writer,
+            identifier_system=svc.settings.writer.identifier_system,
             patient_id=patient_id,
         )
     except Exception as exc:
@@ -275,13 +276,13 @@ async def reject(
     trail = _Audit(sessions, actor=actor, patient_id=patient_id, request_id=request_id)
     ref = _doc_ref(document_reference_id)
     try:
-        doc = await fhir_review.reject(
+        doc = await fhir_write.reject(
             svc.client,
             document_reference_id,
             who=actor,
             when=_now_iso(),
             version=version,
-            settings=svc.settings.writer,
+            identifier_system=svc.settings.writer.identifier_system,
             patient_id=patient_id,
         )
     except Exception as exc:
@@ -359,14 +360,17 @@ def reseeded(svc: Services, seed: int) -> Services:
 
 async def previous_seed(svc: Services, document_reference_id: str, *, patient_id: str) -> int:
     """The seed the previous draft was written with (from its Provenance), else the configured seed."""
-    doc, key = await fhir_review.read_draft(
-        svc.client, document_reference_id, settings=svc.settings.writer, patient_id=patient_id
+    doc, key = await fhir_write.read_draft(
+        svc.client,
+        document_reference_id,
+        identifier_system=svc.settings.writer.identifier_system,
+        patient_id=patient_id,
     )
     try:
-        provenance = await fhir_review.read_provenance(svc.client, str(doc["id"]), key)
+        provenance = await fhir_write.read_provenance(svc.client, str(doc["id"]), key)
     except ReviewNotFound:
         return svc.settings.llm.seed
-    seed = seed_of(fhir_review.sampling_of(provenance))
+    seed = seed_of(sampling_of(provenance))
     return seed if seed is not None else svc.settings.llm.seed
 
 

@@ -4,7 +4,7 @@ ones under recall.
 Where summaries are found:
 
 - chartbrief's database: the `summaries` rows of that model sha256 or prompt version;
-- the FHIR server, through what the writer put there (fhir_adapters.writer): the chartbrief Devices
+- the FHIR server, through what the writer put there (fhir_adapters.write.draft): the chartbrief Devices
   (identifier system `urn:chartbrief:model-sha256`, the model file's sha256 in `Device.version`), the
   AI-Provenance resources whose agent is such a Device (`Provenance?agent=Device/<id>`), the prompt they
   name (extension `urn:chartbrief:prompt`, `summary/v1 sha256:...`) and the DocumentReference they target.
@@ -41,7 +41,7 @@ import structlog
 from sqlalchemy.orm import Session, sessionmaker
 
 from fhir_adapters.errors import FhirConflict, FhirNotFound
-from fhir_adapters.writer import MODEL_IDENTIFIER_SYSTEM
+from fhir_adapters.write.draft import MODEL_IDENTIFIER_SYSTEM
 from service.db import audit
 from service.governance.recall_rules import (
     Criterion,

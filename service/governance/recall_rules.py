@@ -2,7 +2,7 @@
 
 A criterion is a model file (its sha256, or a prefix of at least 12 hex characters until it is resolved
 to the one sha it names) or a prompt version (`v1`, any prompt; `summary/v1`, that prompt). The FHIR
-shapes read here are the writer's (fhir_adapters.writer): the chartbrief Device names its model file in
+shapes read here are the writer's (fhir_adapters.write.draft): the chartbrief Device names its model file in
 `version` (`sha256:<hex> <quantization> <runtime>`) and in its identifier; the AI-Provenance names its
 Device as an agent, its prompt in the `urn:chartbrief:prompt` extension, its DocumentReference as target.
 
@@ -19,7 +19,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from fhir_adapters.writer import MODEL_IDENTIFIER_SYSTEM, PROMPT_EXTENSION_URL, reference_from_location
+from fhir_adapters.write.draft import MODEL_IDENTIFIER_SYSTEM, PROMPT_EXTENSION_URL, reference_from_location
 from service.governance.records import SummaryRecord
 
 JsonObject = dict[str, Any]

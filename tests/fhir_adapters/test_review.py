@@ -19,7 +19,8 @@ from fhir.resources.R4B.provenance import Provenance
 
 from fhir_adapters.client import FhirClient
 from fhir_adapters.errors import FhirConflict, FhirNotFound
-from fhir_adapters.review import (
+from fhir_adapters.write.draft import provenance_id
+from fhir_adapters.write.review import (
     APPROVED_DESCRIPTION,
     APPROVED_EDITED_DESCRIPTION,
     EDITED_BY_URL,
@@ -28,21 +29,17 @@ from fhir_adapters.review import (
     ReviewForbidden,
     ReviewNotFound,
     agents_of_type,
-    approve,
     approved_document,
     check_reviewer,
     check_when,
     draft_key,
-    edit,
     edit_provenance,
     edited_document,
-    reject,
     reject_provenance,
     rejected_document,
     verified_provenance,
 )
-from fhir_adapters.writer import provenance_id
-from service.config import WriterSettings
+from fhir_adapters.write.send import approve, edit, reject
 
 JsonObject = dict[str, Any]
 
@@ -412,9 +409,8 @@ async def test_a_document_chartbrief_did_not_write_is_never_touched() -> None:
 
 
 async def test_the_configured_identifier_system_decides_what_is_a_draft() -> None:
-    settings = WriterSettings(identifier_system="urn:hospital:ai-summary")
     with pytest.raises(ReviewError):
-        await approve(server(), "doc-1", verifier=DR, when=WHEN, settings=settings)
+        await approve(server(), "doc-1", verifier=DR, when=WHEN, identifier_system="urn:hospital:ai-summary")
 
 
 async def test_actions_on_another_patients_document_are_forbidden_and_write_nothing() -> None:

@@ -15,6 +15,7 @@ import pytest
 import fhir_adapters.scopes
 from fhir_adapters.errors import FhirAuthError
 from fhir_adapters.fetch import fetch_record
+from fhir_adapters.normalize import normalize
 from fhir_adapters.scopes import (
     CHANGE_TYPES,
     DEFAULT_SCOPES,
@@ -24,11 +25,10 @@ from fhir_adapters.scopes import (
     STANDALONE_SCOPES,
     WRITES,
 )
-from fhir_adapters.normalize import normalize
-from fhir_adapters.writer import build_transaction
+from fhir_adapters.write.draft import WriteOptions, build_transaction
 from service.api.routes.launch import launch_scopes
 from service.api.security import scopes_allow
-from service.config import BatchSettings, WriterSettings
+from service.config import BatchSettings
 from service.structured import StructuredSummary, build_structured, not_read
 from tests.fakes import FakeFhirSource, bundle_patient, load_synthea
 from tests.fhir_adapters.test_writer import make_draft, previous_doc
@@ -101,7 +101,7 @@ def test_the_declaration_covers_what_fetch_searches_and_the_batch_watches() -> N
 
 def _write_entries() -> list[tuple[str, str]]:
     """(type, letter) of every entry the write-back transaction sends when it supersedes a draft."""
-    bundle: dict[str, Any] = build_transaction(make_draft(), WriterSettings(), previous=previous_doc())
+    bundle: dict[str, Any] = build_transaction(make_draft(), WriteOptions(), previous=previous_doc())
     letters = {"POST": "c", "PUT": "u"}
     return [(e["resource"]["resourceType"], letters[e["request"]["method"]]) for e in bundle["entry"]]
 

@@ -20,8 +20,9 @@ from fhir.resources.R4B.provenance import Provenance
 
 from fhir_adapters.errors import FhirConflict
 from fhir_adapters.models import ModelIdentity, PromptIdentity, SourceRef, SummaryDraft
-from fhir_adapters.writer import (
+from fhir_adapters.write.draft import (
     DraftError,
+    WriteOptions,
     build_device,
     build_document_reference,
     build_provenance,
@@ -30,9 +31,8 @@ from fhir_adapters.writer import (
     latest_previous,
     provenance_id,
     reference_from_location,
-    write_summary,
 )
-from service.config import WriterSettings
+from fhir_adapters.write.send import write_summary
 
 AIAST = {
     "system": "http://terminology.hl7.org/CodeSystem/v3-ObservationValue",
@@ -179,7 +179,7 @@ def test_device_without_a_model_hash_is_refused() -> None:
 
 def test_document_reference_is_a_preliminary_ai_draft_clinical_note() -> None:
     draft = make_draft()
-    doc = build_document_reference(draft, WriterSettings(), device_ref="Device/d1", replaces=None)
+    doc = build_document_reference(draft, WriteOptions(), device_ref="Device/d1", replaces=None)
     assert doc["status"] == "current"
     assert doc["docStatus"] == "preliminary"
     assert doc["type"]["coding"] == [
@@ -199,7 +199,7 @@ def test_document_reference_is_a_preliminary_ai_draft_clinical_note() -> None:
 
 def test_document_reference_carries_the_markdown_and_the_structured_json() -> None:
     draft = make_draft()
-    doc = build_document_reference(draft, WriterSettings(), device_ref="Device/d1", replaces=None)
+    doc = build_document_reference(draft, WriteOptions(), device_ref="Device/d1", replaces=None)
     markdown, structured = (c["attachment"] for c in doc["content"])
     assert markdown["contentType"] == "text/markdown; charset=utf-8"
     assert decode(markdown) == draft.markdown  # non-ASCII survives the round trip
@@ -210,14 +210,14 @@ def test_document_reference_carries_the_markdown_and_the_structured_json() -> No
 
 def test_document_reference_context_names_encounter_period_and_cited_sources() -> None:
     draft = make_draft()
-    doc = build_document_reference(draft, WriterSettings(), device_ref="Device/d1", replaces=None)
+    doc = build_document_reference(draft, WriteOptions(), device_ref="Device/d1", replaces=None)
     assert doc["context"]["encounter"] == [{"reference": "Encounter/e1"}]
     assert doc["context"]["period"] == {"start": "2023-01-01", "end": "2024-04-30"}
     assert [r["reference"] for r in doc["context"]["related"]] == [ref.versioned for ref in draft.cited]
 
 
 def test_progress_note_type_and_no_json_attachment_when_configured() -> None:
-    settings = WriterSettings(loinc_type="11506-3", include_structured_json=False, identifier_system="urn:x")
+    settings = WriteOptions(loinc_type="11506-3", include_structured_json=False, identifier_system="urn:x")
     doc = build_document_reference(make_draft(), settings, device_ref="Device/d1", replaces=None)
     assert doc["type"]["coding"][0]["code"] == "11506-3"
     assert doc["type"]["coding"][0]["display"] == "Progress note"
@@ -227,13 +227,13 @@ def test_progress_note_type_and_no_json_attachment_when_configured() -> None:
 
 def test_document_reference_without_encounter_or_period_has_no_empty_context_parts() -> None:
     draft = make_draft(encounter=None, period_start=None, period_end=None, cited=[])
-    doc = build_document_reference(draft, WriterSettings(), device_ref="Device/d1", replaces=None)
+    doc = build_document_reference(draft, WriteOptions(), device_ref="Device/d1", replaces=None)
     assert "context" not in doc
 
 
 def test_newer_summary_relates_to_the_one_it_replaces() -> None:
     doc = build_document_reference(
-        make_draft(), WriterSettings(), device_ref="Device/d1", replaces="DocumentReference/old"
+        make_draft(), WriteOptions(), device_ref="Device/d1", replaces="DocumentReference/old"
     )
     assert doc["relatesTo"] == [{"code": "replaces", "target": {"reference": "DocumentReference/old"}}]
 
@@ -248,7 +248,7 @@ def test_newer_summary_relates_to_the_one_it_replaces() -> None:
 )
 def test_an_unwritable_draft_is_refused_naming_the_field(changes: dict[str, Any], field: str) -> None:
     with pytest.raises(DraftError, match=field):
-        build_transaction(make_draft(**changes), WriterSettings(), previous=None)
+        build_transaction(make_draft(**changes), WriteOptions(), previous=None)
 
 
 # -- Provenance ------------------------------------------------------------------------------------------
@@ -289,7 +289,7 @@ def test_provenance_names_the_prompt_version_and_sampling() -> None:
 
 
 def test_every_built_resource_validates_as_r4_and_is_labelled_ai_asserted() -> None:
-    bundle = build_transaction(make_draft(), WriterSettings(), previous=None)
+    bundle = build_transaction(make_draft(), WriteOptions(), previous=None)
     Bundle.model_validate(bundle)
     models = {"Device": Device, "DocumentReference": DocumentReference, "Provenance": Provenance}
     for entry in bundle["entry"]:
@@ -303,7 +303,7 @@ def test_every_built_resource_validates_as_r4_and_is_labelled_ai_asserted() -> N
 
 def test_transaction_writes_device_summary_and_provenance_conditionally() -> None:
     draft = make_draft()
-    bundle = build_transaction(draft, WriterSettings(), previous=None)
+    bundle = build_transaction(draft, WriteOptions(), previous=None)
     assert bundle["type"] == "transaction"
     device, doc, prov = bundle["entry"]
     assert device["request"] == {
@@ -327,15 +327,15 @@ def test_transaction_writes_device_summary_and_provenance_conditionally() -> Non
 
 
 def test_transaction_is_the_same_for_the_same_draft() -> None:
-    assert build_transaction(make_draft(), WriterSettings(), previous=None) == build_transaction(
-        make_draft(), WriterSettings(), previous=None
+    assert build_transaction(make_draft(), WriteOptions(), previous=None) == build_transaction(
+        make_draft(), WriteOptions(), previous=None
     )
 
 
 def previous_doc(id_: str = "old", version: str | None = "3", key: str = "0" * 64) -> dict[str, Any]:
     doc = build_document_reference(
         make_draft(idempotency_key=key, created="2024-01-01T09:00:00+00:00"),
-        WriterSettings(),
+        WriteOptions(),
         device_ref="Device/d1",
         replaces=None,
     )
@@ -347,7 +347,7 @@ def previous_doc(id_: str = "old", version: str | None = "3", key: str = "0" * 6
 
 def test_superseding_transaction_marks_the_previous_summary_superseded_guarded_by_its_version() -> None:
     previous = previous_doc()
-    bundle = build_transaction(make_draft(), WriterSettings(), previous=previous)
+    bundle = build_transaction(make_draft(), WriteOptions(), previous=previous)
     doc, put = bundle["entry"][1], bundle["entry"][3]
     assert put["request"] == {"method": "PUT", "url": "DocumentReference/old", "ifMatch": 'W/"3"'}
     assert put["resource"]["status"] == "superseded"
@@ -363,7 +363,7 @@ def test_superseding_transaction_marks_the_previous_summary_superseded_guarded_b
 
 
 def test_superseding_a_previous_of_unknown_version_sends_no_if_match() -> None:
-    bundle = build_transaction(make_draft(), WriterSettings(), previous=previous_doc(version=None))
+    bundle = build_transaction(make_draft(), WriteOptions(), previous=previous_doc(version=None))
     assert "ifMatch" not in bundle["entry"][3]["request"]
 
 
@@ -371,11 +371,11 @@ def test_previous_without_an_id_is_refused() -> None:
     previous = previous_doc()
     del previous["id"]
     with pytest.raises(DraftError, match="no id"):
-        build_transaction(make_draft(), WriterSettings(), previous=previous)
+        build_transaction(make_draft(), WriteOptions(), previous=previous)
 
 
 def test_latest_previous_picks_the_newest_current_chartbrief_summary_only() -> None:
-    settings = WriterSettings()
+    settings = WriteOptions()
     key = make_draft().idempotency_key
     older = previous_doc("older", key="1" * 64)
     newer = previous_doc("newer", key="2" * 64) | {"date": "2024-03-01T00:00:00+00:00"}
@@ -390,7 +390,7 @@ def test_latest_previous_picks_the_newest_current_chartbrief_summary_only() -> N
 
 
 def test_latest_previous_never_supersedes_an_approved_summary_or_another_focus() -> None:
-    settings = WriterSettings()
+    settings = WriteOptions()
     key = make_draft().idempotency_key
     focus = make_draft().encounter
     enc = focus.reference if focus else None
@@ -524,8 +524,8 @@ class FakeFhirStore:
 async def test_write_summary_twice_with_the_same_draft_writes_once() -> None:
     store = FakeFhirStore()
     draft = make_draft()
-    first = await write_summary(store, draft, WriterSettings())
-    second = await write_summary(store, draft, WriterSettings())
+    first = await write_summary(store, draft, WriteOptions())
+    second = await write_summary(store, draft, WriteOptions())
 
     assert first.created and not second.created
     assert len(store.transactions) == 1
@@ -542,7 +542,7 @@ async def test_write_summary_twice_with_the_same_draft_writes_once() -> None:
 
 async def test_resending_the_same_transaction_creates_nothing_new() -> None:
     store = FakeFhirStore()
-    bundle = build_transaction(make_draft(), WriterSettings(), previous=None)
+    bundle = build_transaction(make_draft(), WriteOptions(), previous=None)
     await store.transaction(bundle, idempotent=True)
     again = await store.transaction(bundle, idempotent=True)
     assert [len(store.all(t)) for t in ("Device", "DocumentReference", "Provenance")] == [1, 1, 1]
@@ -551,9 +551,9 @@ async def test_resending_the_same_transaction_creates_nothing_new() -> None:
 
 async def test_a_changed_draft_supersedes_the_older_summary() -> None:
     store = FakeFhirStore()
-    old = await write_summary(store, make_draft(), WriterSettings())
+    old = await write_summary(store, make_draft(), WriteOptions())
     changed = INPUTS[:-1] + [SourceRef("DocumentReference", "n1", "6")]
-    new = await write_summary(store, make_draft(inputs=changed), WriterSettings())
+    new = await write_summary(store, make_draft(inputs=changed), WriteOptions())
 
     assert new.created and new.superseded == old.document_reference
     assert new.document_reference != old.document_reference
@@ -574,7 +574,7 @@ async def test_summaries_of_other_patients_or_other_writers_are_never_superseded
     foreign = store.seed(previous_doc("foreign", version=None, key="6" * 64))
     foreign["identifier"] = [{"system": "urn:someone-else", "value": "1"}]
 
-    result = await write_summary(store, make_draft(), WriterSettings())
+    result = await write_summary(store, make_draft(), WriteOptions())
 
     assert result.created and result.superseded is None
     assert {d["id"]: d["status"] for d in store.all("DocumentReference")}["other"] == "current"
@@ -583,10 +583,10 @@ async def test_summaries_of_other_patients_or_other_writers_are_never_superseded
 
 async def test_a_retry_that_fails_its_if_match_after_committing_is_reported_as_already_written() -> None:
     store = FakeFhirStore()
-    await write_summary(store, make_draft(), WriterSettings())
+    await write_summary(store, make_draft(), WriteOptions())
     store.conflict_after_commit = True
     changed = make_draft(inputs=INPUTS[:-1])
-    result = await write_summary(store, changed, WriterSettings())
+    result = await write_summary(store, changed, WriteOptions())
 
     assert not result.created
     docs = store.all("DocumentReference")
@@ -596,7 +596,7 @@ async def test_a_retry_that_fails_its_if_match_after_committing_is_reported_as_a
 
 async def test_a_real_conflict_is_raised_and_nothing_is_written() -> None:
     store = FakeFhirStore()
-    first = await write_summary(store, make_draft(), WriterSettings())
+    first = await write_summary(store, make_draft(), WriteOptions())
 
     # Someone changes the old summary between our search and our transaction.
     class RacingStore(FakeFhirStore):
@@ -608,7 +608,7 @@ async def test_a_real_conflict_is_raised_and_nothing_is_written() -> None:
     racing = RacingStore()
     racing.resources = copy.deepcopy(store.resources)
     with pytest.raises(FhirConflict):
-        await write_summary(racing, make_draft(inputs=INPUTS[:-1]), WriterSettings())
+        await write_summary(racing, make_draft(inputs=INPUTS[:-1]), WriteOptions())
     assert len(racing.all("DocumentReference")) == 1
     assert racing.all("DocumentReference")[0]["docStatus"] == "final"
 
@@ -630,9 +630,9 @@ async def test_a_summary_written_concurrently_by_another_worker_is_not_reported_
 
     store = LateStore()
     draft = make_draft()
-    first = await write_summary(store, draft, WriterSettings())
+    first = await write_summary(store, draft, WriteOptions())
     store.hide_next_search = True
-    second = await write_summary(store, draft, WriterSettings())
+    second = await write_summary(store, draft, WriteOptions())
 
     assert first.created and not second.created
     assert second.document_reference == first.document_reference

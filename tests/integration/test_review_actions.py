@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 
 from fhir_adapters.client import FhirClient
-from fhir_adapters.writer import provenance_id
+from fhir_adapters.write.draft import provenance_id
 from service import review
 from service.config import Settings
 from service.db import audit

@@ -20,7 +20,7 @@ import pytest
 from click.testing import CliRunner
 from structlog.testing import capture_logs
 
-from fhir_adapters.writer import provenance_id
+from fhir_adapters.write.draft import provenance_id
 from service import review
 from service.cli.main import cli
 from service.config import Settings

@@ -21,7 +21,7 @@ from sqlalchemy import select
 from structlog.testing import capture_logs
 
 from fhir_adapters.models import ModelIdentity
-from fhir_adapters.writer import PROMPT_EXTENSION_URL, build_device, provenance_id
+from fhir_adapters.write.draft import PROMPT_EXTENSION_URL, build_device, provenance_id
 from service.cli.main import cli
 from service.db.models import AuditEvent
 from service.db.store import SqlSummaryStore

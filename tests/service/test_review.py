@@ -16,7 +16,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from structlog.testing import capture_logs
 
 from fhir_adapters.errors import FhirServerError
-from fhir_adapters.writer import provenance_id
+from fhir_adapters.write.draft import provenance_id
 from service import review
 from service.config import Settings
 from service.db import audit

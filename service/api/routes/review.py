@@ -36,8 +36,9 @@ from starlette.concurrency import run_in_threadpool
 from fhir_adapters.client import FhirClient
 from fhir_adapters.errors import FhirAuthError, FhirError
 from fhir_adapters.fetch import EncounterNotOfPatient
-from fhir_adapters.review import ReviewConflict, ReviewError, ReviewForbidden, ReviewNotFound, read_draft
 from fhir_adapters.smart import SmartError
+from fhir_adapters.write.review import ReviewConflict, ReviewError, ReviewForbidden, ReviewNotFound
+from fhir_adapters.write.send import read_draft
 from service import review as actions
 from service.api.deps import Runtime, RuntimeDep
 from service.api.errors import ApiError, BadRequest, Conflict, Forbidden, NotFound, Unauthenticated
@@ -189,7 +190,10 @@ async def _stored_draft_context(
 ) -> dict[str, Any]:
     try:
         doc, _key = await read_draft(
-            svc.client, doc_id, settings=runtime.settings.writer, patient_id=session.patient_id
+            svc.client,
+            doc_id,
+            identifier_system=runtime.settings.writer.identifier_system,
+            patient_id=session.patient_id,
         )
     except (ReviewForbidden, FhirAuthError) as exc:
         # The EHR refusing a read in a one-patient session is the same attempt, caught one step later.

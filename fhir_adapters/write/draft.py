@@ -1,4 +1,4 @@
-"""Write a grounded summary back to the EHR: pure resource builders plus one transaction.
+"""A grounded summary as FHIR resources: the pure builders of the one transaction that writes it back.
 
 What is written, in ONE transaction Bundle (HL7 AI Transparency on FHIR, US Core DocumentReference shape):
 
@@ -11,9 +11,8 @@ What is written, in ONE transaction Bundle (HL7 AI Transparency on FHIR, US Core
 - the patient's previous chartbrief summary, if any, PUT back with `status=superseded` (guarded by
   If-Match) while the new one `relatesTo` it with `replaces`.
 
-Every builder is a pure function of plain data; `write_summary` is the only IO. What this module must
-not do: log summary text or any patient detail (ids and counts only), write a resource outside the
-one transaction, or send a write that a retry could duplicate.
+Every function here is pure; `fhir_adapters.write.send` is the only IO. What this module must not
+do: log summary text or any patient detail, or build a write that a retry could duplicate.
 """
 
 from __future__ import annotations
@@ -25,18 +24,14 @@ import json
 import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Literal
 from urllib.parse import urlsplit
 
-import structlog
-
-from fhir_adapters.errors import FhirConflict, FhirUnexpectedResponse
+from fhir_adapters.errors import FhirUnexpectedResponse
 from fhir_adapters.models import ModelIdentity, PromptIdentity, SourceRef, SummaryDraft
-from service.config import WriterSettings
 
 JsonObject = dict[str, Any]
-
-_log = structlog.get_logger(__name__)
+LoincType = Literal["34133-9", "11506-3"]
 
 # -- the codes (STANDARDS.md "Writing the summary back", AI Transparency IG) ---------------------------
 
@@ -104,25 +99,30 @@ class DraftError(ValueError):
     """A draft (or previous DocumentReference) that cannot be written; the message names the field."""
 
 
+DEFAULT_IDENTIFIER_SYSTEM = "urn:chartbrief:summary"
+
+
 @dataclass(frozen=True)
-class WriteResult:
-    """What the server holds after a write: `Type/id` references, never versioned."""
+class WriteOptions:
+    """How this deployment writes drafts; the service builds it from its settings.
 
-    document_reference: str
-    provenance: str
-    device: str
-    created: bool  # False when the same summary (same idempotency key) was already there
-    superseded: str | None = None  # the older summary this one replaced
+    `identifier_system` marks chartbrief's own DocumentReferences (the idempotency key is the
+    value); `loinc_type` is 34133-9 Summary of episode note, or 11506-3 Progress note for EHRs
+    that take only that; `include_structured_json` adds the cited structured part as a second,
+    application/json attachment.
+    """
 
+    identifier_system: str = DEFAULT_IDENTIFIER_SYSTEM
+    loinc_type: LoincType = "34133-9"
+    include_structured_json: bool = True
 
-class WriteClient(Protocol):
-    """What `write_summary` needs from a FHIR client (`fhir_adapters.client.FhirClient` has it)."""
-
-    async def search_all(
-        self, resource_type: str, params: Mapping[str, str] | None = None
-    ) -> list[JsonObject]: ...
-
-    async def transaction(self, bundle: JsonObject, *, idempotent: bool = False) -> JsonObject: ...
+    def __post_init__(self) -> None:
+        if not self.identifier_system.strip():
+            raise ValueError("WriteOptions.identifier_system is empty")
+        if self.loinc_type not in LOINC_DISPLAY:
+            raise ValueError(
+                f"WriteOptions.loinc_type {self.loinc_type!r} is not one of {', '.join(LOINC_DISPLAY)}"
+            )
 
 
 # -- identity ------------------------------------------------------------------------------------------
@@ -227,11 +227,11 @@ def _unique(refs: Sequence[SourceRef]) -> list[SourceRef]:
 
 
 def build_document_reference(
-    draft: SummaryDraft, settings: WriterSettings, *, device_ref: str, replaces: str | None
+    draft: SummaryDraft, options: WriteOptions, *, device_ref: str, replaces: str | None
 ) -> JsonObject:
     """The summary as a preliminary, AI-asserted DocumentReference (US Core shape)."""
     _check_draft(draft)
-    display = LOINC_DISPLAY[settings.loinc_type]
+    display = LOINC_DISPLAY[options.loinc_type]
     content: list[JsonObject] = [
         {
             "attachment": {
@@ -242,7 +242,7 @@ def build_document_reference(
             }
         }
     ]
-    if settings.include_structured_json:
+    if options.include_structured_json:
         structured = json.dumps(draft.structured, sort_keys=True, ensure_ascii=False).encode("utf-8")
         content.append(
             {
@@ -267,11 +267,11 @@ def build_document_reference(
     doc: JsonObject = {
         "resourceType": "DocumentReference",
         "meta": _security_meta(),
-        "identifier": [{"system": settings.identifier_system, "value": draft.idempotency_key}],
+        "identifier": [{"system": options.identifier_system, "value": draft.idempotency_key}],
         "status": "current",
         "docStatus": "preliminary",
         "type": {
-            "coding": [{"system": LOINC, "code": settings.loinc_type, "display": display}],
+            "coding": [{"system": LOINC, "code": options.loinc_type, "display": display}],
             "text": display,
         },
         "category": [{"coding": [dict(CLINICAL_NOTE)]}],
@@ -328,22 +328,13 @@ def superseded_copy(previous: JsonObject) -> tuple[JsonObject, str, str | None]:
     pid = previous.get("id")
     if not isinstance(pid, str) or not pid:
         raise DraftError("previous DocumentReference has no id: it cannot be superseded")
-    updated = copy.deepcopy(previous)
+    updated = for_update(previous)
     updated["status"] = "superseded"
-    meta = updated.get("meta")
-    version = meta.get("versionId") if isinstance(meta, dict) else None
-    if isinstance(meta, dict):
-        # Server-managed fields: the server sets them anew on update.
-        meta.pop("versionId", None)
-        meta.pop("lastUpdated", None)
-        if not meta:
-            updated.pop("meta")
-    if_match = f'W/"{version}"' if version else None
-    return updated, f"DocumentReference/{pid}", if_match
+    return updated, f"DocumentReference/{pid}", if_match(previous)
 
 
 def build_transaction(
-    draft: SummaryDraft, settings: WriterSettings, *, previous: JsonObject | None
+    draft: SummaryDraft, options: WriteOptions, *, previous: JsonObject | None
 ) -> JsonObject:
     """The one transaction Bundle writing a summary; safe to resend (each entry is conditional or a PUT)."""
     _check_draft(draft)
@@ -358,7 +349,7 @@ def build_transaction(
 
     device = build_device(draft.model)
     doc = build_document_reference(
-        draft, settings, device_ref=device_url, replaces=replaced[1] if replaced else None
+        draft, options, device_ref=device_url, replaces=replaced[1] if replaced else None
     )
     provenance = build_provenance(draft, target=doc_url, device_ref=device_url)
     provenance["id"] = prov_id
@@ -379,7 +370,7 @@ def build_transaction(
             "request": {
                 "method": "POST",
                 "url": "DocumentReference",
-                "ifNoneExist": f"identifier={settings.identifier_system}|{key}",
+                "ifNoneExist": f"identifier={options.identifier_system}|{key}",
             },
         },
         {"resource": provenance, "request": {"method": "PUT", "url": f"Provenance/{prov_id}"}},
@@ -391,6 +382,38 @@ def build_transaction(
             request["ifMatch"] = if_match
         entries.append({"resource": old, "request": request})
     return {"resourceType": "Bundle", "type": "transaction", "entry": entries}
+
+
+# -- updating a resource chartbrief read (pure) ---------------------------------------------------------
+
+
+def for_update(resource: JsonObject) -> JsonObject:
+    """A copy without the server-managed meta fields (the server sets them anew on update)."""
+    updated = copy.deepcopy(resource)
+    meta = updated.get("meta")
+    if isinstance(meta, dict):
+        meta.pop("versionId", None)
+        meta.pop("lastUpdated", None)
+        if not meta:
+            updated.pop("meta")
+    return updated
+
+
+def version_of(resource: JsonObject) -> str | None:
+    """`meta.versionId`, the version a write must match, or None when the server gave none."""
+    meta = resource.get("meta")
+    version = meta.get("versionId") if isinstance(meta, dict) else None
+    return str(version) if version else None
+
+
+def if_match(resource: JsonObject) -> str | None:
+    """The If-Match header value for the resource's version (`W/"3"`), None when it has none.
+
+    >>> if_match({"meta": {"versionId": "3"}})
+    'W/"3"'
+    """
+    version = version_of(resource)
+    return f'W/"{version}"' if version else None
 
 
 # -- reading answers (pure) ----------------------------------------------------------------------------
@@ -413,7 +436,8 @@ def reference_from_location(location: str) -> str:
     return f"{segments[-2]}/{segments[-1]}"
 
 
-def _entry_reference(entry: JsonObject, what: str) -> str:
+def entry_reference(entry: JsonObject, what: str) -> str:
+    """`Type/id` a transaction response entry names (its Location, else its resource)."""
     response = entry.get("response") or {}
     location = response.get("location")
     if isinstance(location, str) and location:
@@ -424,7 +448,8 @@ def _entry_reference(entry: JsonObject, what: str) -> str:
     raise FhirUnexpectedResponse(f"transaction response: no location for the {what} entry")
 
 
-def _identifier_matches(resource: JsonObject, system: str, value: str | None = None) -> bool:
+def identifier_matches(resource: JsonObject, system: str, value: str | None = None) -> bool:
+    """True when the resource has an identifier in `system` (with `value`, when given)."""
     for ident in resource.get("identifier") or []:
         if isinstance(ident, dict) and ident.get("system") == system:
             if value is None or ident.get("value") == value:
@@ -433,7 +458,7 @@ def _identifier_matches(resource: JsonObject, system: str, value: str | None = N
 
 
 def latest_previous(
-    candidates: Sequence[JsonObject], settings: WriterSettings, key: str, encounter: str | None = None
+    candidates: Sequence[JsonObject], options: WriteOptions, key: str, encounter: str | None = None
 ) -> JsonObject | None:
     """The newest current, unreviewed chartbrief draft for the same focus other than this one.
 
@@ -448,8 +473,8 @@ def latest_previous(
         and doc.get("status") == "current"
         and doc.get("docStatus") != "final"
         and _encounter_of(doc) == encounter
-        and _identifier_matches(doc, settings.identifier_system)
-        and not _identifier_matches(doc, settings.identifier_system, key)
+        and identifier_matches(doc, options.identifier_system)
+        and not identifier_matches(doc, options.identifier_system, key)
     ]
     if not ours:
         return None
@@ -465,86 +490,3 @@ def _encounter_of(doc: JsonObject) -> str | None:
 def _recency(doc: JsonObject) -> tuple[str, str]:
     meta = doc.get("meta") or {}
     return str(doc.get("date") or ""), str(meta.get("lastUpdated") or "")
-
-
-def _device_of(doc: JsonObject) -> str:
-    for author in doc.get("author") or []:
-        ref = author.get("reference") if isinstance(author, dict) else None
-        if isinstance(ref, str) and ref.startswith("Device/"):
-            return ref
-    return ""
-
-
-def _existing_result(doc: JsonObject, key: str) -> WriteResult:
-    return WriteResult(
-        document_reference=f"DocumentReference/{doc['id']}",
-        provenance=f"Provenance/{provenance_id(key)}",
-        device=_device_of(doc),
-        created=False,
-    )
-
-
-# -- IO ------------------------------------------------------------------------------------------------
-
-
-async def _find_by_key(client: WriteClient, settings: WriterSettings, key: str) -> JsonObject | None:
-    params = {"identifier": f"{settings.identifier_system}|{key}"}
-    found = await client.search_all("DocumentReference", params)
-    # Filter again: a server that ignores an unknown search parameter returns everything.
-    matches = [d for d in found if _identifier_matches(d, settings.identifier_system, key) and d.get("id")]
-    return matches[0] if matches else None
-
-
-async def write_summary(client: WriteClient, draft: SummaryDraft, settings: WriterSettings) -> WriteResult:
-    """Write a draft once: nothing if its key is already on the server, else one transaction."""
-    key = draft.idempotency_key
-    existing = await _find_by_key(client, settings, key)
-    if existing is not None:
-        _log.info("writer.unchanged", document_reference=existing["id"])
-        return _existing_result(existing, key)
-
-    candidates = await client.search_all(
-        "DocumentReference",
-        {
-            "subject": draft.patient.reference,
-            "status": "current",
-            "identifier": f"{settings.identifier_system}|",
-        },
-    )
-    focus = draft.encounter.reference if draft.encounter else None
-    previous = latest_previous(candidates, settings, key, focus)
-    bundle = build_transaction(draft, settings, previous=previous)
-    try:
-        response = await client.transaction(bundle, idempotent=True)
-    except FhirConflict:
-        # A retry whose first attempt did commit fails its If-Match; so does a concurrent writer.
-        # Either way, if our summary is there now the job is done.
-        existing = await _find_by_key(client, settings, key)
-        if existing is None:
-            raise
-        _log.info("writer.unchanged_after_conflict", document_reference=existing["id"])
-        return _existing_result(existing, key)
-
-    entries = response.get("entry") or []
-    if len(entries) < 3:
-        raise FhirUnexpectedResponse(
-            f"transaction response has {len(entries)} entries, expected {len(bundle['entry'])}"
-        )
-    doc_status = str((entries[1].get("response") or {}).get("status") or "")
-    result = WriteResult(
-        document_reference=_entry_reference(entries[1], "DocumentReference"),
-        provenance=_entry_reference(entries[2], "Provenance"),
-        device=_entry_reference(entries[0], "Device"),
-        created=doc_status.startswith("201"),
-        superseded=f"DocumentReference/{previous['id']}" if previous else None,
-    )
-    _log.info(
-        "writer.written",
-        document_reference=result.document_reference,
-        provenance=result.provenance,
-        device=result.device,
-        created=result.created,
-        superseded=result.superseded,
-        sources=len(draft.inputs),
-    )
-    return result

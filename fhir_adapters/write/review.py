@@ -3,7 +3,7 @@
 What each action writes (STANDARDS.md "Writing the summary back", AI Transparency IG):
 
 - **approve**: the DocumentReference becomes `docStatus=final` and its `author` gains the clinician
-  (the AI Device stays); the draft's AI-Provenance (id `writer.provenance_id(key)`) gains an agent of
+  (the AI Device stays); the draft's AI-Provenance (id `draft.provenance_id(key)`) gains an agent of
   type `verifier`. Both are PUT in ONE transaction, each guarded by If-Match.
 - **edit**: a new version of the DocumentReference holding the clinician's markdown (an extension and
   the description say a person changed the AI text), plus a NEW Provenance: target the new version,
@@ -23,34 +23,33 @@ ReviewError               not a chartbrief draft, wrong state, bad verifier / te
 └── ReviewConflict        the draft changed since it was opened (version mismatch, 409/412)
 ```
 
-Other `FhirError`s (transport, auth, 5xx) pass through unchanged. Builders are pure; `approve`,
-`edit` and `reject` are the only IO. What this module must not do: log or write the clinician's
-reason, log document text, or touch a resource that chartbrief did not write.
+Other `FhirError`s (transport, auth, 5xx) pass through unchanged. Everything here is pure: the
+checks and the builders; `approve`, `edit` and `reject` in `fhir_adapters.write.send` are the IO.
+What this module must not do: put the clinician's reason in a resource, or build a write for a
+resource that chartbrief did not write.
 """
 
 from __future__ import annotations
 
 import base64
-import copy
 import hashlib
 import re
 from collections.abc import Mapping
 from datetime import datetime
-from typing import Any, Protocol
+from typing import Any
 
-import structlog
-
-from fhir_adapters.errors import FhirConflict, FhirNotFound
-from fhir_adapters.writer import MARKDOWN, SAMPLING_EXTENSION_URL, provenance_id
-from service.config import WriterSettings
+from fhir_adapters.write.draft import (
+    MARKDOWN,
+    PARTICIPANT_AUTHOR,
+    SAMPLING_EXTENSION_URL,
+    for_update,
+    version_of,
+)
 
 JsonObject = dict[str, Any]
 
-_log = structlog.get_logger(__name__)
-
 PARTICIPANT_TYPE_SYSTEM = "http://terminology.hl7.org/CodeSystem/provenance-participant-type"
 PARTICIPANT_VERIFIER = {"system": PARTICIPANT_TYPE_SYSTEM, "code": "verifier", "display": "Verifier"}
-PARTICIPANT_AUTHOR = {"system": PARTICIPANT_TYPE_SYSTEM, "code": "author", "display": "Author"}
 PARTICIPANT_PERFORMER = {"system": PARTICIPANT_TYPE_SYSTEM, "code": "performer", "display": "Performer"}
 DATA_OPERATION_SYSTEM = "http://terminology.hl7.org/CodeSystem/v3-DataOperation"
 DATA_OPERATION_UPDATE = {"system": DATA_OPERATION_SYSTEM, "code": "UPDATE", "display": "revise"}
@@ -101,16 +100,6 @@ class ReviewConflict(ReviewError):
             or f"{document_reference}: the draft changed since you opened it; reload it and review again"
         )
         self.document_reference = document_reference
-
-
-class ReviewClient(Protocol):
-    """What the actions need from a FHIR client (`fhir_adapters.client.FhirClient` has it)."""
-
-    async def read(self, resource_type: str, id: str) -> JsonObject: ...
-
-    async def update(self, resource: JsonObject, *, if_match: str | None = None) -> JsonObject: ...
-
-    async def transaction(self, bundle: JsonObject, *, idempotent: bool = False) -> JsonObject: ...
 
 
 # -- checks (pure) -------------------------------------------------------------------------------------
@@ -183,22 +172,6 @@ def check_patient(doc: JsonObject, patient_id: str | None) -> None:
         )
 
 
-def version_of(resource: JsonObject) -> str | None:
-    meta = resource.get("meta")
-    version = meta.get("versionId") if isinstance(meta, dict) else None
-    return str(version) if version else None
-
-
-def if_match(resource: JsonObject) -> str | None:
-    """The If-Match header value for the resource's version (`W/"3"`), None when it has none.
-
-    >>> if_match({"meta": {"versionId": "3"}})
-    'W/"3"'
-    """
-    version = version_of(resource)
-    return f'W/"{version}"' if version else None
-
-
 def references(resource: JsonObject, element: str) -> list[str]:
     """`element[].reference` values (author of a DocumentReference, ...)."""
     return [
@@ -223,22 +196,12 @@ def agents_of_type(provenance: JsonObject, code: str) -> list[str]:
 
 
 def is_edited(doc: JsonObject) -> bool:
+    """True when a clinician changed the AI text (the edited-by extension is there)."""
     return any(isinstance(e, dict) and e.get("url") == EDITED_BY_URL for e in doc.get("extension") or [])
 
 
-def _for_update(resource: JsonObject) -> JsonObject:
-    """A copy without the server-managed meta fields (the server sets them anew on update)."""
-    updated = copy.deepcopy(resource)
-    meta = updated.get("meta")
-    if isinstance(meta, dict):
-        meta.pop("versionId", None)
-        meta.pop("lastUpdated", None)
-        if not meta:
-            updated.pop("meta")
-    return updated
-
-
-def _check_actionable(doc: JsonObject, action: str) -> None:
+def check_actionable(doc: JsonObject, action: str) -> None:
+    """ReviewError unless the draft is current: a rejected or superseded one cannot be `action`."""
     ref = f"DocumentReference/{doc.get('id')}"
     status = doc.get("status")
     if status == "entered-in-error":
@@ -249,7 +212,8 @@ def _check_actionable(doc: JsonObject, action: str) -> None:
         raise ReviewError(f"{ref} has status {status!r}: only a current draft can be {action}")
 
 
-def _check_version(doc: JsonObject, expected: str | None) -> None:
+def check_version(doc: JsonObject, expected: str | None) -> None:
+    """ReviewConflict when the server holds another version than the one the clinician reviewed."""
     if expected is not None and version_of(doc) != str(expected):
         raise ReviewConflict(f"DocumentReference/{doc.get('id')}")
 
@@ -265,7 +229,7 @@ def _review_provenance_id(kind: str, doc_id: str, version: str | None) -> str:
 
 def approved_document(doc: JsonObject, verifier: str) -> JsonObject:
     """The DocumentReference as approved: final, the clinician added to `author` (the Device stays)."""
-    approved = _for_update(doc)
+    approved = for_update(doc)
     approved["docStatus"] = "final"
     authors = list(approved.get("author") or [])
     if verifier not in references(approved, "author"):
@@ -277,7 +241,7 @@ def approved_document(doc: JsonObject, verifier: str) -> JsonObject:
 
 def verified_provenance(provenance: JsonObject, verifier: str) -> JsonObject:
     """The draft's AI-Provenance with a `verifier` agent for the clinician (once)."""
-    verified = _for_update(provenance)
+    verified = for_update(provenance)
     if verifier not in agents_of_type(provenance, "verifier"):
         agents = list(verified.get("agent") or [])
         agents.append({"type": {"coding": [dict(PARTICIPANT_VERIFIER)]}, "who": {"reference": verifier}})
@@ -292,7 +256,7 @@ def edited_document(doc: JsonObject, markdown: str, editor: str, *, when: str) -
     dropped because it no longer describes the text (it stays on the previous version, which the
     edit Provenance points at). The draft stays preliminary and AI-labelled: it still holds AI text.
     """
-    edited = _for_update(doc)
+    edited = for_update(doc)
     edited["content"] = [
         {
             "attachment": {
@@ -338,7 +302,7 @@ def edit_provenance(
 
 def rejected_document(doc: JsonObject) -> JsonObject:
     """The draft marked entered-in-error: never to be used, kept for the record."""
-    rejected = _for_update(doc)
+    rejected = for_update(doc)
     rejected["status"] = "entered-in-error"
     rejected["description"] = REJECTED_DESCRIPTION
     return rejected
@@ -370,97 +334,13 @@ def transaction(*entries: JsonObject) -> JsonObject:
     return {"resourceType": "Bundle", "type": "transaction", "entry": list(entries)}
 
 
-# -- IO ------------------------------------------------------------------------------------------------
-
-
-def _identifier_system(settings: WriterSettings | None) -> str:
-    return (settings or WriterSettings()).identifier_system
-
-
-async def read_draft(
-    client: ReviewClient,
-    document_reference_id: str,
-    *,
-    settings: WriterSettings | None = None,
-    patient_id: str | None = None,
-) -> tuple[JsonObject, str]:
-    """The DocumentReference and its idempotency key, once checked to be a chartbrief draft of the patient."""
-    doc_id = check_id(document_reference_id)
-    try:
-        doc = await client.read("DocumentReference", doc_id)
-    except FhirNotFound as exc:
-        raise ReviewNotFound(f"DocumentReference/{doc_id} does not exist on the FHIR server") from exc
-    check_patient(doc, patient_id)
-    return doc, draft_key(doc, _identifier_system(settings))
-
-
-async def read_provenance(client: ReviewClient, doc_id: str, key: str) -> JsonObject:
-    prov_id = provenance_id(key)
-    try:
-        return await client.read("Provenance", prov_id)
-    except FhirNotFound as exc:
-        raise ReviewNotFound(
-            f"Provenance/{prov_id} of DocumentReference/{doc_id} is missing: the draft cannot be verified"
-        ) from exc
-
-
-def _approved_by(doc: JsonObject, verifier: str) -> bool:
+def approved_by(doc: JsonObject, verifier: str) -> bool:
+    """True when the draft is final with `verifier` among its authors (the approval is done)."""
     return doc.get("docStatus") == "final" and verifier in references(doc, "author")
 
 
-async def approve(
-    client: ReviewClient,
-    document_reference_id: str,
-    *,
-    verifier: str,
-    when: str,
-    version: str | None = None,
-    settings: WriterSettings | None = None,
-    patient_id: str | None = None,
-) -> JsonObject:
-    """Make the draft final with `verifier` as author and as the Provenance's verifier; returns the doc.
-
-    `version` is the versionId the clinician reviewed: if the server holds another, nothing is written
-    and ReviewConflict is raised. Approving twice by the same clinician is harmless (nothing changes).
-    """
-    verifier = check_reviewer(verifier)
-    check_when(when)
-    doc, key = await read_draft(client, document_reference_id, settings=settings, patient_id=patient_id)
-    doc_id = str(doc["id"])
-    ref = f"DocumentReference/{doc_id}"
-    _check_actionable(doc, "approved")
-    already = _approved_by(doc, verifier)
-    if not already:
-        if doc.get("docStatus") == "final":
-            raise ReviewError(f"{ref} was already approved by another clinician")
-        _check_version(doc, version)
-    provenance = await read_provenance(client, doc_id, key)
-    entries: list[JsonObject] = []
-    if not already:
-        entries.append(put_entry(approved_document(doc, verifier), if_match(doc)))
-    if verifier not in agents_of_type(provenance, "verifier"):
-        entries.append(put_entry(verified_provenance(provenance, verifier), if_match(provenance)))
-    if entries:
-        try:
-            await client.transaction(transaction(*entries), idempotent=True)
-        except FhirConflict as exc:
-            # A retry whose first attempt committed fails its If-Match too: done if the result is there.
-            doc_now = await client.read("DocumentReference", doc_id)
-            prov_now = await client.read("Provenance", str(provenance["id"]))
-            if not (_approved_by(doc_now, verifier) and verifier in agents_of_type(prov_now, "verifier")):
-                raise ReviewConflict(ref) from exc
-    result = await client.read("DocumentReference", doc_id)
-    _log.info(
-        "review.approved",
-        document_reference=ref,
-        version=version_of(result),
-        provenance=f"Provenance/{provenance['id']}",
-        unchanged=not entries,
-    )
-    return result
-
-
-def _holds_edit(doc: JsonObject, markdown: str, editor: str) -> bool:
+def holds_edit(doc: JsonObject, markdown: str, editor: str) -> bool:
+    """True when the draft already holds this editor's text (an edit whose first attempt committed)."""
     content = doc.get("content") or []
     attachment = content[0].get("attachment") if content and isinstance(content[0], dict) else None
     if not isinstance(attachment, dict):
@@ -472,108 +352,6 @@ def _holds_edit(doc: JsonObject, markdown: str, editor: str) -> bool:
         if isinstance(e, dict) and e.get("url") == EDITED_BY_URL
     ]
     return attachment.get("data") == data and editor in edited_by
-
-
-async def edit(
-    client: ReviewClient,
-    document_reference_id: str,
-    *,
-    markdown: str,
-    editor: str,
-    when: str,
-    version: str | None = None,
-    settings: WriterSettings | None = None,
-    patient_id: str | None = None,
-) -> JsonObject:
-    """Save the clinician's text as a new version of the draft, with a Provenance saying a person
-    changed the AI text; returns the new version. The draft stays preliminary: approve it next."""
-    editor = check_reviewer(editor, "editor")
-    check_when(when)
-    if not isinstance(markdown, str) or not markdown.strip():
-        raise ReviewError("markdown is empty: write the summary text, or reject the draft instead")
-    if len(markdown) > MAX_MARKDOWN_CHARS:
-        raise ReviewError(
-            f"markdown has {len(markdown)} characters; at most {MAX_MARKDOWN_CHARS} are accepted"
-        )
-    doc, _key = await read_draft(client, document_reference_id, settings=settings, patient_id=patient_id)
-    doc_id = str(doc["id"])
-    ref = f"DocumentReference/{doc_id}"
-    _check_actionable(doc, "edited")
-    if doc.get("docStatus") == "final":
-        raise ReviewError(f"{ref} is already approved (final): it cannot be edited here")
-    _check_version(doc, version)
-    previous_version = version_of(doc)
-    if previous_version is None:
-        raise ReviewError(f"{ref} has no meta.versionId: the server must version documents to edit them")
-    try:
-        saved = await client.update(edited_document(doc, markdown, editor, when=when), if_match=if_match(doc))
-    except FhirConflict as exc:
-        saved = await client.read("DocumentReference", doc_id)
-        # A retried PUT whose first attempt committed fails its If-Match: the edit is there, go on.
-        if not (_holds_edit(saved, markdown, editor) and version_of(saved) != previous_version):
-            raise ReviewConflict(ref) from exc
-    new_version = version_of(saved)
-    if new_version is None:
-        raise ReviewError(f"{ref}: the server did not report the new version of the edited draft")
-    provenance = edit_provenance(
-        doc_id, new_version=new_version, previous_version=previous_version, editor=editor, when=when
-    )
-    await client.update(provenance)
-    _log.info(
-        "review.edited",
-        document_reference=ref,
-        version=new_version,
-        previous_version=previous_version,
-        provenance=f"Provenance/{provenance['id']}",
-    )
-    return saved
-
-
-async def reject(
-    client: ReviewClient,
-    document_reference_id: str,
-    *,
-    who: str,
-    reason: str | None = None,
-    when: str,
-    version: str | None = None,
-    settings: WriterSettings | None = None,
-    patient_id: str | None = None,
-) -> JsonObject:
-    """Mark the draft entered-in-error, with a Provenance naming who; returns the doc.
-
-    `reason` is accepted for the caller's convenience and deliberately not written to the EHR or
-    logged (it is clinician free text); the service layer stores it for monitoring.
-    """
-    del reason  # see the docstring: kept out of FHIR and logs on purpose
-    who = check_reviewer(who, "who")
-    check_when(when)
-    doc, _key = await read_draft(client, document_reference_id, settings=settings, patient_id=patient_id)
-    doc_id = str(doc["id"])
-    ref = f"DocumentReference/{doc_id}"
-    if doc.get("status") == "entered-in-error":
-        _log.info("review.rejected", document_reference=ref, version=version_of(doc), unchanged=True)
-        return doc
-    _check_actionable(doc, "rejected")
-    if doc.get("docStatus") == "final":
-        raise ReviewError(f"{ref} is already approved (final): it cannot be rejected here")
-    _check_version(doc, version)
-    provenance = reject_provenance(doc_id, version=version_of(doc), who=who, when=when)
-    bundle = transaction(put_entry(rejected_document(doc), if_match(doc)), put_entry(provenance, None))
-    try:
-        await client.transaction(bundle, idempotent=True)
-    except FhirConflict as exc:
-        now = await client.read("DocumentReference", doc_id)
-        if now.get("status") != "entered-in-error":
-            raise ReviewConflict(ref) from exc
-    result = await client.read("DocumentReference", doc_id)
-    _log.info(
-        "review.rejected",
-        document_reference=ref,
-        version=version_of(result),
-        provenance=f"Provenance/{provenance['id']}",
-    )
-    return result
 
 
 def sampling_of(provenance: Mapping[str, Any]) -> str | None:
