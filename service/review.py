@@ -1,14 +1,16 @@
 """One clinician review action, end to end: the FHIR write, the audit row, and the monitoring record.
 
 - `approve`, `edit` (saves the clinician's text, then approves it), `reject` (entered-in-error; the
-  optional reason goes to the `rejections` table, never to the EHR or a log) call
-  `fhir_adapters.write.send` and record one audit row per FHIR action: `ok`, `denied` (another patient's
-  document, or not a chartbrief draft) or `error` (stale version, server failure).
+  optional reason goes to the `rejections` table, never to the EHR or a log) are the entries of
+  `ACTIONS`, each a `ReviewAction`: one sequence that calls `fhir_adapters.write.send` and records one
+  audit row per FHIR action: `ok`, `denied` (another patient's document, or not a chartbrief draft)
+  or `error` (stale version, server failure).
 - `regenerate` writes a fresh draft that supersedes the old one: the summary pipeline runs again with
   the sampling seed one above the old draft's. The seed is part of the idempotency key (through
   `ModelIdentity.sampling`), so the new draft gets a new key even when the record did not change.
 
-The FHIR client in `Services` must be the one of the clinician's session (their token, their patient).
+The FHIR client in `Services` must be the one of the clinician's session (their token, their patient);
+`db` is the database of the audit trail and monitoring. Its calls run in a worker thread (`in_thread`).
 What this module must not do: decide who may act (the API checks the session first; the patient check
 here is a second line), log clinical text or a reason, or swallow an error after auditing it.
 """
@@ -16,10 +18,10 @@ here is a second line), log clinical text or a reason, or swallow an error after
 from __future__ import annotations
 
 import re
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
-from typing import Any, Literal
+from typing import Any, Literal, TypedDict
 
 import structlog
 from sqlalchemy.orm import Session, sessionmaker
@@ -36,7 +38,7 @@ from fhir_adapters.write.review import (
     sampling_of,
 )
 from service.db import audit
-from service.db.store import SqlSummaryStore
+from service.db.store import in_thread
 from service.governance import capture
 from service.governance.monitor import EditSize
 from service.llm.base import Engine, Generation, GenerationRequest
@@ -45,7 +47,8 @@ from service.pipeline import Services, SummaryResult, summarize_patient
 
 _log = structlog.get_logger(__name__)
 
-Action = Literal["approve", "edit", "reject", "regenerate"]
+ReviewActionName = Literal["approve", "edit", "reject"]
+Action = Literal[ReviewActionName, "regenerate"]
 # A regenerate whose new seed lands on a draft that already exists (same key) tries the next seed.
 REGENERATE_ATTEMPTS = 3
 # A regenerated draft is sampled at least this warm, so a new seed gives a new text.
@@ -53,11 +56,14 @@ REGENERATE_TEMPERATURE = 0.7
 _SEED = re.compile(r"\bseed=(\d+)\b")
 
 __all__ = [
+    "ACTIONS",
+    "ReviewAction",
     "ReviewConflict",
     "ReviewError",
     "ReviewForbidden",
     "ReviewNotFound",
     "ReviewOutcome",
+    "ReviewRequest",
     "approve",
     "edit",
     "regenerate",
@@ -80,14 +86,6 @@ class ReviewOutcome:
 
 def _now_iso() -> str:
     return datetime.now(UTC).isoformat(timespec="seconds")
-
-
-def _db(svc: Services, db: sessionmaker[Session] | None) -> sessionmaker[Session]:
-    if db is not None:
-        return db
-    if isinstance(svc.store, SqlSummaryStore):
-        return svc.store.sessions
-    raise TypeError("pass db= (a sessionmaker): the Services store is not a SqlSummaryStore")
 
 
 def _outcome_of(action: Action, doc: dict[str, Any]) -> ReviewOutcome:
@@ -116,46 +114,10 @@ def _failure(exc: Exception) -> tuple[audit.Outcome, str]:
     return "error", type(exc).__name__
 
 
-class _Audit:
-    """Records one action's audit row; the same fields for success and failure."""
-
-    def __init__(
-        self,
-        db: sessionmaker[Session],
-        *,
-        actor: str,
-        patient_id: str,
-        request_id: str | None,
-    ) -> None:
-        self._db = db
-        self._actor = actor
-        self._patient_id = patient_id
-        self._request_id = request_id
-
-    def ok(self, action: Action, resource: str, detail: str) -> None:
-        self._write(action, resource, "ok", detail)
-
-    def failed(self, action: Action, resource: str, exc: Exception) -> None:
-        outcome, detail = _failure(exc)
-        self._write(action, resource, outcome, detail)
-
-    def _write(self, action: Action, resource: str, outcome: audit.Outcome, detail: str) -> None:
-        audit.record(
-            self._db,
-            actor=self._actor,
-            action=action,
-            outcome=outcome,
-            patient_id=self._patient_id,
-            resource=resource,
-            detail=detail,
-            request_id=self._request_id,
-        )
-
-
 def _monitor(
     svc: Services,
     db: sessionmaker[Session],
-    action: Literal["approve", "edit", "reject"],
+    action: ReviewActionName,
     doc: dict[str, Any],
     *,
     patient_id: str,
@@ -181,124 +143,160 @@ def _doc_ref(document_reference_id: str) -> str:
     return f"DocumentReference/{tail}"
 
 
-async def approve(
-    svc: Services,
-    document_reference_id: str,
-    *,
-    patient_id: str,
-    actor: str,
-    version: str | None = None,
-    request_id: str | None = None,
-    db: sessionmaker[Session] | None = None,
-) -> ReviewOutcome:
-    """The clinician `actor` (fhirUser) approves the draft they reviewed at `version`."""
-    sessions = _db(svc, db)
-    trail = _Audit(sessions, actor=actor, patient_id=patient_id, request_id=request_id)
-    ref = _doc_ref(document_reference_id)
-    try:
-        doc = await fhir_write.approve(
-            svc.client,
-            document_reference_id,
-            verifier=actor,
-            when=_now_iso(),
-            version=version,
-            identifier_system=svc.settings.writer.identifier_system,
+@dataclass(frozen=True)
+class ReviewRequest:
+    """One clinician's action on one draft: who, on which document at which version, and what they sent."""
+
+    document_reference_id: str
+    patient_id: str
+    actor: str
+    version: str | None = None
+    markdown: str | None = None  # edit: the clinician's text
+    reason: str | None = None  # reject: kept for monitoring, never sent to the EHR or a log
+    request_id: str | None = None
+
+
+# The FHIR write of an action: (services, request, now as ISO 8601) -> the document as the server holds it.
+FhirWrite = Callable[[Services, ReviewRequest, str], Awaitable[dict[str, Any]]]
+
+
+class _WriteArgs(TypedDict):
+    """What every FHIR review write is given besides its document and its clinician."""
+
+    when: str
+    version: str | None
+    identifier_system: str
+    patient_id: str
+
+
+def _args(svc: Services, req: ReviewRequest, when: str) -> _WriteArgs:
+    return {
+        "when": when,
+        "version": req.version,
+        "identifier_system": svc.settings.writer.identifier_system,
+        "patient_id": req.patient_id,
+    }
+
+
+async def _approve_write(svc: Services, req: ReviewRequest, when: str) -> dict[str, Any]:
+    return await fhir_write.approve(
+        svc.client, req.document_reference_id, verifier=req.actor, **_args(svc, req, when)
+    )
+
+
+async def _edit_write(svc: Services, req: ReviewRequest, when: str) -> dict[str, Any]:
+    text = req.markdown or ""
+    return await fhir_write.edit(
+        svc.client, req.document_reference_id, markdown=text, editor=req.actor, **_args(svc, req, when)
+    )
+
+
+async def _reject_write(svc: Services, req: ReviewRequest, when: str) -> dict[str, Any]:
+    return await fhir_write.reject(
+        svc.client, req.document_reference_id, who=req.actor, **_args(svc, req, when)
+    )
+
+
+def _rejected_detail(_doc: dict[str, Any], req: ReviewRequest) -> str:
+    return "entered-in-error" + (", reason recorded" if req.reason and req.reason.strip() else "")
+
+
+@dataclass(frozen=True)
+class ReviewAction:
+    """One kind of review action: its FHIR write, its audit detail, and what it keeps for monitoring.
+
+    Calling it runs the action end to end: the write inside an audited block (one row, `ok` or the
+    failure's), then the monitoring records, then `then` (edit is followed by an approve of the
+    version it wrote). A new action is one more instance, not another copy of this sequence.
+    """
+
+    name: ReviewActionName
+    write: FhirWrite
+    detail: Callable[[dict[str, Any], ReviewRequest], str]
+    measures_edit: bool = False  # read the AI text first, keep the edit's size (never the text)
+    keeps_reason: bool = False  # the optional reason goes to the rejections table
+    then: ReviewAction | None = None
+
+    async def __call__(
+        self,
+        svc: Services,
+        document_reference_id: str,
+        *,
+        patient_id: str,
+        actor: str,
+        db: sessionmaker[Session],
+        version: str | None = None,
+        markdown: str | None = None,
+        reason: str | None = None,
+        request_id: str | None = None,
+    ) -> ReviewOutcome:
+        req = ReviewRequest(
+            document_reference_id=document_reference_id,
             patient_id=patient_id,
-        )
-    except Exception as exc:
-        trail.failed("approve", ref, exc)
-        raise
-    result = _outcome_of("approve", doc)
-    trail.ok("approve", ref, f"final at version {result.version}")
-    _monitor(svc, sessions, "approve", doc, patient_id=patient_id, actor=actor)
-    return result
-
-
-async def edit(
-    svc: Services,
-    document_reference_id: str,
-    *,
-    patient_id: str,
-    actor: str,
-    markdown: str,
-    version: str | None = None,
-    request_id: str | None = None,
-    db: sessionmaker[Session] | None = None,
-) -> ReviewOutcome:
-    """Save the clinician's text as a new version (a Provenance says a person changed it), then approve
-    that version. Two audit rows: `edit` and `approve`."""
-    sessions = _db(svc, db)
-    trail = _Audit(sessions, actor=actor, patient_id=patient_id, request_id=request_id)
-    ref = _doc_ref(document_reference_id)
-    # The AI text is read only to measure the edit; only the size is kept.
-    before = await capture.text_before_edit(svc.client, document_reference_id, patient_id)
-    try:
-        edited = await fhir_write.edit(
-            svc.client,
-            document_reference_id,
+            actor=actor,
+            version=version,
             markdown=markdown,
-            editor=actor,
-            when=_now_iso(),
-            version=version,
-            identifier_system=svc.settings.writer.identifier_system,
-            patient_id=patient_id,
+            reason=reason,
+            request_id=request_id,
         )
-    except Exception as exc:
-        trail.failed("edit", ref, exc)
-        raise
-    trail.ok("edit", ref, f"saved as version {version_of(edited)}")
-    size = capture.size_of_edit(before, markdown)
-    _monitor(svc, sessions, "edit", edited, patient_id=patient_id, actor=actor, size=size)
-    return await approve(
-        svc,
-        document_reference_id,
-        patient_id=patient_id,
-        actor=actor,
-        version=version_of(edited),
-        request_id=request_id,
-        db=db,
-    )
+        return await self.run(svc, req, db=db)
+
+    async def run(self, svc: Services, req: ReviewRequest, *, db: sessionmaker[Session]) -> ReviewOutcome:
+        """The action for `req`, audited in `db` (the API's database: audit, rejections, monitoring)."""
+        before = (
+            await capture.text_before_edit(svc.client, req.document_reference_id, req.patient_id)
+            if self.measures_edit
+            else None
+        )
+        async with audit.audited(
+            db,
+            actor=req.actor,
+            action=self.name,
+            failure=_failure,
+            patient_id=req.patient_id,
+            resource=_doc_ref(req.document_reference_id),
+            request_id=req.request_id,
+        ) as entry:
+            doc = await self.write(svc, req, _now_iso())
+            entry.detail = self.detail(doc, req)
+        result = _outcome_of(self.name, doc)
+        if self.keeps_reason:
+            await in_thread(
+                audit.record_rejection,
+                db,
+                document_reference=result.document_reference,
+                patient_id=req.patient_id,
+                who=req.actor,
+                reason=req.reason,
+            )
+        size = capture.size_of_edit(before, req.markdown or "") if self.measures_edit else None
+        await in_thread(
+            _monitor, svc, db, self.name, doc, patient_id=req.patient_id, actor=req.actor, size=size
+        )
+        if self.then is not None:
+            return await self.then.run(svc, replace(req, version=version_of(doc)), db=db)
+        return result
 
 
-async def reject(
-    svc: Services,
-    document_reference_id: str,
-    *,
-    patient_id: str,
-    actor: str,
-    reason: str | None = None,
-    version: str | None = None,
-    request_id: str | None = None,
-    db: sessionmaker[Session] | None = None,
-) -> ReviewOutcome:
-    """Mark the draft entered-in-error; keep the optional reason for monitoring (DB only)."""
-    sessions = _db(svc, db)
-    trail = _Audit(sessions, actor=actor, patient_id=patient_id, request_id=request_id)
-    ref = _doc_ref(document_reference_id)
-    try:
-        doc = await fhir_write.reject(
-            svc.client,
-            document_reference_id,
-            who=actor,
-            when=_now_iso(),
-            version=version,
-            identifier_system=svc.settings.writer.identifier_system,
-            patient_id=patient_id,
-        )
-    except Exception as exc:
-        trail.failed("reject", ref, exc)
-        raise
-    result = _outcome_of("reject", doc)
-    audit.record_rejection(
-        sessions,
-        document_reference=result.document_reference,
-        patient_id=patient_id,
-        who=actor,
-        reason=reason,
-    )
-    _monitor(svc, sessions, "reject", doc, patient_id=patient_id, actor=actor)
-    trail.ok("reject", ref, "entered-in-error" + (", reason recorded" if reason and reason.strip() else ""))
-    return result
+approve = ReviewAction(
+    "approve", _approve_write, detail=lambda doc, _req: f"final at version {version_of(doc)}"
+)
+"""The clinician `actor` (fhirUser) approves the draft they reviewed at `version`."""
+
+edit = ReviewAction(
+    "edit",
+    _edit_write,
+    detail=lambda doc, _req: f"saved as version {version_of(doc)}",
+    measures_edit=True,
+    then=approve,
+)
+"""Save the clinician's `markdown` as a new version (a Provenance says a person changed it), then approve
+that version. Two audit rows: `edit` and `approve`."""
+
+reject = ReviewAction("reject", _reject_write, detail=_rejected_detail, keeps_reason=True)
+"""Mark the draft entered-in-error; keep the optional `reason` for monitoring (DB only)."""
+
+ACTIONS: dict[ReviewActionName, ReviewAction] = {a.name: a for a in (approve, edit, reject)}
 
 
 # -- regenerate ------------------------------------------------------------------------------------------
@@ -382,7 +380,7 @@ async def regenerate(
     previous_doc: str,
     actor: str = "system",
     request_id: str | None = None,
-    db: sessionmaker[Session] | None = None,
+    db: sessionmaker[Session],
 ) -> SummaryResult:
     """A fresh draft for the patient that supersedes `previous_doc` (an id or `DocumentReference/id`).
 
@@ -390,9 +388,16 @@ async def regenerate(
     one when the clinician regenerates what they are looking at. With temperature 0 (the default) a new
     seed does not change the model's text: the fresh draft then differs only if the record changed.
     """
-    trail = _Audit(_db(svc, db), actor=actor, patient_id=patient_id, request_id=request_id)
     previous = _doc_ref(previous_doc)
-    try:
+    async with audit.audited(
+        db,
+        actor=actor,
+        action="regenerate",
+        failure=_failure,
+        patient_id=patient_id,
+        resource=previous,
+        request_id=request_id,
+    ) as entry:
         seed = await previous_seed(svc, previous_doc, patient_id=patient_id)
         result: SummaryResult | None = None
         for step in range(1, REGENERATE_ATTEMPTS + 1):
@@ -402,15 +407,15 @@ async def regenerate(
             if result.write is not None and result.write.created:
                 break
             _log.info("review.regenerate_exists", attempt=step, document_reference=previous)
-    except Exception as exc:
-        trail.failed("regenerate", previous, exc)
-        raise
-    assert result is not None  # the loop runs at least once
+        assert result is not None  # the loop runs at least once
+        entry.detail = _regenerated_detail(result)
+    return result
+
+
+def _regenerated_detail(result: SummaryResult) -> str:
     write = result.write
     new_ref = write.document_reference if write else "none"
     if write is not None and write.created:
         superseded = f", supersedes {write.superseded}" if write.superseded else ""
-        trail.ok("regenerate", previous, f"new draft {new_ref}{superseded}")
-    else:
-        trail.ok("regenerate", previous, f"no new draft: {new_ref} already holds it")
-    return result
+        return f"new draft {new_ref}{superseded}"
+    return f"no new draft: {new_ref} already holds it"

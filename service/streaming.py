@@ -14,7 +14,7 @@ generator is simply closed; nothing has been written yet at that point).
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 
 import structlog
@@ -56,7 +56,7 @@ async def stream_summary(
     *,
     encounter_id: str | None = None,
     dry_run: bool = False,
-) -> AsyncIterator[StreamEvent]:
+) -> AsyncGenerator[StreamEvent, None]:
     """Summarize one patient like `summarize_patient`, yielding events as the work progresses.
 
     The reader may stop after `Prepared` (for instance when a draft of the same key already

@@ -3,7 +3,7 @@
 The lifespan opens what the process shares (one httpx client, the record store and its
 sessionmaker, the SMART client, the FHIR client of the REST API, the job registry) and loads the
 model in a worker thread, so `/healthz` answers at once and `/readyz` says when the model is
-there. Routes reach all of it through `service.api.deps`.
+there. Routes reach each part through its dependency in `service.api.deps`.
 
 Errors: `ApiError` and HTTP errors become FHIR OperationOutcome JSON under `/api` and a short
 HTML page elsewhere; anything unexpected is a 500 whose log line names the exception type only.
@@ -31,8 +31,14 @@ from fastapi.templating import Jinja2Templates
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from fhir_adapters.client import FhirClient
-from service.api.deps import STATIC_DIR, TEMPLATES_DIR, DiscoveryCache, Runtime, smart_client_from
+from service.api.deps import (
+    STATIC_DIR,
+    TEMPLATES_DIR,
+    DiscoveryCache,
+    ModelSlot,
+    Runtime,
+    smart_client_from,
+)
 from service.api.errors import FHIR_JSON, ApiError, issue_code_for_status, operation_outcome
 from service.api.jobs import JobRegistry
 from service.api.routes import api, health, launch, review
@@ -40,6 +46,7 @@ from service.api.security import JwtVerifier, SecurityHeaders, frame_ancestor_or
 from service.config import Settings, web_settings_problems
 from service.db.launch import TokenCipher
 from service.db.store import SqlSummaryStore
+from service.fhir import fhir_client
 from service.llm import create_engine
 from service.llm.base import Engine, EngineError
 
@@ -78,13 +85,13 @@ def create_app(
             csrf_secret=secret.encode("utf-8"),
             verifier=_verifier(settings, shared),
             service_client=(
-                FhirClient.from_settings(settings.fhir, http=shared) if settings.fhir.base_url else None
+                fhir_client(settings.fhir, http=shared) if settings.fhir.base_url else None
             ),
-            engine=engine,
+            model=ModelSlot(engine=engine),
         )
         app.state.runtime = runtime
         if engine is None:
-            task = asyncio.create_task(_load_engine(runtime))
+            task = asyncio.create_task(_load_engine(runtime.model, settings))
             runtime.background.add(task)
             task.add_done_callback(runtime.background.discard)
         log.info("api.started", environment=settings.environment, issuers=len(settings.smart.allowed_issuers))
@@ -96,8 +103,8 @@ def create_app(
             await runtime.jobs.aclose()
             if runtime.service_client is not None:
                 await runtime.service_client.aclose()
-            if engine is None and runtime.engine is not None:
-                await runtime.engine.aclose()
+            if engine is None and runtime.model.engine is not None:
+                await runtime.model.engine.aclose()
             store.close()
             if own_http:
                 await shared.aclose()
@@ -137,12 +144,12 @@ def _verifier(settings: Settings, http: httpx.AsyncClient) -> JwtVerifier | None
     )
 
 
-async def _load_engine(runtime: Runtime) -> None:
+async def _load_engine(model: ModelSlot, settings: Settings) -> None:
     started = time.perf_counter()
     try:
-        runtime.engine = await asyncio.to_thread(create_engine, runtime.settings.llm)
+        model.engine = await asyncio.to_thread(create_engine, settings.llm)
     except EngineError as exc:
-        runtime.engine_error = str(exc)
+        model.error = str(exc)
         log.error("api.model_failed", error=type(exc).__name__)
         return
     log.info("api.model_ready", seconds=round(time.perf_counter() - started, 2))

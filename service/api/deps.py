@@ -1,8 +1,14 @@
-"""What the routes share, opened once by the app's lifespan and handed to routes as `Annotated` deps.
+"""What the routes share, opened once by the app's lifespan, and the `Annotated` dependencies that hand
+each route only the part it touches.
 
-`Runtime` holds the process-wide objects (settings, the shared httpx client, the record store and
-its sessionmaker, the token cipher, the SMART client, the model once loaded, the job registry).
-It lives on `app.state.runtime`; nothing here is a module-level global.
+`Runtime` is what the lifespan opened (settings, the shared httpx client, the record store and its
+sessionmaker, the token cipher, the SMART client, the model once loaded, the job registry); it lives
+on `app.state.runtime` and nothing here is a module-level global. Routes never take it whole: they
+declare what they use (`SettingsDep`, `DatabaseDep`, `StoreDep`, `TemplatesDep`, `ModelDep`,
+`PipelineDep`, `ApiFhirDep`, ...), so a route's signature says what it touches.
+
+Store calls from a route (or anything async below it) run in a worker thread through
+`service.db.store.in_thread`: the database's sessions are synchronous, the event loop is not theirs.
 
 What it must not do: open anything per request that could be shared, or keep per-user state.
 """
@@ -13,22 +19,23 @@ import asyncio
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 import httpx
 from fastapi import Depends, Request
 from fastapi.templating import Jinja2Templates
 from sqlalchemy.orm import Session, sessionmaker
 
+from fhir_adapters.auth.oauth import SmartClient, SmartConfiguration, discover
 from fhir_adapters.client import FhirClient
-from fhir_adapters.smart import SmartClient, SmartConfiguration, discover
 from service.api.errors import Unavailable
 from service.api.jobs import JobRegistry
 from service.api.security import JwtVerifier
 from service.config import Settings, SmartSettings
 from service.db.launch import TokenCipher
-from service.db.store import SqlSummaryStore
+from service.db.store import SqlSummaryStore, SummaryStore
 from service.llm.base import Engine
+from service.pipeline import Services
 
 TEMPLATES_DIR = Path(__file__).resolve().parent / "templates"
 STATIC_DIR = Path(__file__).resolve().parent / "static"
@@ -81,7 +88,58 @@ def smart_client_from(settings: SmartSettings) -> SmartClient:
 
 
 @dataclass
+class ModelSlot:
+    """The model, loaded in a worker thread after start-up: empty while loading, or why it failed."""
+
+    engine: Engine | None = None
+    error: str | None = None
+
+    @property
+    def state(self) -> Literal["loaded", "failed", "loading"]:
+        if self.engine is not None:
+            return "loaded"
+        return "failed" if self.error else "loading"
+
+    def ready(self) -> Engine:
+        """The loaded model, or `Unavailable` (503) saying whether it is loading or failed."""
+        if self.engine is None:
+            if self.error:
+                raise Unavailable(f"the model could not be loaded: {self.error}")
+            raise Unavailable("the model is still loading; try again in a moment")
+        return self.engine
+
+
+@dataclass(frozen=True)
+class Pipeline:
+    """What a route needs to run the summary pipeline, once it has decided to: the model is asked for
+    only then, so a refused or malformed request is answered as such while the model loads."""
+
+    settings: Settings
+    store: SummaryStore
+    model: ModelSlot
+
+    def services(self, client: FhirClient) -> Services:
+        """`Services` reading and writing through `client` (a session's EHR, or the API's server)."""
+        return Services(settings=self.settings, client=client, engine=self.model.ready(), store=self.store)
+
+
+@dataclass(frozen=True)
+class ApiFhir:
+    """The REST API's FHIR server (`CHARTBRIEF_FHIR__BASE_URL`, chartbrief's own credentials), if set."""
+
+    client: FhirClient | None
+
+    def ready(self) -> FhirClient:
+        """The client, or `Unavailable` (503) naming the setting that is missing."""
+        if self.client is None:
+            raise Unavailable("no FHIR server is configured for the API (CHARTBRIEF_FHIR__BASE_URL)")
+        return self.client
+
+
+@dataclass
 class Runtime:
+    """What the lifespan opened and closes; the dependencies below hand out its parts."""
+
     settings: Settings
     http: httpx.AsyncClient
     store: SqlSummaryStore
@@ -93,20 +151,12 @@ class Runtime:
     csrf_secret: bytes
     verifier: JwtVerifier | None = None
     service_client: FhirClient | None = None  # settings.fhir: the REST API's FHIR server
-    engine: Engine | None = None
-    engine_error: str | None = None
+    model: ModelSlot = field(default_factory=ModelSlot)
     background: set[asyncio.Task[None]] = field(default_factory=set)
 
     @property
     def db(self) -> sessionmaker[Session]:
         return self.store.sessions
-
-    def ready_engine(self) -> Engine:
-        if self.engine is None:
-            if self.engine_error:
-                raise Unavailable(f"the model could not be loaded: {self.engine_error}")
-            raise Unavailable("the model is still loading; try again in a moment")
-        return self.engine
 
 
 def get_runtime(request: Request) -> Runtime:
@@ -114,9 +164,76 @@ def get_runtime(request: Request) -> Runtime:
     return runtime
 
 
-def get_engine(request: Request) -> Engine:
-    return get_runtime(request).ready_engine()
+def get_settings(request: Request) -> Settings:
+    return get_runtime(request).settings
+
+
+def get_database(request: Request) -> sessionmaker[Session]:
+    """The sessionmaker of chartbrief's database: audit, launch state, sessions, API keys."""
+    return get_runtime(request).db
+
+
+def get_store(request: Request) -> SummaryStore:
+    return get_runtime(request).store
+
+
+def get_templates(request: Request) -> Jinja2Templates:
+    return get_runtime(request).templates
+
+
+def get_model(request: Request) -> ModelSlot:
+    return get_runtime(request).model
+
+
+def get_jobs(request: Request) -> JobRegistry:
+    return get_runtime(request).jobs
+
+
+def get_csrf_secret(request: Request) -> bytes:
+    return get_runtime(request).csrf_secret
+
+
+def get_cipher(request: Request) -> TokenCipher:
+    return get_runtime(request).cipher
+
+
+def get_http(request: Request) -> httpx.AsyncClient:
+    return get_runtime(request).http
+
+
+def get_discovery(request: Request) -> DiscoveryCache:
+    return get_runtime(request).discovery
+
+
+def get_smart_client(request: Request) -> SmartClient:
+    return get_runtime(request).smart_client
+
+
+def get_verifier(request: Request) -> JwtVerifier | None:
+    return get_runtime(request).verifier
+
+
+def get_pipeline(request: Request) -> Pipeline:
+    runtime = get_runtime(request)
+    return Pipeline(settings=runtime.settings, store=runtime.store, model=runtime.model)
+
+
+def get_api_fhir(request: Request) -> ApiFhir:
+    return ApiFhir(get_runtime(request).service_client)
 
 
 RuntimeDep = Annotated[Runtime, Depends(get_runtime)]
-EngineDep = Annotated[Engine, Depends(get_engine)]
+SettingsDep = Annotated[Settings, Depends(get_settings)]
+DatabaseDep = Annotated[sessionmaker[Session], Depends(get_database)]
+StoreDep = Annotated[SummaryStore, Depends(get_store)]
+TemplatesDep = Annotated[Jinja2Templates, Depends(get_templates)]
+ModelDep = Annotated[ModelSlot, Depends(get_model)]
+JobsDep = Annotated[JobRegistry, Depends(get_jobs)]
+CsrfSecretDep = Annotated[bytes, Depends(get_csrf_secret)]
+CipherDep = Annotated[TokenCipher, Depends(get_cipher)]
+HttpDep = Annotated[httpx.AsyncClient, Depends(get_http)]
+DiscoveryDep = Annotated[DiscoveryCache, Depends(get_discovery)]
+SmartClientDep = Annotated[SmartClient, Depends(get_smart_client)]
+VerifierDep = Annotated[JwtVerifier | None, Depends(get_verifier)]
+PipelineDep = Annotated[Pipeline, Depends(get_pipeline)]
+ApiFhirDep = Annotated[ApiFhir, Depends(get_api_fhir)]

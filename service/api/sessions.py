@@ -8,9 +8,9 @@ values only:
 - `cb_session` - the app session id, set at `/callback`. The tokens it stands for stay in the
   database, encrypted (`service.db.launch`); they never reach the browser.
 
-`session_services` builds, per request, the pipeline's `Services` for one session: a FHIR client
-for the session's EHR whose bearer token refreshes itself before expiry and whose refreshed
-tokens are stored again (encrypted) at once.
+`SessionServices` (the `SessionServicesDep` dependency) builds, once a route has checked the request,
+the pipeline's `Services` for one session: a FHIR client for the session's EHR whose bearer token
+refreshes itself before expiry and whose refreshed tokens are stored again (encrypted) at once.
 
 What it must not do: put a token in a cookie, a page, a URL or a log line.
 """
@@ -21,16 +21,33 @@ import secrets
 from dataclasses import dataclass
 from typing import Annotated
 
+import httpx
 import structlog
 from fastapi import Depends, Request, Response
-from starlette.concurrency import run_in_threadpool
+from sqlalchemy.orm import Session, sessionmaker
 
+from fhir_adapters.auth.launch import RefreshingToken, TokenSet
+from fhir_adapters.auth.oauth import SmartClient
 from fhir_adapters.client import FhirClient
-from fhir_adapters.smart import RefreshingToken, TokenSet
-from service.api.deps import Runtime, get_runtime
+from service.api.deps import (
+    CipherDep,
+    CsrfSecretDep,
+    DatabaseDep,
+    DiscoveryCache,
+    DiscoveryDep,
+    HttpDep,
+    Pipeline,
+    PipelineDep,
+    Runtime,
+    SettingsDep,
+    SmartClientDep,
+)
 from service.api.errors import Unauthenticated
 from service.api.security import csrf_token
-from service.db.launch import SessionData, load_session, update_tokens
+from service.config import FhirSettings
+from service.db.launch import SessionData, TokenCipher, load_session, update_tokens
+from service.db.store import in_thread
+from service.fhir import fhir_client
 from service.pipeline import Services
 
 log = structlog.get_logger(__name__)
@@ -92,52 +109,75 @@ class ReviewSession:
         return self.data.fhir_user or "unidentified-user"
 
 
-async def review_session(request: Request) -> ReviewSession:
+async def review_session(
+    request: Request, db: DatabaseDep, cipher: CipherDep, csrf_secret: CsrfSecretDep
+) -> ReviewSession:
     """The session behind the request's cookies; `Unauthenticated` (a page saying how to launch) if none."""
-    runtime = get_runtime(request)
     session_id = request.cookies.get(SESSION_COOKIE)
     browser = request.cookies.get(BROWSER_COOKIE)
     if not session_id or not browser:
         raise Unauthenticated(NO_SESSION, error="invalid_request")
-    data = await run_in_threadpool(
-        load_session, runtime.db, runtime.cipher, session_id, browser_session=browser
-    )
+    data = await in_thread(load_session, db, cipher, session_id, browser_session=browser)
     if data is None or data.patient_id is None:
         raise Unauthenticated(NO_SESSION)
-    return ReviewSession(data=data, csrf=csrf_token(runtime.csrf_secret, session_id))
+    return ReviewSession(data=data, csrf=csrf_token(csrf_secret, session_id))
 
 
 ReviewSessionDep = Annotated[ReviewSession, Depends(review_session)]
 
 
-async def session_client(runtime: Runtime, session: ReviewSession) -> FhirClient:
-    """A FHIR client for the session's EHR, carrying (and refreshing) the session's access token."""
-    config = await runtime.discovery.get(session.data.iss)
-    token_set = TokenSet.from_dict(session.data.token_set)
-    session_id = session.data.id
+@dataclass(frozen=True)
+class SessionServices:
+    """Opens the pipeline's `Services` for a session's EHR, acting as the session's clinician."""
 
-    def store_refreshed(new: TokenSet) -> None:
-        # A rotated refresh token that is not stored would strand the session: store it now.
-        if not update_tokens(runtime.db, runtime.cipher, session_id, new.to_dict(), scope=new.scope):
-            log.warning("session.refresh_not_stored", patient_id=session.data.patient_id)
+    http: httpx.AsyncClient
+    discovery: DiscoveryCache
+    smart_client: SmartClient
+    cipher: TokenCipher
+    db: sessionmaker[Session]
+    fhir: FhirSettings
+    pipeline: Pipeline
 
-    auth = RefreshingToken(runtime.http, config, runtime.smart_client, token_set, on_refresh=store_refreshed)
-    fhir = runtime.settings.fhir
-    return FhirClient(
-        session.data.iss,
-        http=runtime.http,
-        auth=auth,
-        timeout=fhir.timeout_seconds,
-        page_size=fhir.page_size,
-        max_attempts=fhir.max_attempts,
-        backoff_initial=fhir.backoff_initial_seconds,
-        backoff_max=fhir.backoff_max_seconds,
+    async def client(self, session: ReviewSession) -> FhirClient:
+        """A FHIR client for the session's EHR, carrying (and refreshing) the session's access token."""
+        config = await self.discovery.get(session.data.iss)
+        token_set = TokenSet.from_dict(session.data.token_set)
+        session_id = session.data.id
+
+        async def store_refreshed(new: TokenSet) -> None:
+            # A rotated refresh token that is not stored would strand the session: store it now.
+            stored = await in_thread(
+                update_tokens, self.db, self.cipher, session_id, new.to_dict(), scope=new.scope
+            )
+            if not stored:
+                log.warning("session.refresh_not_stored", patient_id=session.data.patient_id)
+
+        auth = RefreshingToken(self.http, config, self.smart_client, token_set, on_refresh=store_refreshed)
+        return fhir_client(self.fhir, base_url=session.data.iss, http=self.http, auth=auth)
+
+    async def open(self, session: ReviewSession) -> Services:
+        """The pipeline's `Services` on the session's EHR (503 while the model loads)."""
+        return self.pipeline.services(await self.client(session))
+
+
+def session_services(
+    http: HttpDep,
+    discovery: DiscoveryDep,
+    smart_client: SmartClientDep,
+    cipher: CipherDep,
+    db: DatabaseDep,
+    settings: SettingsDep,
+    pipeline: PipelineDep,
+) -> SessionServices:
+    return SessionServices(
+        http=http,
+        discovery=discovery,
+        smart_client=smart_client,
+        cipher=cipher,
+        db=db,
+        fhir=settings.fhir,
+        pipeline=pipeline,
     )
 
 
-async def session_services(runtime: Runtime, session: ReviewSession) -> Services:
-    """The pipeline's `Services` acting as the session's clinician on the session's EHR."""
-    client = await session_client(runtime, session)
-    return Services(
-        settings=runtime.settings, client=client, engine=runtime.ready_engine(), store=runtime.store
-    )
+SessionServicesDep = Annotated[SessionServices, Depends(session_services)]

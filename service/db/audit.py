@@ -8,6 +8,10 @@ never clinical text: the audit table must be safe to hand to a security reviewer
 A rejection's reason is clinician free text and may name the patient: it lives in its own table,
 read only by monitoring, and is never logged or copied into an audit row.
 
+`audited` is the one way an action is audited from async code: the block's success writes an `ok`
+row with the detail the block set, and a failure writes the row its `failure` rule chooses (or none)
+before the error goes on; the write runs in a worker thread (`service.db.store.in_thread`).
+
 What this module must not do: log a reason, accept an unknown outcome, or let a long free text slip
 into `detail`.
 """
@@ -15,6 +19,8 @@ into `detail`.
 from __future__ import annotations
 
 import re
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Literal, get_args
@@ -24,6 +30,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from service.db.models import AuditEvent, Rejection
+from service.db.store import in_thread
 
 _log = structlog.get_logger(__name__)
 
@@ -117,6 +124,57 @@ def record(
         audit_id=row_id,
     )
     return row_id
+
+
+@dataclass
+class AuditEntry:
+    """The row an `audited` block writes when it succeeds: the block says what went through."""
+
+    detail: str | None = None
+
+
+# How a failure is audited: (outcome, fixed phrase), or None when it is not this trail's to record.
+FailureRule = Callable[[Exception], tuple[Outcome, str] | None]
+
+
+@asynccontextmanager
+async def audited(
+    db: sessionmaker[Session],
+    *,
+    actor: str,
+    action: str,
+    failure: FailureRule,
+    patient_id: str | None = None,
+    resource: str | None = None,
+    request_id: str | None = None,
+) -> AsyncIterator[AuditEntry]:
+    """Audit the block: `ok` with the entry's detail when it succeeds, `failure(exc)` when it raises.
+
+    The error is always raised again: auditing a failure never swallows it.
+    """
+    entry = AuditEntry()
+
+    async def write(outcome: Outcome, detail: str | None) -> None:
+        await in_thread(
+            record,
+            db,
+            actor=actor,
+            action=action,
+            outcome=outcome,
+            patient_id=patient_id,
+            resource=resource,
+            detail=detail,
+            request_id=request_id,
+        )
+
+    try:
+        yield entry
+    except Exception as exc:
+        verdict = failure(exc)
+        if verdict is not None:
+            await write(*verdict)
+        raise
+    await write("ok", entry.detail)
 
 
 def _to_record(row: AuditEvent) -> AuditRecord:

@@ -27,7 +27,7 @@ from fhir_adapters.fetch import FhirSource, fetch_record
 from fhir_adapters.models import ModelIdentity, PatientRecord, PromptIdentity
 from fhir_adapters.normalize import codeable_text
 from service.config import FhirSettings, LlmSettings, Settings
-from service.db.models import SummaryRow
+from service.db.store import StoredSummary
 from service.eval.measures import PatientEvaluation, measure_patient
 from service.llm.base import Engine
 from service.pipeline import Services, complete_summary, narrate_summary, prepare_summary
@@ -242,10 +242,10 @@ class EvalStore:
         self.rows.append(dict(fields))
         return str(len(self.rows))
 
-    def latest_for_patient(self, fhir_base: str, patient_id: str) -> SummaryRow | None:  # noqa: ARG002
+    def latest_for_patient(self, fhir_base: str, patient_id: str) -> StoredSummary | None:  # noqa: ARG002
         return None
 
-    def find(self, fhir_base: str, idempotency_key: str) -> SummaryRow | None:  # noqa: ARG002
+    def find(self, fhir_base: str, idempotency_key: str) -> StoredSummary | None:  # noqa: ARG002
         return None
 
 

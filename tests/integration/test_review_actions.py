@@ -15,14 +15,15 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from sqlalchemy.orm import Session, sessionmaker
 
-from fhir_adapters.client import FhirClient
 from fhir_adapters.write.draft import provenance_id
 from service import review
 from service.config import Settings
 from service.db import audit
 from service.db.store import SqlSummaryStore
 from service.dev.sandbox import LoadedPatient
+from service.fhir import fhir_client
 from service.llm.fake import FAKE_IDENTITY, FakeEngine
 from service.pipeline import Services, summarize_patient
 
@@ -45,9 +46,14 @@ async def svc(fhir_base: str, tmp_path: Path, request: pytest.FixtureRequest) ->
     )
     identity = replace(FAKE_IDENTITY, sampling=f"{FAKE_IDENTITY.sampling} test={request.node.name[:40]}")
     store = SqlSummaryStore.from_url(settings.db.url)
-    async with FhirClient.from_settings(settings.fhir) as client:
+    async with fhir_client(settings.fhir) as client:
         yield Services(settings=settings, client=client, engine=FakeEngine(identity), store=store)
     store.close()
+
+
+def _db(svc: Services) -> sessionmaker[Session]:
+    """The audit database of these tests: the one behind the fixture's SQL store."""
+    return svc.store.sessions  # type: ignore[attr-defined,no-any-return]  # the fixture's SqlSummaryStore
 
 
 async def new_draft(svc: Services, patient_id: str) -> dict[str, Any]:
@@ -78,7 +84,7 @@ async def test_approve_makes_the_draft_final_with_the_clinician_as_author_and_ve
     device = doc["author"][0]["reference"]
 
     outcome = await review.approve(
-        svc, doc["id"], patient_id=patient, actor=DR, version=doc["meta"]["versionId"]
+        svc, doc["id"], patient_id=patient, actor=DR, version=doc["meta"]["versionId"], db=_db(svc)
     )
 
     on_server = await svc.client.read("DocumentReference", doc["id"])
@@ -106,7 +112,13 @@ async def test_edit_saves_the_clinicians_text_as_a_new_version_with_its_own_prov
     text = "# Summary\n\nReviewed and rewritten by the clinician.\n"
 
     outcome = await review.edit(
-        svc, doc["id"], patient_id=patient, actor=DR, markdown=text, version=doc["meta"]["versionId"]
+        svc,
+        doc["id"],
+        patient_id=patient,
+        actor=DR,
+        markdown=text,
+        version=doc["meta"]["versionId"],
+        db=_db(svc),
     )
 
     final = await svc.client.read("DocumentReference", doc["id"])
@@ -140,7 +152,7 @@ async def test_reject_marks_the_draft_entered_in_error_and_keeps_the_reason_out_
     doc = await new_draft(svc, patient)
     reason = "Omits the current anticoagulant"
 
-    outcome = await review.reject(svc, doc["id"], patient_id=patient, actor=DR, reason=reason)
+    outcome = await review.reject(svc, doc["id"], patient_id=patient, actor=DR, reason=reason, db=_db(svc))
 
     on_server = await svc.client.read("DocumentReference", doc["id"])
     assert on_server["status"] == "entered-in-error" == outcome.status
@@ -161,7 +173,9 @@ async def test_a_stale_version_raises_conflict_and_leaves_the_draft_as_it_was(
     await svc.client.update(changed)
 
     with pytest.raises(review.ReviewConflict, match="changed since you opened it"):
-        await review.approve(svc, doc["id"], patient_id=patient, actor=DR, version=doc["meta"]["versionId"])
+        await review.approve(
+            svc, doc["id"], patient_id=patient, actor=DR, version=doc["meta"]["versionId"], db=_db(svc)
+        )
 
     on_server = await svc.client.read("DocumentReference", doc["id"])
     assert on_server["docStatus"] == "preliminary"
@@ -178,7 +192,7 @@ async def test_a_session_for_one_patient_cannot_act_on_another_patients_draft(
     doc = await new_draft(svc, other)
 
     with pytest.raises(review.ReviewForbidden):
-        await review.approve(svc, doc["id"], patient_id=patient, actor=DR)
+        await review.approve(svc, doc["id"], patient_id=patient, actor=DR, db=_db(svc))
 
     assert (await svc.client.read("DocumentReference", doc["id"]))["docStatus"] == "preliminary"
     (row,) = audit.list_for_patient(svc.store.sessions, patient)  # type: ignore[attr-defined]
@@ -193,7 +207,9 @@ async def test_regenerate_writes_a_fresh_draft_with_the_next_seed_that_supersede
     assert isinstance(svc.engine, FakeEngine)
     svc.engine.enqueue(NO_CLAIMS)
 
-    result = await review.regenerate(svc, patient, encounter_id=None, previous_doc=old["id"], actor=DR)
+    result = await review.regenerate(
+        svc, patient, encounter_id=None, previous_doc=old["id"], actor=DR, db=_db(svc)
+    )
 
     assert result.write is not None and result.write.created
     assert result.write.superseded == f"DocumentReference/{old['id']}"

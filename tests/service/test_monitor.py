@@ -18,6 +18,7 @@ from typing import Any
 
 import pytest
 from click.testing import CliRunner
+from sqlalchemy.orm import Session, sessionmaker
 from structlog.testing import capture_logs
 
 from fhir_adapters.write.draft import provenance_id
@@ -288,17 +289,19 @@ def services(fhir: MemoryFhir, store: SqlSummaryStore) -> Services:
     return Services(settings=settings, client=fhir, engine=FakeEngine(), store=store)  # type: ignore[arg-type]
 
 
-async def _review_three(svc: Services) -> None:
-    await review.approve(svc, "doc-1", patient_id="p1", actor=DR, version="1")
+async def _review_three(svc: Services, db: sessionmaker[Session]) -> None:
+    await review.approve(svc, "doc-1", patient_id="p1", actor=DR, version="1", db=db)
     edited = AI_MARKDOWN.replace("Hypertension", "Essential hypertension, well controlled")
-    await review.edit(svc, "doc-2", patient_id="p1", actor=DR, markdown=edited, version="1")
-    await review.reject(svc, "doc-3", patient_id="p1", actor=DR, reason="Invented a diagnosis", version="1")
+    await review.edit(svc, "doc-2", patient_id="p1", actor=DR, markdown=edited, version="1", db=db)
+    await review.reject(
+        svc, "doc-3", patient_id="p1", actor=DR, reason="Invented a diagnosis", version="1", db=db
+    )
 
 
 async def test_each_review_action_records_one_outcome_tied_to_its_summary(store: SqlSummaryStore) -> None:
     fhir = _drafts()
     with capture_logs() as logs:
-        await _review_three(services(fhir, store))
+        await _review_three(services(fhir, store), store.sessions)
     rows = review_outcomes(store.sessions)
     assert [(r.action, r.document_reference) for r in rows] == [
         ("approve", "DocumentReference/doc-1"),
@@ -319,12 +322,14 @@ async def test_each_review_action_records_one_outcome_tied_to_its_summary(store:
 async def test_a_refused_action_records_no_outcome(store: SqlSummaryStore) -> None:
     fhir = MemoryFhir(draft_doc(patient="p2"), ai_provenance())
     with pytest.raises(review.ReviewForbidden):
-        await review.edit(services(fhir, store), "doc-1", patient_id="p1", actor=DR, markdown="Mine.")
+        await review.edit(
+            services(fhir, store), "doc-1", patient_id="p1", actor=DR, markdown="Mine.", db=store.sessions
+        )
     assert review_outcomes(store.sessions) == []
 
 
 async def test_monitor_json_reports_what_the_review_actions_recorded(store: SqlSummaryStore) -> None:
-    await _review_three(services(_drafts(), store))
+    await _review_three(services(_drafts(), store), store.sessions)
     url = str(store.engine.url)
     result = CliRunner().invoke(cli, ["monitor", "--json", "--db-url", url])
     assert result.exit_code == 0, result.output

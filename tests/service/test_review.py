@@ -20,7 +20,8 @@ from fhir_adapters.write.draft import provenance_id
 from service import review
 from service.config import Settings
 from service.db import audit
-from service.db.store import SqlSummaryStore
+from service.db.store import MemorySummaryStore, SqlSummaryStore, SummaryStore
+from service.governance.records import REVIEW_ACTIONS
 from service.llm.base import GenerationRequest
 from service.llm.fake import FAKE_IDENTITY, FakeEngine
 from service.pipeline import Services
@@ -41,7 +42,7 @@ def fhir() -> MemoryFhir:
     return MemoryFhir(draft_doc(), ai_provenance())
 
 
-def services(fhir: MemoryFhir, store: SqlSummaryStore, engine: FakeEngine | None = None) -> Services:
+def services(fhir: MemoryFhir, store: SummaryStore, engine: FakeEngine | None = None) -> Services:
     settings = Settings(fhir={"base_url": "http://fhir.test/fhir"})  # type: ignore[arg-type]
     return Services(settings=settings, client=fhir, engine=engine or FakeEngine(), store=store)  # type: ignore[arg-type]
 
@@ -54,7 +55,13 @@ async def test_approve_makes_the_draft_final_and_audits_who_what_and_which_reque
     fhir: MemoryFhir, store: SqlSummaryStore
 ) -> None:
     outcome = await review.approve(
-        services(fhir, store), "doc-1", patient_id="p1", actor=DR, version="1", request_id="req-7"
+        services(fhir, store),
+        "doc-1",
+        patient_id="p1",
+        actor=DR,
+        version="1",
+        request_id="req-7",
+        db=store.sessions,
     )
     assert outcome == review.ReviewOutcome("approve", "DocumentReference/doc-1", "2", "current", "final")
     (row,) = rows(store.sessions)
@@ -71,7 +78,13 @@ async def test_edit_saves_the_text_then_approves_that_version_with_two_audit_row
     fhir: MemoryFhir, store: SqlSummaryStore
 ) -> None:
     outcome = await review.edit(
-        services(fhir, store), "doc-1", patient_id="p1", actor=DR, markdown="My own words.", version="1"
+        services(fhir, store),
+        "doc-1",
+        patient_id="p1",
+        actor=DR,
+        markdown="My own words.",
+        version="1",
+        db=store.sessions,
     )
     assert outcome.doc_status == "final" and outcome.version == "3"
     assert [(r.action, r.outcome) for r in rows(store.sessions)] == [("edit", "ok"), ("approve", "ok")]
@@ -82,7 +95,7 @@ async def test_edit_saves_the_text_then_approves_that_version_with_two_audit_row
 async def test_another_patients_document_is_denied_audited_and_untouched(store: SqlSummaryStore) -> None:
     fhir = MemoryFhir(draft_doc(patient="p2"), ai_provenance())
     with pytest.raises(review.ReviewForbidden):
-        await review.approve(services(fhir, store), "doc-1", patient_id="p1", actor=DR)
+        await review.approve(services(fhir, store), "doc-1", patient_id="p1", actor=DR, db=store.sessions)
     (row,) = rows(store.sessions)
     assert (row.action, row.outcome, row.patient_id) == ("approve", "denied", "p1")
     assert fhir.writes == []
@@ -94,7 +107,13 @@ async def test_a_stale_version_is_a_conflict_audited_as_an_error(
     fhir.change("DocumentReference/doc-1", description="changed by someone else")
     with pytest.raises(review.ReviewConflict):
         await review.reject(
-            services(fhir, store), "doc-1", patient_id="p1", actor=DR, reason="x", version="1"
+            services(fhir, store),
+            "doc-1",
+            patient_id="p1",
+            actor=DR,
+            reason="x",
+            version="1",
+            db=store.sessions,
         )
     (row,) = rows(store.sessions)
     assert row.outcome == "error" and "stale version" in (row.detail or "")
@@ -107,7 +126,7 @@ async def test_a_server_failure_is_audited_and_re_raised(fhir: MemoryFhir, store
 
     fhir.before_write = fail
     with pytest.raises(FhirServerError):
-        await review.approve(services(fhir, store), "doc-1", patient_id="p1", actor=DR)
+        await review.approve(services(fhir, store), "doc-1", patient_id="p1", actor=DR, db=store.sessions)
     (row,) = rows(store.sessions)
     assert row.outcome == "error" and row.detail == "FHIR server: FhirServerError 503"
 
@@ -116,7 +135,13 @@ async def test_reject_keeps_the_reason_in_the_database_only(fhir: MemoryFhir, st
     reason = "States Mr Example had a stroke in 2019; he did not"
     with capture_logs() as logs:
         outcome = await review.reject(
-            services(fhir, store), "doc-1", patient_id="p1", actor=DR, reason=reason, version="1"
+            services(fhir, store),
+            "doc-1",
+            patient_id="p1",
+            actor=DR,
+            reason=reason,
+            version="1",
+            db=store.sessions,
         )
     assert outcome.status == "entered-in-error"
     (rejection,) = audit.rejections(store.sessions, patient_id="p1")
@@ -136,7 +161,7 @@ async def test_audit_rows_of_every_action_carry_no_clinical_text(
 ) -> None:
     svc = services(fhir, store)
     secret_text = "Confidential narrative about Jane Roe"
-    await review.edit(svc, "doc-1", patient_id="p1", actor=DR, markdown=secret_text)
+    await review.edit(svc, "doc-1", patient_id="p1", actor=DR, markdown=secret_text, db=store.sessions)
     dump = repr(rows(store.sessions))
     assert "Jane Roe" not in dump and "Confidential" not in dump
     assert all(r.patient_id == "p1" and r.actor == DR for r in rows(store.sessions))
@@ -182,7 +207,32 @@ async def test_regenerate_of_another_patients_draft_is_denied_before_any_model_r
     fhir = MemoryFhir(draft_doc(patient="p2"), ai_provenance())
     engine = FakeEngine()
     with pytest.raises(review.ReviewForbidden):
-        await review.regenerate(services(fhir, store, engine), "p1", previous_doc="doc-1", actor=DR)
+        await review.regenerate(
+            services(fhir, store, engine), "p1", previous_doc="doc-1", actor=DR, db=store.sessions
+        )
     assert engine.history == []
     (row,) = rows(store.sessions)
     assert (row.action, row.outcome) == ("regenerate", "denied")
+
+
+# -- one shape for every action ------------------------------------------------------------------------
+
+
+def test_every_review_action_is_one_entry_that_monitoring_knows() -> None:
+    assert set(review.ACTIONS) == set(REVIEW_ACTIONS)
+    assert all(name == action.name for name, action in review.ACTIONS.items())
+
+
+async def test_an_action_needs_only_the_store_protocol_and_the_audit_database(
+    fhir: MemoryFhir, tmp_path: Path
+) -> None:
+    audit_db = SqlSummaryStore.from_url(f"sqlite:///{tmp_path}/audit.db")
+    try:
+        svc = services(fhir, MemorySummaryStore())
+        outcome = await review.reject(
+            svc, "doc-1", patient_id="p1", actor=DR, version="1", db=audit_db.sessions
+        )
+        assert outcome.status == "entered-in-error"
+        assert [(r.action, r.outcome) for r in rows(audit_db.sessions)] == [("reject", "ok")]
+    finally:
+        audit_db.close()

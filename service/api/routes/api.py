@@ -31,25 +31,25 @@ import structlog
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, Field
+from sqlalchemy.orm import Session, sessionmaker
 from sse_starlette import EventSourceResponse
-from starlette.concurrency import run_in_threadpool
 
 from fhir_adapters.client import FhirClient
 from fhir_adapters.errors import FhirError
 from fhir_adapters.fetch import EncounterNotOfPatient
-from service.api.deps import Runtime, RuntimeDep
+from service.api.deps import ApiFhirDep, DatabaseDep, JobsDep, PipelineDep, StoreDep, VerifierDep
 from service.api.errors import (
     BadRequest,
     Forbidden,
     NotFound,
     Unauthenticated,
-    Unavailable,
     operation_outcome,
 )
 from service.api.security import Principal, looks_like_jwt, scopes_allow
 from service.api.views import source_views, stored_markdown
 from service.db import apikeys, audit
 from service.db.apikeys import SECRET_TAG
+from service.db.store import in_thread
 from service.llm.base import EngineError
 from service.pipeline import Services, summarize_patient
 from service.prompts import PromptError
@@ -87,8 +87,7 @@ class SummaryRequest(BaseModel):
 # -- who is calling -------------------------------------------------------------------------------
 
 
-async def bearer_principal(request: Request) -> Principal:
-    runtime: Runtime = request.app.state.runtime
+async def bearer_principal(request: Request, db: DatabaseDep, verifier: VerifierDep) -> Principal:
     header = request.headers.get("authorization")
     if not header:
         raise Unauthenticated(
@@ -99,16 +98,16 @@ async def bearer_principal(request: Request) -> Principal:
     if scheme.lower() != "bearer" or not token:
         raise Unauthenticated("use the Bearer scheme: Authorization: Bearer <token>", error="invalid_request")
     if token.startswith(SECRET_TAG):
-        key = await run_in_threadpool(apikeys.verify, runtime.db, token)
+        key = await in_thread(apikeys.verify, db, token)
         if key is None:
             raise Unauthenticated("the API key is unknown or revoked")
         return Principal(
             kind="api-key", subject=f"apikey:{key.id}", scopes=frozenset(key.scopes), patient=key.patient_id
         )
     if looks_like_jwt(token):
-        if runtime.verifier is None:
+        if verifier is None:
             raise Unauthenticated("this service is configured to accept no JWTs (CHARTBRIEF_API__JWT_ISSUER)")
-        return await runtime.verifier.verify(token)
+        return await verifier.verify(token)
     raise Unauthenticated("the bearer token is neither a JWT nor a chartbrief API key")
 
 
@@ -131,7 +130,11 @@ def contexts_for(principal: Principal, interaction: Interaction) -> set[str]:
 
 
 async def authorize(
-    runtime: Runtime, request: Request, principal: Principal, interaction: Interaction, patient_id: str
+    db: sessionmaker[Session],
+    request: Request,
+    principal: Principal,
+    interaction: Interaction,
+    patient_id: str,
 ) -> None:
     """Allow, or audit the refusal and raise 403 with a reason the caller can act on."""
     contexts = contexts_for(principal, interaction)
@@ -147,9 +150,9 @@ async def authorize(
         problem = "the token is limited to another patient"
     elif principal.patient is None and principal.patient_limited(contexts):
         problem = "the token has patient-level scopes but names no patient"
-    await run_in_threadpool(
+    await in_thread(
         audit.record,
-        runtime.db,
+        db,
         actor=principal.subject,
         action=f"api.{interaction}",
         outcome="denied" if problem else "ok",
@@ -159,12 +162,6 @@ async def authorize(
     )
     if problem:
         raise Forbidden(problem)
-
-
-def _service_client(runtime: Runtime) -> FhirClient:
-    if runtime.service_client is None:
-        raise Unavailable("no FHIR server is configured for the API (CHARTBRIEF_FHIR__BASE_URL)")
-    return runtime.service_client
 
 
 def describe_failure(exc: BaseException) -> str:
@@ -183,18 +180,22 @@ def describe_failure(exc: BaseException) -> str:
 
 @router.post("/summaries", status_code=202, responses=ERROR_RESPONSES, summary="Start a summary (a job)")
 async def create_summary(
-    body: SummaryRequest, request: Request, runtime: RuntimeDep, principal: PrincipalDep
+    body: SummaryRequest,
+    request: Request,
+    principal: PrincipalDep,
+    db: DatabaseDep,
+    fhir: ApiFhirDep,
+    pipeline: PipelineDep,
+    jobs: JobsDep,
 ) -> JSONResponse:
-    await authorize(runtime, request, principal, "create", body.patient)
-    client = _service_client(runtime)
-    engine = runtime.ready_engine()
-    svc = Services(settings=runtime.settings, client=client, engine=engine, store=runtime.store)
+    await authorize(db, request, principal, "create", body.patient)
+    svc = pipeline.services(fhir.ready())
 
     async def run() -> dict[str, Any]:
         result = await summarize_patient(svc, body.patient, encounter_id=body.encounter, skip_unchanged=True)
         return result.to_json()
 
-    job = runtime.jobs.submit(
+    job = jobs.submit(
         run,
         patient_id=body.patient,
         encounter_id=body.encounter,
@@ -213,12 +214,12 @@ async def create_summary(
     "/summaries/{job_id}", responses=ERROR_RESPONSES, summary="A summary job and, once done, its result"
 )
 async def get_summary(
-    job_id: str, request: Request, runtime: RuntimeDep, principal: PrincipalDep
+    job_id: str, request: Request, principal: PrincipalDep, db: DatabaseDep, jobs: JobsDep
 ) -> JSONResponse:
-    job = runtime.jobs.get(job_id)
+    job = jobs.get(job_id)
     if job is None:
         raise NotFound(f"no summary job {job_id[:64]!r} (jobs are remembered until the service restarts)")
-    await authorize(runtime, request, principal, "read", job.patient_id)
+    await authorize(db, request, principal, "read", job.patient_id)
     return JSONResponse(job.to_json())
 
 
@@ -228,13 +229,18 @@ async def get_summary(
     summary="The latest summary recorded for a patient",
 )
 async def latest_summary(
-    patient_id: str, request: Request, runtime: RuntimeDep, principal: PrincipalDep
+    patient_id: str,
+    request: Request,
+    principal: PrincipalDep,
+    db: DatabaseDep,
+    fhir: ApiFhirDep,
+    store: StoreDep,
 ) -> JSONResponse:
     if not _is_fhir_id(patient_id):
         raise BadRequest("patient id is not a valid FHIR id ([A-Za-z0-9-.]{1,64})")
-    await authorize(runtime, request, principal, "read", patient_id)
-    client = _service_client(runtime)
-    row = await run_in_threadpool(runtime.store.latest_for_patient, client.base_url, patient_id)
+    await authorize(db, request, principal, "read", patient_id)
+    client = fhir.ready()
+    row = await in_thread(store.latest_for_patient, client.base_url, patient_id)
     if row is None:
         raise NotFound(f"no summary is recorded for Patient/{patient_id}")
     body: dict[str, Any] = {
@@ -273,13 +279,15 @@ async def _document_state(client: FhirClient, reference: str) -> dict[str, Any] 
 
 @router.post("/summaries/stream", responses=ERROR_RESPONSES, summary="Make a summary and stream it (SSE)")
 async def stream_summary_events(
-    body: SummaryRequest, request: Request, runtime: RuntimeDep, principal: PrincipalDep
+    body: SummaryRequest,
+    request: Request,
+    principal: PrincipalDep,
+    db: DatabaseDep,
+    fhir: ApiFhirDep,
+    pipeline: PipelineDep,
 ) -> Response:
-    await authorize(runtime, request, principal, "create", body.patient)
-    client = _service_client(runtime)
-    svc = Services(
-        settings=runtime.settings, client=client, engine=runtime.ready_engine(), store=runtime.store
-    )
+    await authorize(db, request, principal, "create", body.patient)
+    svc = pipeline.services(fhir.ready())
     return EventSourceResponse(_api_events(svc, body), ping=15)
 
 

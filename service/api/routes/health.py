@@ -12,9 +12,10 @@ from fastapi import APIRouter
 from fastapi.responses import JSONResponse
 from sqlalchemy import text
 from sqlalchemy.exc import SQLAlchemyError
-from starlette.concurrency import run_in_threadpool
+from sqlalchemy.orm import Session, sessionmaker
 
-from service.api.deps import Runtime, RuntimeDep
+from service.api.deps import DatabaseDep, ModelDep
+from service.db.store import in_thread
 
 log = structlog.get_logger(__name__)
 
@@ -26,33 +27,26 @@ async def healthz() -> dict[str, str]:
     return {"status": "ok"}
 
 
-def _database_ok(runtime: Runtime) -> bool:
+def _database_ok(db: sessionmaker[Session]) -> bool:
     try:
-        with runtime.store.engine.connect() as connection:
-            connection.execute(text("SELECT 1"))
+        with db() as session:
+            session.execute(text("SELECT 1"))
     except SQLAlchemyError as exc:
         log.warning("api.db_unreachable", error=type(exc).__name__)
         return False
     return True
 
 
-def model_state(runtime: Runtime) -> str:
-    if runtime.engine is not None:
-        return "loaded"
-    return "failed" if runtime.engine_error else "loading"
-
-
 @router.get("/readyz", summary="Ready to serve: database reachable and model loaded")
-async def readyz(runtime: RuntimeDep) -> JSONResponse:
-    database = "ok" if await run_in_threadpool(_database_ok, runtime) else "unreachable"
-    model = model_state(runtime)
-    ready = database == "ok" and model == "loaded"
+async def readyz(db: DatabaseDep, model: ModelDep) -> JSONResponse:
+    database = "ok" if await in_thread(_database_ok, db) else "unreachable"
+    ready = database == "ok" and model.state == "loaded"
     body: dict[str, Any] = {
         "status": "ready" if ready else "not-ready",
-        "checks": {"database": database, "model": model},
+        "checks": {"database": database, "model": model.state},
     }
-    if runtime.engine is not None:
-        body["model"] = {"name": runtime.engine.identity.name, "sha256": runtime.engine.identity.sha256}
-    elif runtime.engine_error:
-        body["model_error"] = runtime.engine_error
+    if model.engine is not None:
+        body["model"] = {"name": model.engine.identity.name, "sha256": model.engine.identity.sha256}
+    elif model.error:
+        body["model_error"] = model.error
     return JSONResponse(body, status_code=200 if ready else 503)

@@ -11,6 +11,9 @@ POST /review/reject         entered-in-error; the optional reason is kept for mo
 POST /review/regenerate     a fresh draft that supersedes this one
 ```
 
+The four actions are one route (`review_action`) and one table (`STEPS`): the same form checks,
+CSRF check and failure handling for each, and an entry per action saying what it runs.
+
 Every POST carries the session's CSRF token and a same-origin Origin (when the browser sends
 one); every action is audited by `service.review`; a session only ever touches its own patient.
 When a draft of exactly the same inputs, prompt and model is already in the chart, the stream
@@ -23,28 +26,30 @@ is checked except in the marked "not checked yet" box, or act for another patien
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator, Iterable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from contextlib import aclosing
+from dataclasses import dataclass
 from typing import Annotated, Any
 
 import structlog
 from fastapi import APIRouter, Form, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
+from fastapi.templating import Jinja2Templates
+from sqlalchemy.orm import Session, sessionmaker
 from sse_starlette import EventSourceResponse
-from starlette.concurrency import run_in_threadpool
 
+from fhir_adapters.auth.oauth import SmartError
 from fhir_adapters.client import FhirClient
 from fhir_adapters.errors import FhirAuthError, FhirError
 from fhir_adapters.fetch import EncounterNotOfPatient
-from fhir_adapters.smart import SmartError
 from fhir_adapters.write.review import ReviewConflict, ReviewError, ReviewForbidden, ReviewNotFound
 from fhir_adapters.write.send import read_draft
 from service import review as actions
-from service.api.deps import Runtime, RuntimeDep
+from service.api.deps import CsrfSecretDep, DatabaseDep, SettingsDep, TemplatesDep
 from service.api.errors import ApiError, BadRequest, Conflict, Forbidden, NotFound, Unauthenticated
 from service.api.routes.launch import BadGateway
 from service.api.security import csrf_ok, same_origin_request
-from service.api.sessions import ReviewSession, ReviewSessionDep, session_services
+from service.api.sessions import ReviewSession, ReviewSessionDep, SessionServicesDep
 from service.api.views import (
     DraftView,
     SourceView,
@@ -56,6 +61,7 @@ from service.api.views import (
     stored_source_views,
 )
 from service.db import audit
+from service.db.store import in_thread
 from service.governance.recall_rules import recall_notice
 from service.llm.base import EngineError
 from service.pipeline import Services, prepare_summary
@@ -115,8 +121,15 @@ def as_api_error(exc: Exception) -> ApiError:
 # -- rendering ------------------------------------------------------------------------------------
 
 
-def _render(runtime: Runtime, request: Request, name: str, **context: Any) -> str:
-    return runtime.templates.get_template(name).render(request=request, **context)
+@dataclass(frozen=True)
+class _Page:
+    """The templates, bound to the request they answer (fragments are rendered for one page)."""
+
+    templates: Jinja2Templates
+    request: Request
+
+    def render(self, name: str, **context: Any) -> str:
+        return self.templates.get_template(name).render(request=self.request, **context)
 
 
 def _sse(event: str, **data: Any) -> dict[str, str]:
@@ -135,14 +148,35 @@ async def _banner(session: ReviewSession, client: FhirClient) -> Any:
     return banner_view(await client.read("Patient", session.patient_id))
 
 
-def _draft_fragments(
-    runtime: Runtime, request: Request, session: ReviewSession, draft: DraftView
-) -> dict[str, str]:
+def _draft_fragments(page: _Page, session: ReviewSession, draft: DraftView) -> dict[str, str]:
     return {
         "id": draft.id,
-        "html": _render(runtime, request, "_draft.html", draft=draft),
-        "actions": _render(runtime, request, "_actions.html", draft=draft, csrf=session.csrf),
+        "html": page.render("_draft.html", draft=draft),
+        "actions": page.render("_actions.html", draft=draft, csrf=session.csrf),
     }
+
+
+async def _audit(
+    db: sessionmaker[Session],
+    request: Request,
+    session: ReviewSession,
+    action: str,
+    outcome: audit.Outcome,
+    resource: str | None,
+    detail: str,
+) -> None:
+    """One audit row for what the session did or was refused, in a worker thread."""
+    await in_thread(
+        audit.record,
+        db,
+        actor=session.actor,
+        action=action,
+        outcome=outcome,
+        patient_id=session.patient_id,
+        resource=resource,
+        detail=detail,
+        request_id=request.state.request_id,
+    )
 
 
 # -- the page -------------------------------------------------------------------------------------
@@ -151,14 +185,16 @@ def _draft_fragments(
 @router.get("/review", response_class=HTMLResponse, name="review_page")
 async def review_page(
     request: Request,
-    runtime: RuntimeDep,
     session: ReviewSessionDep,
+    services: SessionServicesDep,
+    templates: TemplatesDep,
+    db: DatabaseDep,
     doc: str | None = None,
     notice: str | None = None,
     error: str | None = None,
 ) -> Response:
     try:
-        svc = await session_services(runtime, session)
+        svc = await services.open(session)
         banner = await _banner(session, svc.client)
         context: dict[str, Any] = {
             "banner": banner,
@@ -179,30 +215,43 @@ async def review_page(
             context["stream_url"] = f"{request.url_for('review_stream').path}?csrf_token={session.csrf}"
             context["status_text"] = "Reading the record..."
         else:
-            context.update(await _stored_draft_context(runtime, request, session, svc, doc))
+            context.update(await _stored_draft_context(db, request, session, svc, doc))
     except Exception as exc:
         raise as_api_error(exc) from exc
-    return runtime.templates.TemplateResponse(request, "review.html", context)
+    return templates.TemplateResponse(request, "review.html", context)
+
+
+def _view_refusal(exc: Exception) -> tuple[audit.Outcome, str] | None:
+    """A refused read in a one-patient session is an attempt to see what it may not; other failures
+    are not the viewer's doing and leave no row."""
+    if isinstance(exc, ReviewForbidden):
+        return "denied", "another patient"
+    if isinstance(exc, FhirAuthError):
+        return "denied", "refused by the EHR"
+    return None
 
 
 async def _stored_draft_context(
-    runtime: Runtime, request: Request, session: ReviewSession, svc: Services, doc_id: str
+    db: sessionmaker[Session], request: Request, session: ReviewSession, svc: Services, doc_id: str
 ) -> dict[str, Any]:
-    try:
+    async with audit.audited(
+        db,
+        actor=session.actor,
+        action="view",
+        failure=_view_refusal,
+        patient_id=session.patient_id,
+        resource=f"DocumentReference/{doc_id}",
+        request_id=request.state.request_id,
+    ) as entry:
         doc, _key = await read_draft(
             svc.client,
             doc_id,
-            identifier_system=runtime.settings.writer.identifier_system,
+            identifier_system=svc.settings.writer.identifier_system,
             patient_id=session.patient_id,
         )
-    except (ReviewForbidden, FhirAuthError) as exc:
-        # The EHR refusing a read in a one-patient session is the same attempt, caught one step later.
-        why = "another patient" if isinstance(exc, ReviewForbidden) else "refused by the EHR"
-        await _audit(runtime, request, session, "view", "denied", f"DocumentReference/{doc_id}", why)
-        raise
-    draft = draft_view(doc)
-    prep = await prepare_summary(svc, session.patient_id, encounter_id=session.encounter_id)
-    await _audit(runtime, request, session, "view", "ok", draft.reference, f"version {draft.version}")
+        draft = draft_view(doc)
+        prep = await prepare_summary(svc, session.patient_id, encounter_id=session.encounter_id)
+        entry.detail = f"version {draft.version}"
     return {
         "draft": draft,
         "recall": recall_notice(doc),
@@ -211,28 +260,6 @@ async def _stored_draft_context(
         "sources": stored_source_views(draft.sources, prep.ctx),
         "status_text": "",
     }
-
-
-async def _audit(
-    runtime: Runtime,
-    request: Request,
-    session: ReviewSession,
-    action: str,
-    outcome: audit.Outcome,
-    resource: str | None,
-    detail: str,
-) -> None:
-    await run_in_threadpool(
-        audit.record,
-        runtime.db,
-        actor=session.actor,
-        action=action,
-        outcome=outcome,
-        patient_id=session.patient_id,
-        resource=resource,
-        detail=detail,
-        request_id=request.state.request_id,
-    )
 
 
 # -- the stream -----------------------------------------------------------------------------------
@@ -249,23 +276,29 @@ async def _find_by_key(client: FhirClient, system: str, key: str) -> dict[str, A
 
 @router.get("/review/stream", name="review_stream")
 async def review_stream(
-    request: Request, runtime: RuntimeDep, session: ReviewSessionDep, csrf_token: str | None = None
+    request: Request,
+    session: ReviewSessionDep,
+    services: SessionServicesDep,
+    templates: TemplatesDep,
+    db: DatabaseDep,
+    csrf_secret: CsrfSecretDep,
+    csrf_token: str | None = None,
 ) -> Response:
-    if not csrf_ok(runtime.csrf_secret, session.data.id, csrf_token):
-        await _audit(runtime, request, session, "summarize", "denied", None, "CSRF check failed")
+    if not csrf_ok(csrf_secret, session.data.id, csrf_token):
+        await _audit(db, request, session, "summarize", "denied", None, "CSRF check failed")
         raise Forbidden("this summary was not requested from chartbrief's own page; reload the page")
     try:
-        svc = await session_services(runtime, session)
+        svc = await services.open(session)
     except Exception as exc:
         raise as_api_error(exc) from exc
-    return EventSourceResponse(_review_events(runtime, request, session, svc), ping=15)
+    return EventSourceResponse(_review_events(_Page(templates, request), db, session, svc), ping=15)
 
 
 async def _review_events(
-    runtime: Runtime, request: Request, session: ReviewSession, svc: Services
+    page: _Page, db: sessionmaker[Session], session: ReviewSession, svc: Services
 ) -> AsyncIterator[dict[str, str]]:
     sent: set[str] = set()
-    system = runtime.settings.writer.identifier_system
+    system = svc.settings.writer.identifier_system
     try:
         async with aclosing(
             stream_summary(svc, session.patient_id, encounter_id=session.encounter_id)
@@ -276,21 +309,19 @@ async def _review_events(
                     structured_sources = source_views(prep.ctx, prep.structured.cited_keys())
                     yield _sse(
                         "structured",
-                        html=_render(runtime, request, "_structured.html", structured=prep.structured),
-                        sources=_render(
-                            runtime, request, "_sources.html", sources=_new_sources(structured_sources, sent)
-                        ),
+                        html=page.render("_structured.html", structured=prep.structured),
+                        sources=page.render("_sources.html", sources=_new_sources(structured_sources, sent)),
                     )
                     existing = await _find_by_key(svc.client, system, prep.idempotency_key)
                     if existing is not None:
-                        for item in _existing_events(runtime, request, session, existing, prep.ctx, sent):
+                        for item in _existing_events(page, session, existing, prep.ctx, sent):
                             yield item
                         return
                     yield _sse("status", text="The model is writing the narrative...")
                 elif isinstance(event, Token):
                     yield _sse("token", text=event.text)
                 elif isinstance(event, Finished):
-                    for item in await _finished_events(runtime, request, session, svc, event, sent):
+                    for item in await _finished_events(page, db, session, svc, event, sent):
                         yield item
     except Exception as exc:
         try:
@@ -304,12 +335,7 @@ async def _review_events(
 
 
 def _existing_events(
-    runtime: Runtime,
-    request: Request,
-    session: ReviewSession,
-    doc: Mapping[str, Any],
-    ctx: Any,
-    sent: set[str],
+    page: _Page, session: ReviewSession, doc: Mapping[str, Any], ctx: Any, sent: set[str]
 ) -> list[dict[str, str]]:
     draft = draft_view(doc)
     events = []
@@ -317,16 +343,13 @@ def _existing_events(
         events.append(
             _sse(
                 "narrative",
-                html=_render(runtime, request, "_narrative.html", narrative=draft.narrative),
-                sources=_render(
-                    runtime,
-                    request,
-                    "_sources.html",
-                    sources=_new_sources(stored_source_views(draft.sources, ctx), sent),
+                html=page.render("_narrative.html", narrative=draft.narrative),
+                sources=page.render(
+                    "_sources.html", sources=_new_sources(stored_source_views(draft.sources, ctx), sent)
                 ),
             )
         )
-    events.append(_sse("draft", **_draft_fragments(runtime, request, session, draft)))
+    events.append(_sse("draft", **_draft_fragments(page, session, draft)))
     events.append(
         _sse("done", text="The chart already holds the summary of this record: showing the saved draft.")
     )
@@ -334,8 +357,8 @@ def _existing_events(
 
 
 async def _finished_events(
-    runtime: Runtime,
-    request: Request,
+    page: _Page,
+    db: sessionmaker[Session],
     session: ReviewSession,
     svc: Services,
     event: Finished,
@@ -347,12 +370,9 @@ async def _finished_events(
     events = [
         _sse(
             "narrative",
-            html=_render(runtime, request, "_narrative.html", narrative=narrative),
-            sources=_render(
-                runtime,
-                request,
-                "_sources.html",
-                sources=_new_sources(source_views(event.prep.ctx, keys), sent),
+            html=page.render("_narrative.html", narrative=narrative),
+            sources=page.render(
+                "_sources.html", sources=_new_sources(source_views(event.prep.ctx, keys), sent)
             ),
         )
     ]
@@ -361,9 +381,9 @@ async def _finished_events(
         return events
     doc_id = result.write.document_reference.split("/", 1)[1]
     detail = "new draft" if result.write.created else "draft already in the chart"
-    await _audit(runtime, request, session, "summarize", "ok", result.write.document_reference, detail)
+    await _audit(db, page.request, session, "summarize", "ok", result.write.document_reference, detail)
     draft = draft_view(await svc.client.read("DocumentReference", doc_id))
-    events.append(_sse("draft", **_draft_fragments(runtime, request, session, draft)))
+    events.append(_sse("draft", **_draft_fragments(page, session, draft)))
     kept, dropped = len(result.kept), len(result.dropped)
     events.append(
         _sse(
@@ -378,17 +398,80 @@ async def _finished_events(
 # -- the actions ----------------------------------------------------------------------------------
 
 
-async def _check_post(
-    runtime: Runtime, request: Request, session: ReviewSession, action: str, token: str, doc_id: str
-) -> None:
-    origin_ok = same_origin_request(request.headers.get("origin"), runtime.settings.smart.public_base_url)
-    if not origin_ok or not csrf_ok(runtime.csrf_secret, session.data.id, token):
-        await _audit(
-            runtime, request, session, action, "denied", f"DocumentReference/{doc_id}", "CSRF check failed"
+@dataclass(frozen=True)
+class ActionForm:
+    """What an action's form sent, once its document id is checked."""
+
+    doc_id: str
+    version: str | None
+    markdown: str | None  # edit
+    reason: str | None  # reject
+
+
+@dataclass(frozen=True)
+class ActionCall:
+    """One action as the route runs it: the session, its `Services`, the form, the audit database."""
+
+    svc: Services
+    session: ReviewSession
+    form: ActionForm
+    db: sessionmaker[Session]
+    request_id: str
+
+
+@dataclass(frozen=True)
+class Step:
+    """A review action's entry: what it runs (returning where the clinician goes next) and the form
+    fields it cannot do without."""
+
+    run: Callable[[ActionCall], Awaitable[RedirectResponse]]
+    required: tuple[str, ...] = ()
+
+
+def _reviewed(action: actions.ReviewAction, notice: str) -> Step:
+    """The route's entry for one of `service.review.ACTIONS`: run it, then show the same draft."""
+
+    async def run(call: ActionCall) -> RedirectResponse:
+        form = call.form
+        await action(
+            call.svc,
+            form.doc_id,
+            patient_id=call.session.patient_id,
+            actor=call.session.actor,
+            db=call.db,
+            version=form.version or None,
+            markdown=form.markdown.replace("\r\n", "\n") if form.markdown is not None else None,
+            reason=form.reason or None,
+            request_id=call.request_id,
         )
-        raise Forbidden("this form was not sent from chartbrief's own page; reload the page and try again")
-    if session.fhir_user is None:
-        raise Forbidden(ERRORS["no-user"])
+        return _back(form.doc_id, notice=notice)
+
+    return Step(run, required=("markdown",) if action.measures_edit else ())
+
+
+async def _regenerate(call: ActionCall) -> RedirectResponse:
+    """A fresh draft; the clinician goes to it, or stays when the record gave nothing new."""
+    result = await actions.regenerate(
+        call.svc,
+        call.session.patient_id,
+        encounter_id=call.session.encounter_id,
+        previous_doc=call.form.doc_id,
+        actor=call.session.actor,
+        request_id=call.request_id,
+        db=call.db,
+    )
+    write = result.write
+    if write is None or not write.created:
+        return _back(call.form.doc_id, notice="unchanged")
+    return _back(write.document_reference.split("/", 1)[1], notice="regenerated")
+
+
+STEPS: dict[actions.Action, Step] = {
+    "approve": _reviewed(actions.approve, "approved"),
+    "edit": _reviewed(actions.edit, "edited"),
+    "reject": _reviewed(actions.reject, "rejected"),
+    "regenerate": Step(_regenerate),
+}
 
 
 def _back(doc_id: str, *, notice: str | None = None, error: str | None = None) -> RedirectResponse:
@@ -407,133 +490,44 @@ def _clean_id(value: str) -> str:
     return doc_id
 
 
-async def _act(runtime: Runtime, session: ReviewSession, doc_id: str, run: Any, notice: str) -> Response:
+@router.post("/review/{action}", name="review_action")
+async def review_action(
+    action: actions.Action,
+    request: Request,
+    session: ReviewSessionDep,
+    services: SessionServicesDep,
+    settings: SettingsDep,
+    csrf_secret: CsrfSecretDep,
+    db: DatabaseDep,
+    document_reference: FormField,
+    csrf_token: FormField,
+    version: OptionalFormField = None,
+    markdown: OptionalFormField = None,
+    reason: OptionalFormField = None,
+) -> Response:
+    step = STEPS[action]
+    sent = {"markdown": markdown}
+    missing = [name for name in step.required if sent.get(name) is None]
+    if missing:
+        raise BadRequest("; ".join(f"{name}: Field required" for name in missing))
+    doc_id = _clean_id(document_reference)
+    origin_ok = same_origin_request(request.headers.get("origin"), settings.smart.public_base_url)
+    if not origin_ok or not csrf_ok(csrf_secret, session.data.id, csrf_token):
+        await _audit(
+            db, request, session, action, "denied", f"DocumentReference/{doc_id}", "CSRF check failed"
+        )
+        raise Forbidden("this form was not sent from chartbrief's own page; reload the page and try again")
+    if session.fhir_user is None:
+        raise Forbidden(ERRORS["no-user"])
+    form = ActionForm(doc_id=doc_id, version=version, markdown=markdown, reason=reason)
     try:
-        svc = await session_services(runtime, session)
-        await run(svc)
+        svc = await services.open(session)
+        return await step.run(ActionCall(svc, session, form, db, request.state.request_id))
     except ReviewConflict:
         return _back(doc_id, error="conflict")
-    except ReviewForbidden as exc:
-        raise as_api_error(exc) from exc
-    except ReviewNotFound as exc:
+    except (ReviewForbidden, ReviewNotFound) as exc:
         raise as_api_error(exc) from exc
     except ReviewError:
         return _back(doc_id, error="refused")
     except Exception as exc:
         raise as_api_error(exc) from exc
-    return _back(doc_id, notice=notice)
-
-
-@router.post("/review/approve", name="review_approve")
-async def review_approve(
-    request: Request,
-    runtime: RuntimeDep,
-    session: ReviewSessionDep,
-    document_reference: FormField,
-    csrf_token: FormField,
-    version: OptionalFormField = None,
-) -> Response:
-    doc_id = _clean_id(document_reference)
-    await _check_post(runtime, request, session, "approve", csrf_token, doc_id)
-
-    async def run(svc: Services) -> None:
-        await actions.approve(
-            svc,
-            doc_id,
-            patient_id=session.patient_id,
-            actor=session.actor,
-            version=version or None,
-            request_id=request.state.request_id,
-            db=runtime.db,
-        )
-
-    return await _act(runtime, session, doc_id, run, "approved")
-
-
-@router.post("/review/edit", name="review_edit")
-async def review_edit(
-    request: Request,
-    runtime: RuntimeDep,
-    session: ReviewSessionDep,
-    document_reference: FormField,
-    csrf_token: FormField,
-    markdown: FormField,
-    version: OptionalFormField = None,
-) -> Response:
-    doc_id = _clean_id(document_reference)
-    await _check_post(runtime, request, session, "edit", csrf_token, doc_id)
-
-    async def run(svc: Services) -> None:
-        await actions.edit(
-            svc,
-            doc_id,
-            patient_id=session.patient_id,
-            actor=session.actor,
-            markdown=markdown.replace("\r\n", "\n"),
-            version=version or None,
-            request_id=request.state.request_id,
-            db=runtime.db,
-        )
-
-    return await _act(runtime, session, doc_id, run, "edited")
-
-
-@router.post("/review/reject", name="review_reject")
-async def review_reject(
-    request: Request,
-    runtime: RuntimeDep,
-    session: ReviewSessionDep,
-    document_reference: FormField,
-    csrf_token: FormField,
-    version: OptionalFormField = None,
-    reason: OptionalFormField = None,
-) -> Response:
-    doc_id = _clean_id(document_reference)
-    await _check_post(runtime, request, session, "reject", csrf_token, doc_id)
-
-    async def run(svc: Services) -> None:
-        await actions.reject(
-            svc,
-            doc_id,
-            patient_id=session.patient_id,
-            actor=session.actor,
-            reason=reason or None,
-            version=version or None,
-            request_id=request.state.request_id,
-            db=runtime.db,
-        )
-
-    return await _act(runtime, session, doc_id, run, "rejected")
-
-
-@router.post("/review/regenerate", name="review_regenerate")
-async def review_regenerate(
-    request: Request,
-    runtime: RuntimeDep,
-    session: ReviewSessionDep,
-    document_reference: FormField,
-    csrf_token: FormField,
-) -> Response:
-    doc_id = _clean_id(document_reference)
-    await _check_post(runtime, request, session, "regenerate", csrf_token, doc_id)
-    try:
-        svc = await session_services(runtime, session)
-        result = await actions.regenerate(
-            svc,
-            session.patient_id,
-            encounter_id=session.encounter_id,
-            previous_doc=doc_id,
-            actor=session.actor,
-            request_id=request.state.request_id,
-            db=runtime.db,
-        )
-    except ReviewError as exc:
-        if isinstance(exc, (ReviewForbidden, ReviewNotFound)):
-            raise as_api_error(exc) from exc
-        return _back(doc_id, error="refused")
-    except Exception as exc:
-        raise as_api_error(exc) from exc
-    write = result.write
-    if write is None or not write.created:
-        return _back(doc_id, notice="unchanged")
-    return _back(write.document_reference.split("/", 1)[1], notice="regenerated")
