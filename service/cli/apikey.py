@@ -12,17 +12,9 @@ from contextlib import contextmanager
 import click
 from sqlalchemy.orm import Session, sessionmaker
 
-from service.cli.common import EXIT_BAD_INPUT, build_settings, fail
+from service.cli.common import EXIT_BAD_INPUT, build_settings, db_url_option, fail
 from service.db import apikeys
 from service.db.store import SqlSummaryStore
-
-db_url_option = click.option(
-    "--db-url",
-    envvar="CHARTBRIEF_DB__URL",
-    show_envvar=True,
-    default=None,
-    help="Database holding the keys (the service's database).",
-)
 
 
 @contextmanager

@@ -24,6 +24,7 @@ from service.logging import configure_logging
 from service.prompts import PromptError
 
 T = TypeVar("T")
+F = TypeVar("F", bound=Callable[..., Any])
 
 EXIT_BAD_INPUT = 2
 EXIT_SERVER = 3
@@ -86,10 +87,37 @@ def run(coro_fn: Callable[..., Coroutine[Any, Any, T]]) -> Callable[..., T]:
     return wrapper
 
 
-fhir_base_option = click.option(
+def setting_option(flag: str, setting: str, *, help: str, required: bool = False) -> Callable[[F], F]:
+    """A command-line option that overrides one setting, with the setting's environment variable as
+    its twin (`db__url` -> `CHARTBRIEF_DB__URL`); the value goes to `build_settings(setting=value)`."""
+    return click.option(
+        flag,
+        envvar=f"CHARTBRIEF_{setting.upper()}",
+        show_envvar=True,
+        required=required,
+        default=None,
+        help=help,
+    )
+
+
+# The options several commands share, declared once here.
+fhir_base_option = setting_option(
     "--fhir-base",
-    envvar="CHARTBRIEF_FHIR__BASE_URL",
-    show_envvar=True,
+    "fhir__base_url",
     required=True,
     help="FHIR R4 base URL (the EHR, HAPI's sandbox, or a local server).",
 )
+optional_fhir_base_option = setting_option(
+    "--fhir-base", "fhir__base_url", help="FHIR R4 base URL (optional here: see the command's help)."
+)
+db_url_option = setting_option(
+    "--db-url", "db__url", help="chartbrief's database (SQLAlchemy URL): summaries, runs, audit, keys."
+)
+model_path_option = setting_option(
+    "--model-path", "llm__model_path", help="GGUF model file (default: the bundled SmolLM2-135M-Instruct)."
+)
+
+
+def json_option(what: str = "the result") -> Callable[[F], F]:
+    """`--json` (as `as_json`): print `what` as one JSON object instead of text."""
+    return click.option("--json", "as_json", is_flag=True, help=f"Print {what} as one JSON object.")

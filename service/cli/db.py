@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 from sqlalchemy import create_engine
 
-from service.cli.common import build_settings
+from service.cli.common import build_settings, db_url_option
 from service.db.migrate import current_revision, head_revision, upgrade
 
 
@@ -14,13 +14,8 @@ def db() -> None:
     """Database schema (SQLite by default, PostgreSQL for many workers)."""
 
 
-_db_url = click.option(
-    "--db-url", envvar="CHARTBRIEF_DB__URL", show_envvar=True, default=None, help="SQLAlchemy URL."
-)
-
-
 @db.command("upgrade")
-@_db_url
+@db_url_option
 @click.option("--revision", default="head", show_default=True)
 def upgrade_cmd(db_url: str | None, revision: str) -> None:
     """Apply the migrations up to REVISION."""
@@ -35,7 +30,7 @@ def upgrade_cmd(db_url: str | None, revision: str) -> None:
 
 
 @db.command("current")
-@_db_url
+@db_url_option
 def current_cmd(db_url: str | None) -> None:
     """Show the database's revision and the newest one."""
     settings = build_settings(db__url=db_url)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from service.cli.common import EXIT_BAD_INPUT, fail
+from service.cli.common import EXIT_BAD_INPUT, fail, json_option
 from service.eval.claims import CorpusError, evaluate, render_text, write_report
 
 
@@ -25,7 +25,7 @@ from service.eval.claims import CorpusError, evaluate, render_text, write_report
     type=click.Path(path_type=Path),
     help="Labelled claims, one JSON object a line (bundle, patient, text, cites, label, kind).",
 )
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of the text report.")
+@json_option("the report")
 @click.option("--out", type=click.Path(path_type=Path), default=None, help="Also write claims.json here.")
 def claims(bundles: Path, corpus: Path, as_json: bool, out: Path | None) -> None:
     """Score the claim verifier: supported kept, unsupported-or-contradicted kept, per kind, and

@@ -22,10 +22,19 @@ from fhir_adapters.auth import StaticToken
 from fhir_adapters.bundle_source import BundleError, BundleFolder
 from fhir_adapters.client import FhirClient
 from fhir_adapters.models import ModelIdentity
-from service.cli.common import EXIT_BAD_INPUT, build_settings, fail, run
+from service.cli.common import (
+    EXIT_BAD_INPUT,
+    build_settings,
+    fail,
+    json_option,
+    model_path_option,
+    optional_fhir_base_option,
+    run,
+)
 from service.config import LlmSettings, Settings
 from service.eval import run as evalrun
 from service.eval.report import build_report, machine, write_report
+from service.fhir import fhir_client
 from service.llm import create_engine
 from service.llm.base import Engine, Generation, GenerationRequest
 from service.logging import configure_logging
@@ -85,13 +94,7 @@ def compare_overrides(items: Sequence[str], base_prompt: str) -> dict[str, Any]:
     default=None,
     help="Folder of FHIR Bundles (.json, .json.gz; searched recursively), one record source.",
 )
-@click.option(
-    "--fhir-base",
-    envvar="CHARTBRIEF_FHIR__BASE_URL",
-    show_envvar=True,
-    default=None,
-    help="FHIR R4 base URL to read patients from (instead of --bundles).",
-)
+@optional_fhir_base_option
 @click.option(
     "--patients",
     "patients_file",
@@ -100,13 +103,7 @@ def compare_overrides(items: Sequence[str], base_prompt: str) -> dict[str, Any]:
     help="File of patient ids, one a line (# comments); default: every patient of the source.",
 )
 @click.option("--out", required=True, type=click.Path(path_type=Path, dir_okay=True), help="Report folder.")
-@click.option(
-    "--model-path",
-    envvar="CHARTBRIEF_LLM__MODEL_PATH",
-    show_envvar=True,
-    default=None,
-    help="GGUF model file (default: the bundled SmolLM2-135M-Instruct).",
-)
+@model_path_option
 @click.option("--prompt-version", default=None, help="Prompt version of the summary task, e.g. v1.")
 @click.option(
     "--compare",
@@ -115,7 +112,7 @@ def compare_overrides(items: Sequence[str], base_prompt: str) -> dict[str, Any]:
     help="Run the same patients again with this setting changed (model_path, prompt_version, seed, "
     "temperature, n_ctx, ...); repeat for several.",
 )
-@click.option("--json", "as_json", is_flag=True, help="Print the overall figures as one JSON object.")
+@json_option("the overall figures")
 @click.pass_context
 @run
 async def run_eval(
@@ -129,7 +126,7 @@ async def run_eval(
     compare: tuple[str, ...],
     as_json: bool,
 ) -> None:
-    """Summarize patients (from bundle files or a FHIR server) and write report.json + report.html."""
+    """Summarize patients from --bundles files or a --fhir-base server; write report.json + report.html."""
     if (
         bundles is not None
         and ctx.get_parameter_source("fhir_base") == click.core.ParameterSource.ENVIRONMENT
@@ -199,7 +196,7 @@ async def _open_source(
             yield evalrun.BundleRecords(folder, tuple(ids)), placeholder
         return
     auth = StaticToken(settings.fhir.bearer_token) if settings.fhir.bearer_token else None
-    async with FhirClient.from_settings(settings.fhir, auth=auth) as client:
+    async with fhir_client(settings.fhir, auth=auth) as client:
         if wanted is None:
             ids = await _all_patients(client)
         else:

@@ -16,7 +16,7 @@ from rich.console import Console
 from rich.table import Table
 from sqlalchemy.exc import SQLAlchemyError
 
-from service.cli.common import EXIT_BAD_INPUT, EXIT_SERVER, build_settings, fail
+from service.cli.common import EXIT_BAD_INPUT, EXIT_SERVER, build_settings, db_url_option, fail, json_option
 from service.db import audit
 from service.db.store import SqlSummaryStore
 from service.governance.monitor import TABLE_COLUMNS, monitor_report, table_rows
@@ -80,10 +80,8 @@ def render(report: dict[str, Any]) -> str:
 
 @click.command()
 @click.option("--since", "since_text", default=None, help="Only drafts created on or after DATE (ISO).")
-@click.option("--json", "as_json", is_flag=True, help="Print the report as one JSON object.")
-@click.option(
-    "--db-url", envvar="CHARTBRIEF_DB__URL", show_envvar=True, default=None, help="chartbrief's database."
-)
+@json_option("the report")
+@db_url_option
 def monitor(since_text: str | None, as_json: bool, db_url: str | None) -> None:
     """Approval, edit and rejection rates, edit size, rejection reasons and time to review."""
     try:

@@ -13,9 +13,18 @@ from datetime import UTC, datetime
 import click
 from sqlalchemy.exc import SQLAlchemyError
 
-from fhir_adapters.client import FhirClient
-from service.cli.common import EXIT_BAD_INPUT, EXIT_SERVER, build_settings, fail, run
+from service.cli.common import (
+    EXIT_BAD_INPUT,
+    EXIT_SERVER,
+    build_settings,
+    db_url_option,
+    fail,
+    json_option,
+    optional_fhir_base_option,
+    run,
+)
 from service.db.store import SqlSummaryStore
+from service.fhir import fhir_client
 from service.governance.recall import RecallReport, run_recall
 from service.governance.recall_rules import Criterion, RecallError, parse_criterion
 
@@ -51,17 +60,9 @@ def render(report: RecallReport) -> str:
 @click.option("--prompt-version", default=None, help="A prompt version: v1, or id/version (summary/v1).")
 @click.option("--mark", is_flag=True, help="Put the unreviewed summaries under recall (needs --reason).")
 @click.option("--reason", default=None, help="Why, shown to the reviewing clinician (no patient details).")
-@click.option("--json", "as_json", is_flag=True, help="Print the report as one JSON object.")
-@click.option(
-    "--fhir-base",
-    envvar="CHARTBRIEF_FHIR__BASE_URL",
-    show_envvar=True,
-    default=None,
-    help="FHIR R4 base URL; without it only the database is searched.",
-)
-@click.option(
-    "--db-url", envvar="CHARTBRIEF_DB__URL", show_envvar=True, default=None, help="chartbrief's database."
-)
+@json_option("the report")
+@optional_fhir_base_option
+@db_url_option
 @run
 async def recall(
     model_sha: str | None,
@@ -72,7 +73,9 @@ async def recall(
     fhir_base: str | None,
     db_url: str | None,
 ) -> None:
-    """Every summary of a model file or prompt version; --mark sets unreviewed ones under recall."""
+    """Every summary of a model file or prompt version; --mark sets unreviewed ones under recall.
+
+    Without --fhir-base only the database is searched."""
     try:
         criterion: Criterion = parse_criterion(model_sha, prompt_version)
         if mark and not (reason or "").strip():
@@ -89,7 +92,7 @@ async def recall(
     except SQLAlchemyError as exc:
         fail(f"the database (CHARTBRIEF_DB__URL) failed: {type(exc).__name__}", EXIT_SERVER)
     try:
-        client = FhirClient.from_settings(settings.fhir) if fhir_base else None
+        client = fhir_client(settings.fhir) if fhir_base else None
         try:
             report = await run_recall(
                 criterion,

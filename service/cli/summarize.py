@@ -6,7 +6,14 @@ import json
 
 import click
 
-from service.cli.common import build_settings, fhir_base_option, run
+from service.cli.common import (
+    build_settings,
+    db_url_option,
+    fhir_base_option,
+    json_option,
+    model_path_option,
+    run,
+)
 from service.pipeline import SummaryResult, summarize_patient
 from service.runtime import open_services
 
@@ -16,21 +23,9 @@ from service.runtime import open_services
 @click.option("--patient", required=True, help="Patient id on that server.")
 @click.option("--encounter", default=None, help="Focus the summary on this Encounter id.")
 @click.option("--dry-run", is_flag=True, help="Summarize and print, but write nothing to the server.")
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of text.")
-@click.option(
-    "--db-url",
-    envvar="CHARTBRIEF_DB__URL",
-    show_envvar=True,
-    default=None,
-    help="Where summaries are recorded.",
-)
-@click.option(
-    "--model-path",
-    envvar="CHARTBRIEF_LLM__MODEL_PATH",
-    show_envvar=True,
-    default=None,
-    help="GGUF model file.",
-)
+@json_option("the summary")
+@db_url_option
+@model_path_option
 @click.pass_context
 @run
 async def summarize(
