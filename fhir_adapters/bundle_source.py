@@ -31,9 +31,9 @@ from typing import Any
 
 import structlog
 
+from fhir_adapters.auth.scopes import SEARCHED_TYPES
 from fhir_adapters.errors import FhirBadRequest, FhirNotFound
 from fhir_adapters.fetch import fetch_record, refers_to_patient
-from fhir_adapters.scopes import SEARCHED_TYPES
 from fhir_adapters.models import PatientRecord
 from fhir_adapters.text import decode_base64
 

@@ -30,9 +30,9 @@ import structlog
 from fhir.resources.R4B import get_fhir_model_class
 from pydantic import ValidationError
 
+from fhir_adapters.auth.scopes import SEARCHED_TYPES
 from fhir_adapters.errors import FhirBadRequest, FhirPermanentError
 from fhir_adapters.models import Note, PatientRecord, Skipped, SourceRef
-from fhir_adapters.scopes import SEARCHED_TYPES
 from fhir_adapters.text import UnsupportedContent, decode_base64, decode_text, ensure_supported, text_sha256
 
 log = structlog.get_logger(__name__)
@@ -100,7 +100,9 @@ async def fetch_record(
             continue
         if isinstance(result, BaseException):
             raise result
-        kept, rejected = accept_resources(rtype, result, patient_id)
+        # gather() types every result alike; the searches' results are lists.
+        found = result if isinstance(result, list) else []
+        kept, rejected = accept_resources(rtype, found, patient_id)
         resources[rtype] = kept
         skipped.extend(rejected)
 

@@ -14,7 +14,7 @@ from urllib.parse import urlsplit
 from pydantic import BaseModel, Field, HttpUrl, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from fhir_adapters.scopes import CHANGE_TYPES
+from fhir_adapters.auth.scopes import CHANGE_TYPES
 
 _LOOPBACK = frozenset({"localhost", "127.0.0.1", "::1"})
 # The development default of `smart.session_secret`; production refuses to start with it.

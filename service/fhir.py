@@ -11,8 +11,42 @@ configured static bearer token to any server but the configured one.
 
 from __future__ import annotations
 
+import httpx
+
+from fhir_adapters.auth import StaticToken, TokenProvider
+from fhir_adapters.client import FhirClient
 from fhir_adapters.write.draft import WriteOptions
-from service.config import WriterSettings
+from service.config import FhirSettings, WriterSettings
+
+
+def fhir_client(
+    settings: FhirSettings,
+    *,
+    base_url: str | None = None,
+    http: httpx.AsyncClient | None = None,
+    auth: TokenProvider | None = None,
+) -> FhirClient:
+    """A client for `base_url` (default: the configured server) with the configured timeouts,
+    paging and retries.
+
+    Without `auth`, the configured static bearer token is used, and only for the configured
+    server: it was issued for that one.
+    """
+    base = base_url or settings.base_url
+    if not base:
+        raise ValueError("no FHIR server configured: set CHARTBRIEF_FHIR__BASE_URL or pass --fhir-base")
+    if auth is None and settings.bearer_token and base_url in (None, settings.base_url):
+        auth = StaticToken(settings.bearer_token)
+    return FhirClient(
+        base,
+        http=http,
+        auth=auth,
+        timeout=settings.timeout_seconds,
+        page_size=settings.page_size,
+        max_attempts=settings.max_attempts,
+        backoff_initial=settings.backoff_initial_seconds,
+        backoff_max=settings.backoff_max_seconds,
+    )
 
 
 def write_options(settings: WriterSettings) -> WriteOptions:

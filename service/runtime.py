@@ -10,9 +10,9 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fhir_adapters.auth import StaticToken
-from fhir_adapters.client import FhirClient
 from service.config import Settings
 from service.db.store import SqlSummaryStore
+from service.fhir import fhir_client
 from service.llm import create_engine
 from service.llm.base import Engine
 from service.pipeline import Services
@@ -25,7 +25,7 @@ async def open_services(settings: Settings, *, engine: Engine | None = None) -> 
     own_engine = engine is None
     eng = engine if engine is not None else create_engine(settings.llm)
     auth = StaticToken(settings.fhir.bearer_token) if settings.fhir.bearer_token else None
-    client = FhirClient.from_settings(settings.fhir, auth=auth)
+    client = fhir_client(settings.fhir, auth=auth)
     store = SqlSummaryStore.from_url(settings.db.url)
     try:
         yield Services(settings=settings, client=client, engine=eng, store=store)

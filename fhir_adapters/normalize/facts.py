@@ -166,7 +166,8 @@ def _allergy(resource: JsonObject) -> Draft | str:
 
 def _encounter(resource: JsonObject) -> Draft | str:
     types = resource.get("type") or []
-    klass = resource.get("class") if isinstance(resource.get("class"), dict) else {}
+    klass_value = resource.get("class")
+    klass: JsonObject = klass_value if isinstance(klass_value, dict) else {}
     class_label = nonblank(klass.get("display")) or _ENCOUNTER_CLASSES.get(
         str(klass.get("code")), nonblank(klass.get("code"))
     )

@@ -31,7 +31,6 @@ from fastapi.templating import Jinja2Templates
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from fhir_adapters.client import FhirClient
 from service.api.deps import (
     STATIC_DIR,
     TEMPLATES_DIR,
@@ -47,6 +46,7 @@ from service.api.security import JwtVerifier, SecurityHeaders, frame_ancestor_or
 from service.config import Settings, web_settings_problems
 from service.db.launch import TokenCipher
 from service.db.store import SqlSummaryStore
+from service.fhir import fhir_client
 from service.llm import create_engine
 from service.llm.base import Engine, EngineError
 
@@ -85,7 +85,7 @@ def create_app(
             csrf_secret=secret.encode("utf-8"),
             verifier=_verifier(settings, shared),
             service_client=(
-                FhirClient.from_settings(settings.fhir, http=shared) if settings.fhir.base_url else None
+                fhir_client(settings.fhir, http=shared) if settings.fhir.base_url else None
             ),
             model=ModelSlot(engine=engine),
         )

@@ -26,8 +26,8 @@ from fastapi import Depends, Request
 from fastapi.templating import Jinja2Templates
 from sqlalchemy.orm import Session, sessionmaker
 
+from fhir_adapters.auth.oauth import SmartClient, SmartConfiguration, discover
 from fhir_adapters.client import FhirClient
-from fhir_adapters.smart import SmartClient, SmartConfiguration, discover
 from service.api.errors import Unavailable
 from service.api.jobs import JobRegistry
 from service.api.security import JwtVerifier

@@ -26,8 +26,9 @@ import structlog
 from fastapi import Depends, Request, Response
 from sqlalchemy.orm import Session, sessionmaker
 
+from fhir_adapters.auth.launch import RefreshingToken, TokenSet
+from fhir_adapters.auth.oauth import SmartClient
 from fhir_adapters.client import FhirClient
-from fhir_adapters.smart import RefreshingToken, SmartClient, TokenSet
 from service.api.deps import (
     CipherDep,
     CsrfSecretDep,
@@ -46,6 +47,7 @@ from service.api.security import csrf_token
 from service.config import FhirSettings
 from service.db.launch import SessionData, TokenCipher, load_session, update_tokens
 from service.db.store import in_thread
+from service.fhir import fhir_client
 from service.pipeline import Services
 
 log = structlog.get_logger(__name__)
@@ -151,16 +153,7 @@ class SessionServices:
                 log.warning("session.refresh_not_stored", patient_id=session.data.patient_id)
 
         auth = RefreshingToken(self.http, config, self.smart_client, token_set, on_refresh=store_refreshed)
-        return FhirClient(
-            session.data.iss,
-            http=self.http,
-            auth=auth,
-            timeout=self.fhir.timeout_seconds,
-            page_size=self.fhir.page_size,
-            max_attempts=self.fhir.max_attempts,
-            backoff_initial=self.fhir.backoff_initial_seconds,
-            backoff_max=self.fhir.backoff_max_seconds,
-        )
+        return fhir_client(self.fhir, base_url=session.data.iss, http=self.http, auth=auth)
 
     async def open(self, session: ReviewSession) -> Services:
         """The pipeline's `Services` on the session's EHR (503 while the model loads)."""

@@ -18,12 +18,13 @@ from pathlib import Path
 import httpx
 
 from fhir_adapters.auth import StaticToken, TokenProvider
-from fhir_adapters.backend_auth import BackendClient, BackendServicesToken
+from fhir_adapters.auth.backend import BackendClient, BackendServicesToken
+from fhir_adapters.auth.scopes import DEFAULT_SYSTEM_SCOPES
 from fhir_adapters.client import FhirClient, parse_http_date
-from fhir_adapters.scopes import DEFAULT_SYSTEM_SCOPES
 from service.batch.request import BatchError
 from service.config import Settings
 from service.db.store import SummaryStore
+from service.fhir import fhir_client
 from service.llm.base import Engine
 from service.pipeline import Services
 
@@ -87,7 +88,7 @@ async def open_fhir(settings: Settings, fhir_base: str | None = None) -> AsyncGe
     try:
         auth = token_provider(settings, http, base)
         fhir = settings.fhir.model_copy(update={"base_url": base.rstrip("/")})
-        client = FhirClient.from_settings(fhir, http=http, auth=auth)
+        client = fhir_client(fhir, http=http, auth=auth)
         yield FhirConnection(client=client, clock=clock)
     finally:
         await http.aclose()

@@ -20,7 +20,7 @@ from datetime import datetime
 import httpx
 import structlog
 
-from fhir_adapters.backend_auth import BackendAuthError
+from fhir_adapters.auth.backend import BackendAuthError
 from fhir_adapters.errors import FhirConflict, FhirError, FhirRetryableError
 from service.batch.request import BatchError
 from service.db.batch import (

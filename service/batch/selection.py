@@ -22,10 +22,11 @@ from typing import Any
 
 import structlog
 
-from fhir_adapters.bulk import ExportReport, export_resources
+from fhir_adapters.auth.scopes import SEARCHED_TYPES
+from fhir_adapters.bulk.export import export_resources
+from fhir_adapters.bulk.manifest import ExportReport
 from fhir_adapters.client import FhirClient
 from fhir_adapters.errors import FhirBadRequest
-from fhir_adapters.scopes import SEARCHED_TYPES
 from service.batch.connect import FhirConnection
 from service.batch.request import FHIR_ID, BatchError, BatchRequest
 from service.config import Settings

@@ -18,7 +18,7 @@ import click
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import SQLAlchemyError
 
-from fhir_adapters.backend_auth import BackendAuthError
+from fhir_adapters.auth.backend import BackendAuthError
 from service.batch import (
     BatchError,
     BatchReport,

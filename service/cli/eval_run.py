@@ -34,6 +34,7 @@ from service.cli.common import (
 from service.config import LlmSettings, Settings
 from service.eval import run as evalrun
 from service.eval.report import build_report, machine, write_report
+from service.fhir import fhir_client
 from service.llm import create_engine
 from service.llm.base import Engine, Generation, GenerationRequest
 from service.logging import configure_logging
@@ -195,7 +196,7 @@ async def _open_source(
             yield evalrun.BundleRecords(folder, tuple(ids)), placeholder
         return
     auth = StaticToken(settings.fhir.bearer_token) if settings.fhir.bearer_token else None
-    async with FhirClient.from_settings(settings.fhir, auth=auth) as client:
+    async with fhir_client(settings.fhir, auth=auth) as client:
         if wanted is None:
             ids = await _all_patients(client)
         else:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import click
 
-from fhir_adapters.backend_auth import generate_key
+from fhir_adapters.auth.oauth import generate_key
 from service.cli.common import EXIT_BAD_INPUT, fail
 
 

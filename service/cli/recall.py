@@ -13,7 +13,6 @@ from datetime import UTC, datetime
 import click
 from sqlalchemy.exc import SQLAlchemyError
 
-from fhir_adapters.client import FhirClient
 from service.cli.common import (
     EXIT_BAD_INPUT,
     EXIT_SERVER,
@@ -25,6 +24,7 @@ from service.cli.common import (
     run,
 )
 from service.db.store import SqlSummaryStore
+from service.fhir import fhir_client
 from service.governance.recall import RecallReport, run_recall
 from service.governance.recall_rules import Criterion, RecallError, parse_criterion
 
@@ -92,7 +92,7 @@ async def recall(
     except SQLAlchemyError as exc:
         fail(f"the database (CHARTBRIEF_DB__URL) failed: {type(exc).__name__}", EXIT_SERVER)
     try:
-        client = FhirClient.from_settings(settings.fhir) if fhir_base else None
+        client = fhir_client(settings.fhir) if fhir_base else None
         try:
             report = await run_recall(
                 criterion,

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import click
 
-from fhir_adapters.client import FhirClient
 from service.cli.common import EXIT_BAD_INPUT, build_settings, fail, fhir_base_option, run
 from service.dev.sandbox import LoadFailure, load_files
+from service.fhir import fhir_client
 
 
 @click.group()
@@ -40,7 +40,7 @@ async def load(fhir_base: str, as_json: bool, timeout: float, files: tuple[Path,
         fail(f"no such file: {', '.join(missing)}", EXIT_BAD_INPUT)
     settings = build_settings(fhir__base_url=fhir_base, fhir__timeout_seconds=timeout)
     failures: list[LoadFailure] = []
-    async with FhirClient.from_settings(settings.fhir) as client:
+    async with fhir_client(settings.fhir) as client:
         loaded = await load_files(client, list(files), failures=failures)
     if as_json:
         payload = {

@@ -307,7 +307,7 @@ async def test_a_client_with_a_private_key_authenticates_with_a_signed_assertion
     )
     key_path = tmp_path / "client.pem"
     key_path.write_bytes(pem)
-    from fhir_adapters.smart import SmartClient
+    from fhir_adapters.auth.oauth import SmartClient
 
     jwks = SmartClient("chartbrief", private_key_pem=pem.decode(), kid="k1").public_jwks()
     with TestEhr(NO_FHIR, redirect_uris=[REDIRECT_URI], client_jwks=jwks) as ehr:

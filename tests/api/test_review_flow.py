@@ -16,7 +16,7 @@ import httpx
 import pytest
 from sqlalchemy import select
 
-from fhir_adapters.smart import TokenSet
+from fhir_adapters.auth.launch import TokenSet
 from service.db.launch import load_session
 from service.db.models import AuditEvent, Rejection
 from service.dev.sandbox import LoadedPatient

@@ -11,14 +11,9 @@ import respx
 from joserfc import jwt
 from joserfc.jwk import ECKey, RSAKey
 
-from fhir_adapters.backend_auth import (
-    ASSERTION_TYPE,
-    BackendAuthError,
-    BackendClient,
-    BackendServicesToken,
-    generate_key,
-    public_jwk,
-)
+from fhir_adapters.auth.backend import BackendAuthError, BackendClient, BackendServicesToken
+from fhir_adapters.auth.oauth import CLIENT_ASSERTION_TYPE as CLIENT_ASSERTION_TYPE
+from fhir_adapters.auth.oauth import generate_key, public_jwk
 
 BASE = "http://ehr.test/fhir"
 TOKEN_URL = "http://ehr.test/auth/token"
@@ -85,7 +80,7 @@ async def test_token_is_cached_then_renewed_before_it_expires() -> None:
     assert route.call_count == 3
     form = parse_qs(route.calls[0].request.content.decode())
     assert form["grant_type"] == ["client_credentials"]
-    assert form["client_assertion_type"] == [ASSERTION_TYPE]
+    assert form["client_assertion_type"] == [CLIENT_ASSERTION_TYPE]
     assert "system/Patient.rs" in form["scope"][0]
     assert "tok-" not in repr(auth)
 

@@ -15,19 +15,21 @@ import respx
 from structlog.testing import capture_logs
 
 from fhir_adapters.auth import StaticToken
-from fhir_adapters.bulk import (
+from fhir_adapters.bulk.export import (
     MAX_CONSECUTIVE_POLL_FAILURES,
+    delete_export,
+    export_resources,
+    kick_off,
+    stream_ndjson,
+    wait_for_manifest,
+)
+from fhir_adapters.bulk.manifest import (
     BulkExportError,
     BulkExportTimeout,
     ExportFile,
     ExportReport,
     NdjsonStats,
-    delete_export,
-    export_resources,
-    kick_off,
     parse_manifest,
-    stream_ndjson,
-    wait_for_manifest,
 )
 from fhir_adapters.client import FhirClient
 from fhir_adapters.errors import (

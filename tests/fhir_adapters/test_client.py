@@ -28,7 +28,6 @@ from fhir_adapters.errors import (
     FhirUnexpectedResponse,
     error_for_status,
 )
-from service.config import FhirSettings
 
 BASE = "http://127.0.0.1:8999/fhir"
 MAX_ATTEMPTS = 3
@@ -520,24 +519,6 @@ async def test_log_lines_never_hold_the_query_string_or_the_token(router):
 
 
 # -- construction and pure helpers ----------------------------------------------
-
-
-def test_from_settings_requires_a_base_url_naming_the_setting():
-    with pytest.raises(ValueError, match="CHARTBRIEF_FHIR__BASE_URL"):
-        FhirClient.from_settings(FhirSettings())
-
-
-async def test_from_settings_uses_the_configured_token_and_page_size(router):
-    route = router.get("/Patient").respond(json=bundle([]))
-    settings = FhirSettings(base_url=BASE + "/", bearer_token="s3cret-token", page_size=17)
-
-    async with FhirClient.from_settings(settings) as fhir:
-        assert fhir.base_url == BASE
-        await fhir.search_all("Patient")
-
-    request = route.calls.last.request
-    assert request.headers["Authorization"] == "Bearer s3cret-token"
-    assert request.url.params["_count"] == "17"
 
 
 async def test_aclose_leaves_a_shared_http_client_open(router):

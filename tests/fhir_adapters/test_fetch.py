@@ -8,8 +8,8 @@ from typing import Any
 
 import pytest
 
+import fhir_adapters.auth.scopes
 import fhir_adapters.fetch
-import fhir_adapters.scopes
 from fhir_adapters.errors import FhirAuthError, FhirBadRequest, FhirNotFound, FhirServerError
 from fhir_adapters.fetch import EncounterNotOfPatient, FhirSource, fetch_record
 from fhir_adapters.text import text_sha256
@@ -67,7 +67,7 @@ async def test_fetch_reads_every_searched_type_for_the_patient(
     record = await fetch_record(source, patient_id, observation_limit=5000)
 
     assert record.patient["id"] == patient_id
-    for rtype in fhir_adapters.scopes.SEARCHED_TYPES:
+    for rtype in fhir_adapters.auth.scopes.SEARCHED_TYPES:
         expected = {r["id"] for r in bundle_resources(bundle, rtype)}
         assert {r["id"] for r in record.of_type(rtype)} == expected, rtype
     assert record.skipped == []

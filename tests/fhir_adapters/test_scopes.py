@@ -12,11 +12,8 @@ from typing import Any
 
 import pytest
 
-import fhir_adapters.scopes
-from fhir_adapters.errors import FhirAuthError
-from fhir_adapters.fetch import fetch_record
-from fhir_adapters.normalize import normalize
-from fhir_adapters.scopes import (
+import fhir_adapters.auth.scopes
+from fhir_adapters.auth.scopes import (
     CHANGE_TYPES,
     DEFAULT_SCOPES,
     DEFAULT_SYSTEM_SCOPES,
@@ -25,6 +22,9 @@ from fhir_adapters.scopes import (
     STANDALONE_SCOPES,
     WRITES,
 )
+from fhir_adapters.errors import FhirAuthError
+from fhir_adapters.fetch import fetch_record
+from fhir_adapters.normalize import normalize
 from fhir_adapters.write.draft import WriteOptions, build_transaction
 from service.api.routes.launch import launch_scopes
 from service.api.security import scopes_allow
@@ -37,7 +37,7 @@ INTERACTION = {"read": "r", "search": "s", "binary": "r"}
 
 
 def test_scopes_module_doctests_pass() -> None:
-    assert doctest.testmod(fhir_adapters.scopes).failed == 0
+    assert doctest.testmod(fhir_adapters.auth.scopes).failed == 0
 
 
 @pytest.fixture

@@ -17,23 +17,25 @@ from joserfc import jwk, jwt
 from structlog.testing import capture_logs
 
 from fhir_adapters.auth import TokenProvider
-from fhir_adapters.client import FhirClient
-from fhir_adapters.scopes import DEFAULT_SCOPES, STANDALONE_SCOPES
-from fhir_adapters.smart import (
-    CLIENT_ASSERTION_TYPE,
+from fhir_adapters.auth.launch import (
     RefreshingToken,
-    SmartClient,
-    SmartConfiguration,
-    SmartError,
     TokenSet,
     authorize_url,
-    discover,
     exchange_code,
     new_pkce,
-    parse_smart_configuration,
     parse_token_response,
     refresh_tokens,
 )
+from fhir_adapters.auth.oauth import (
+    CLIENT_ASSERTION_TYPE,
+    SmartClient,
+    SmartConfiguration,
+    SmartError,
+    discover,
+    parse_smart_configuration,
+)
+from fhir_adapters.auth.scopes import DEFAULT_SCOPES, STANDALONE_SCOPES
+from fhir_adapters.client import FhirClient
 
 EHR = "http://127.0.0.1:8999"
 ISS = f"{EHR}/fhir"

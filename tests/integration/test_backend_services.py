@@ -9,7 +9,8 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
-from fhir_adapters.backend_auth import BackendClient, BackendServicesToken, generate_key
+from fhir_adapters.auth.backend import BackendClient, BackendServicesToken
+from fhir_adapters.auth.oauth import generate_key
 from fhir_adapters.client import FhirClient
 from fhir_adapters.errors import FhirAuthError
 from service.dev.devserver import LocalFhirServer

@@ -21,9 +21,9 @@ from typing import Any
 
 import pytest
 
-from fhir_adapters.backend_auth import generate_key
+from fhir_adapters.auth.oauth import generate_key
+from fhir_adapters.auth.scopes import DEFAULT_SYSTEM_SCOPES
 from fhir_adapters.client import FhirClient
-from fhir_adapters.scopes import DEFAULT_SYSTEM_SCOPES
 from service.batch import BatchRequest, run_batch
 from service.batch.connect import open_fhir
 from service.batch.selection import since_with_overlap

@@ -8,7 +8,8 @@ from typing import Any
 
 import pytest
 
-from fhir_adapters.bulk import BulkExportError, ExportReport, export_resources, wait_for_manifest
+from fhir_adapters.bulk.export import export_resources, wait_for_manifest
+from fhir_adapters.bulk.manifest import BulkExportError, ExportReport
 from fhir_adapters.client import FhirClient
 from service.dev.sandbox import LoadedPatient
 

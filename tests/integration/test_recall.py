@@ -27,6 +27,7 @@ from service.config import Settings
 from service.db.models import AuditEvent
 from service.db.store import SqlSummaryStore
 from service.dev.sandbox import LoadedPatient
+from service.fhir import fhir_client
 from service.governance.recall_rules import RECALL_TAG, RECALL_URL
 from service.llm.fake import FAKE_IDENTITY, FakeEngine
 from service.pipeline import Services, summarize_patient
@@ -87,7 +88,7 @@ async def written(
             prompt=prompt,
         )
         store = SqlSummaryStore.from_url(url)
-        async with FhirClient.from_settings(settings.fhir) as client:
+        async with fhir_client(settings.fhir) as client:
             svc = Services(settings=settings, client=client, engine=FakeEngine(identity), store=store)
             for name in files:
                 docs.append(await draft(svc, loaded_patients[name].id))

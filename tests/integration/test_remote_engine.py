@@ -11,11 +11,11 @@ from pathlib import Path
 import httpx
 import pytest
 
-from fhir_adapters.client import FhirClient
 from service.config import Settings
 from service.db.store import SqlSummaryStore
 from service.dev.devserver import free_port
 from service.dev.sandbox import LoadedPatient
+from service.fhir import fhir_client
 from service.llm import create_engine
 from service.llm.model_files import default_model_path
 from service.llm.remote import RemoteLlamaPool
@@ -77,7 +77,7 @@ def test_a_small_batch_runs_through_a_real_llama_cpp_server_and_is_written_back(
 
     async def run() -> list:
         store = SqlSummaryStore.from_url(settings.db.url)
-        async with FhirClient.from_settings(settings.fhir) as client:
+        async with fhir_client(settings.fhir) as client:
             svc = Services(settings=settings, client=client, engine=engine, store=store)
             try:
                 return [await summarize_patient(svc, pid) for pid in patients]

@@ -17,13 +17,13 @@ from typing import Any
 import pytest
 from sqlalchemy.orm import Session, sessionmaker
 
-from fhir_adapters.client import FhirClient
 from fhir_adapters.write.draft import provenance_id
 from service import review
 from service.config import Settings
 from service.db import audit
 from service.db.store import SqlSummaryStore
 from service.dev.sandbox import LoadedPatient
+from service.fhir import fhir_client
 from service.llm.fake import FAKE_IDENTITY, FakeEngine
 from service.pipeline import Services, summarize_patient
 
@@ -46,7 +46,7 @@ async def svc(fhir_base: str, tmp_path: Path, request: pytest.FixtureRequest) ->
     )
     identity = replace(FAKE_IDENTITY, sampling=f"{FAKE_IDENTITY.sampling} test={request.node.name[:40]}")
     store = SqlSummaryStore.from_url(settings.db.url)
-    async with FhirClient.from_settings(settings.fhir) as client:
+    async with fhir_client(settings.fhir) as client:
         yield Services(settings=settings, client=client, engine=FakeEngine(identity), store=store)
     store.close()
 

@@ -20,6 +20,7 @@ from service.cli.main import cli
 from service.config import LlmSettings, Settings
 from service.db.store import SqlSummaryStore
 from service.dev.sandbox import LoadedPatient
+from service.fhir import fhir_client
 from service.llm import create_engine
 from service.llm.base import Engine
 from service.llm.fake import FakeEngine
@@ -51,7 +52,7 @@ async def _summarize(
 ) -> SummaryResult:
     settings = _settings(fhir_base, tmp_path)
     store = SqlSummaryStore.from_url(settings.db.url)
-    async with FhirClient.from_settings(settings.fhir) as client:
+    async with fhir_client(settings.fhir) as client:
         svc = Services(settings=settings, client=client, engine=engine, store=store)
         try:
             return await summarize_patient(svc, patient_id, **kw)  # type: ignore[arg-type]

@@ -99,7 +99,7 @@ def test_keys_generate_writes_a_private_key_only_the_owner_reads_and_prints_the_
     import json
     import stat
 
-    from fhir_adapters.backend_auth import public_jwk
+    from fhir_adapters.auth.oauth import public_jwk
 
     out = tmp_path / "k" / "backend.pem"
     result = CliRunner().invoke(cli, ["keys", "generate", "--alg", "ES384", "--out", str(out)])

@@ -18,22 +18,17 @@ import httpx
 import pytest
 from joserfc import jwk, jwt
 
-from fhir_adapters.client import FhirClient
-from fhir_adapters.errors import FhirAuthError
-from fhir_adapters.smart import (
+from fhir_adapters.auth.launch import RefreshingToken, TokenSet, authorize_url, exchange_code, new_pkce
+from fhir_adapters.auth.oauth import (
     CLIENT_ASSERTION_TYPE,
-    DEFAULT_SCOPES,
-    STANDALONE_SCOPES,
-    RefreshingToken,
     SmartClient,
     SmartError,
-    TokenSet,
-    authorize_url,
     client_assertion,
     discover,
-    exchange_code,
-    new_pkce,
 )
+from fhir_adapters.auth.scopes import DEFAULT_SCOPES, STANDALONE_SCOPES
+from fhir_adapters.client import FhirClient
+from fhir_adapters.errors import FhirAuthError
 from tests.smart_ehr.server import TestEhr, body_problem, scope_problem, search_problem
 
 UPSTREAM = "http://upstream.test/fhir"

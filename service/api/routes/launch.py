@@ -24,15 +24,9 @@ from fastapi import APIRouter, Request
 from fastapi.responses import RedirectResponse, Response
 from starlette.concurrency import run_in_threadpool
 
-from fhir_adapters.smart import (
-    SmartError,
-    TokenSet,
-    authorize_url,
-    exchange_code,
-    new_pkce,
-    split_scopes,
-)
-from fhir_adapters.scopes import DEFAULT_SCOPES, STANDALONE_SCOPES, review_scopes
+from fhir_adapters.auth.launch import TokenSet, authorize_url, exchange_code, new_pkce
+from fhir_adapters.auth.oauth import SmartError, split_scopes
+from fhir_adapters.auth.scopes import DEFAULT_SCOPES, STANDALONE_SCOPES, review_scopes
 from service.api.deps import Runtime, RuntimeDep
 from service.api.errors import ApiError, BadRequest, Forbidden
 from service.api.security import scopes_allow

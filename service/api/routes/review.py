@@ -38,10 +38,10 @@ from fastapi.templating import Jinja2Templates
 from sqlalchemy.orm import Session, sessionmaker
 from sse_starlette import EventSourceResponse
 
+from fhir_adapters.auth.oauth import SmartError
 from fhir_adapters.client import FhirClient
 from fhir_adapters.errors import FhirAuthError, FhirError
 from fhir_adapters.fetch import EncounterNotOfPatient
-from fhir_adapters.smart import SmartError
 from fhir_adapters.write.review import ReviewConflict, ReviewError, ReviewForbidden, ReviewNotFound
 from fhir_adapters.write.send import read_draft
 from service import review as actions

@@ -4,63 +4,41 @@
 RS384 or ES384, header `alg, kid, typ=JWT`, claims `iss = sub = client_id`, `aud` = the token
 endpoint, `exp` <= now + 300 s, a unique `jti`), trades it for an access token with
 `grant_type=client_credentials`, caches the token and gets a new one before `expires_in` runs
-out (or at once after the FHIR server answered 401). `generate_key()` makes the key pair whose
-public half, as a JWKS, is registered with the EHR.
+out (or at once after the FHIR server answered 401). The key pair whose public half is
+registered with the EHR comes from `oauth.generate_key`.
 
-JOSE work is done by joserfc. Must not: log or repr a token, an assertion or a private key.
+Discovery, the assertion and the token request are the OAuth shared with the EHR launch
+(`fhir_adapters.auth.oauth`); their `SmartError`s become `BackendAuthError` here, the one error
+a batch has to handle. Must not: log or repr a token, an assertion or a private key.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
-import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Literal
 
 import httpx
 import structlog
-from joserfc import jwt
-from joserfc.errors import JoseError
-from joserfc.jwk import ECKey, RSAKey
 
-from fhir_adapters.scopes import DEFAULT_SYSTEM_SCOPES
+from fhir_adapters.auth.oauth import (
+    CLIENT_ASSERTION_TYPE,
+    DEFAULT_EXPIRES_IN_SECONDS,
+    AssertionAlg,
+    SmartError,
+    post_token_request,
+    read_smart_configuration,
+    sign_assertion,
+    smart_configuration_url,
+)
+from fhir_adapters.auth.scopes import DEFAULT_SYSTEM_SCOPES
 
 log = structlog.get_logger(__name__)
-
-ASSERTION_TYPE = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
-Alg = Literal["RS384", "ES384"]
 
 
 class BackendAuthError(Exception):
     """The token endpoint refused us or could not be reached; the message says why (no secrets)."""
-
-
-def generate_key(alg: Alg = "RS384", kid: str | None = None) -> tuple[bytes, dict[str, Any]]:
-    """A new private key (PKCS#8 PEM) and its public JWK (with `kid`, `alg`, `use=sig`)."""
-    key: RSAKey | ECKey = (
-        RSAKey.generate_key(2048, private=True)
-        if alg == "RS384"
-        else ECKey.generate_key("P-384", private=True)
-    )
-    public = key.as_dict(private=False)
-    public.update({"kid": kid or key.thumbprint(), "alg": alg, "use": "sig", "key_ops": ["verify"]})
-    return key.as_pem(private=True), public
-
-
-def public_jwk(private_pem: bytes, alg: Alg, kid: str | None = None) -> dict[str, Any]:
-    key = _import_key(private_pem, alg)
-    public = key.as_dict(private=False)
-    public.update({"kid": kid or key.thumbprint(), "alg": alg, "use": "sig", "key_ops": ["verify"]})
-    return public
-
-
-def _import_key(private_pem: bytes, alg: Alg) -> RSAKey | ECKey:
-    try:
-        return RSAKey.import_key(private_pem) if alg == "RS384" else ECKey.import_key(private_pem)
-    except (ValueError, TypeError, JoseError) as exc:
-        raise BackendAuthError(f"the private key is not a {alg} key in PEM form") from exc
 
 
 @dataclass(frozen=True)
@@ -69,23 +47,19 @@ class BackendClient:
 
     client_id: str
     private_key_pem: bytes = field(repr=False)
-    alg: Alg = "RS384"
+    alg: AssertionAlg = "RS384"
     kid: str | None = None
     scope: str = DEFAULT_SYSTEM_SCOPES
     token_url: str | None = None  # None: discovered from {fhir_base}/.well-known/smart-configuration
 
     def assertion(self, token_url: str, now: float) -> str:
-        key = _import_key(self.private_key_pem, self.alg)
-        header = {"alg": self.alg, "kid": self.kid or key.thumbprint(), "typ": "JWT"}
-        claims = {
-            "iss": self.client_id,
-            "sub": self.client_id,
-            "aud": token_url,
-            "exp": int(now) + 240,
-            "iat": int(now),
-            "jti": uuid.uuid4().hex,
-        }
-        return jwt.encode(header, claims, key, algorithms=[self.alg])
+        """The signed client assertion for one token request (`now`: the wall clock)."""
+        try:
+            return sign_assertion(
+                self.client_id, token_url, self.private_key_pem, alg=self.alg, kid=self.kid, now=now
+            )
+        except ValueError as exc:
+            raise BackendAuthError(str(exc)) from exc
 
 
 @dataclass
@@ -141,15 +115,14 @@ class BackendServicesToken:
             self._cached = None
 
     async def _discover(self) -> str:
-        url = f"{self._fhir_base}/.well-known/smart-configuration"
+        url = smart_configuration_url(self._fhir_base)
         try:
-            response = await self._http.get(url, headers={"Accept": "application/json"})
-            config = response.json() if response.status_code == 200 else {}
-        except (httpx.HTTPError, ValueError) as exc:
-            raise BackendAuthError(f"cannot read {url}: {type(exc).__name__}") from exc
+            config = await read_smart_configuration(self._http, self._fhir_base)
+        except SmartError as exc:
+            raise BackendAuthError(f"cannot read {url}: {exc}") from exc
         token_url = config.get("token_endpoint") if isinstance(config, dict) else None
         if not isinstance(token_url, str) or not token_url:
-            raise BackendAuthError(f"{url} names no token_endpoint (HTTP {response.status_code})")
+            raise BackendAuthError(f"{url} names no token_endpoint")
         return token_url
 
     async def _fetch(self) -> _Cached:
@@ -159,26 +132,30 @@ class BackendServicesToken:
         form = {
             "grant_type": "client_credentials",
             "scope": self._client.scope,
-            "client_assertion_type": ASSERTION_TYPE,
+            "client_assertion_type": CLIENT_ASSERTION_TYPE,
             # The assertion is judged by the server's clock: always sign with the wall clock.
             "client_assertion": self._client.assertion(self._token_url, time.time()),
         }
         try:
-            response = await self._http.post(
-                self._token_url, data=form, headers={"Accept": "application/json"}
+            answer = await post_token_request(
+                self._http, self._token_url, form, what=f"token endpoint {self._token_url}"
             )
-        except httpx.HTTPError as exc:
-            raise BackendAuthError(
-                f"token endpoint {self._token_url} unreachable: {type(exc).__name__}"
-            ) from exc
-        body = _json(response)
-        if response.status_code != 200 or not isinstance(body.get("access_token"), str):
-            reason = body.get("error_description") or body.get("error") or f"HTTP {response.status_code}"
+        except SmartError as exc:
+            raise BackendAuthError(str(exc)) from exc
+        body = answer.body if isinstance(answer.body, dict) else {}
+        access_token = body.get("access_token")
+        if answer.status != 200 or not isinstance(access_token, str):
+            error, description = answer.oauth_error()
+            reason = description or error or f"HTTP {answer.status}"
             raise BackendAuthError(
                 f"token endpoint {self._token_url} refused client {self._client.client_id}: {reason}"
             )
         expires_in = body.get("expires_in")
-        lifetime = float(expires_in) if isinstance(expires_in, int | float) and expires_in > 0 else 300.0
+        lifetime = (
+            float(expires_in)
+            if isinstance(expires_in, int | float) and expires_in > 0
+            else float(DEFAULT_EXPIRES_IN_SECONDS)
+        )
         self.fetched += 1
         scope = str(body.get("scope") or "")
         log.info(
@@ -187,12 +164,4 @@ class BackendServicesToken:
             expires_in=int(lifetime),
             scopes=len(scope.split()),
         )
-        return _Cached(token=body["access_token"], expires_at=now + lifetime, scope=scope, lifetime=lifetime)
-
-
-def _json(response: httpx.Response) -> dict[str, Any]:
-    try:
-        data = response.json()
-    except ValueError:
-        return {}
-    return data if isinstance(data, dict) else {}
+        return _Cached(token=access_token, expires_at=now + lifetime, scope=scope, lifetime=lifetime)

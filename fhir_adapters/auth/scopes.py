@@ -57,7 +57,7 @@ READS: tuple[Read, ...] = (
     Read("Binary", None, "note text stored apart from its DocumentReference"),
 )
 
-# What a summary's write-back sends (fhir_adapters.writer and fhir_adapters.review).
+# What a summary's write-back sends (fhir_adapters.write.draft and fhir_adapters.write.review).
 WRITES: tuple[Write, ...] = (
     Write("DocumentReference", "c", "the AI draft"),
     Write("Provenance", "c", "who and what wrote the draft (AI Transparency on FHIR)"),

@@ -1,8 +1,11 @@
-"""Where the FHIR client gets its bearer token from.
+"""Authorization against the EHR: where the FHIR client gets its bearer token from.
 
-`TokenProvider` is the seam: a static token from settings here, SMART Backend Services and
-EHR-launch sessions elsewhere (`fhir_adapters.smart`). The client asks for a token before each
-request and calls `invalidate()` once when the server answers 401, then asks again.
+`TokenProvider` is the seam: a static token from settings here, an EHR-launch session in
+`launch` (`RefreshingToken`) and SMART Backend Services in `backend`. The client asks for a
+token before each request and calls `invalidate()` once when the server answers 401, then asks
+again. `oauth` holds the OAuth both share (discovery, token requests, client assertions, keys,
+id_token checks); `scopes` derives every scope list from one declaration of what chartbrief
+reads and writes.
 
 A token is a secret: nothing here logs it or shows it in `repr()` / `str()`.
 """

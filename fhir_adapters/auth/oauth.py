@@ -1,0 +1,472 @@
+"""OAuth 2 as SMART uses it, shared by the EHR launch and Backend Services.
+
+```
+discover(http, iss)                 -> SmartConfiguration  GET {iss}/.well-known/smart-configuration
+read_smart_configuration(http, b)   -> the raw document     (Backend Services only needs token_endpoint)
+private_key / generate_key / public_jwk                    a client's signing key and its public JWK
+sign_assertion(...)                 -> a signed private_key_jwt assertion (RS384 or ES384)
+SmartClient, client_authentication  how chartbrief authenticates at a token endpoint
+post_token_request(http, url, form) -> TokenAnswer          POST a token request, errors translated
+fetch_jwks / verify_id_token        an id_token checked against the server's JWKS
+```
+
+Client authentication follows `SmartClient`: `private_key_jwt` (a signed client assertion, RS384
+or ES384) when it holds a private key, `client_secret_basic` when it holds a secret, otherwise a
+public client (client_id in the form). An `id_token` is verified against the server's JWKS
+(signature RS256/RS384/ES384, iss, aud = client_id, exp) before its `fhirUser` is believed.
+
+Errors: one class, `SmartError`, whose message is fit for a person (it says what was wrong and
+with which endpoint or field) and never contains a token, code, verifier, secret or key.
+`oauth_error` carries the server's OAuth error code (`invalid_grant`, ...) when it sent one, so a
+caller can tell "launch again" apart from "the EHR is down" without matching on text.
+
+What this module must not do: log or show in `repr()` any token, assertion, client secret or
+private key; talk to an endpoint over plain http anywhere but loopback (unless the caller allows
+it for development); trust an id_token it could not verify; hand-roll any cryptography (joserfc
+does the JWTs and keys).
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import re
+import uuid
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal, cast
+from urllib.parse import quote_plus
+
+import httpx
+import structlog
+from joserfc import jwk, jwt
+from joserfc.errors import ExpiredTokenError, JoseError, MissingClaimError
+
+JsonObject = dict[str, Any]
+AssertionAlg = Literal["RS384", "ES384"]
+
+_log = structlog.get_logger(__name__)
+
+SMART_CONFIGURATION_PATH = ".well-known/smart-configuration"
+CLIENT_ASSERTION_TYPE = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
+ID_TOKEN_ALGORITHMS = ("RS256", "RS384", "ES384")
+CLIENT_ASSERTION_ALGORITHMS: tuple[AssertionAlg, ...] = ("RS384", "ES384")
+# A client assertion lives well under the 300 s SMART allows, so a server with a little clock
+# skew still accepts it.
+CLIENT_ASSERTION_LIFETIME_SECONDS = 240
+# A token response without expires_in: assume short-lived rather than forever.
+DEFAULT_EXPIRES_IN_SECONDS = 300
+CLOCK_SKEW_SECONDS = 60
+_LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1", "[::1]"})
+_RELATIVE_REFERENCE = re.compile(r"([A-Z][A-Za-z]+)/([A-Za-z0-9\-.]{1,64})")
+
+
+class SmartError(Exception):
+    """A SMART step failed; the message says why for a person and never carries a secret."""
+
+    def __init__(self, message: str, *, oauth_error: str | None = None) -> None:
+        super().__init__(message)
+        self.oauth_error = oauth_error
+
+
+@dataclass(frozen=True)
+class SmartConfiguration:
+    """What `{iss}/.well-known/smart-configuration` says about an EHR's authorization server."""
+
+    issuer: str | None
+    authorization_endpoint: str
+    token_endpoint: str
+    jwks_uri: str | None
+    capabilities: tuple[str, ...]
+    code_challenge_methods_supported: tuple[str, ...]
+    raw: JsonObject = field(repr=False)
+
+    def supports(self, capability: str) -> bool:
+        """True when the server lists `capability` (e.g. `launch-ehr`, `client-confidential-asymmetric`)."""
+        return capability in self.capabilities
+
+
+# -- keys and client assertions --------------------------------------------------------------------
+
+
+def private_key(private_key_pem: str | bytes, alg: str) -> jwk.RSAKey | jwk.ECKey:
+    """The private signing key in a PEM (RSA for RS384, EC for ES384); ValueError naming the problem."""
+    key_type: Literal["EC", "RSA"] = "EC" if alg.startswith("ES") else "RSA"
+    try:
+        key: jwk.RSAKey | jwk.ECKey = jwk.import_key(private_key_pem, key_type)
+    except (JoseError, ValueError, TypeError) as exc:
+        # The message names the problem, never the key material.
+        raise ValueError(f"the client private key is not a {alg} key in PEM form ({key_type})") from exc
+    if not key.is_private:
+        raise ValueError("the client key PEM holds a public key; private_key_jwt needs the private key")
+    return key
+
+
+def generate_key(alg: AssertionAlg = "RS384", kid: str | None = None) -> tuple[bytes, JsonObject]:
+    """A new private key (PKCS#8 PEM) and its public JWK (with `kid`, `alg`, `use=sig`)."""
+    key: jwk.RSAKey | jwk.ECKey = (
+        jwk.RSAKey.generate_key(2048, private=True)
+        if alg == "RS384"
+        else jwk.ECKey.generate_key("P-384", private=True)
+    )
+    pem = key.as_pem(private=True)
+    return pem, public_jwk(pem, alg, kid)
+
+
+def public_jwk(private_key_pem: str | bytes, alg: str, kid: str | None = None) -> JsonObject:
+    """The public half of a signing key as the JWK registered with the EHR (`kid` = thumbprint by default)."""
+    key = private_key(private_key_pem, alg)
+    public = dict(key.as_dict(private=False))
+    public.update({"kid": kid or key.thumbprint(), "alg": alg, "use": "sig", "key_ops": ["verify"]})
+    return public
+
+
+def sign_assertion(
+    client_id: str,
+    token_endpoint: str,
+    private_key_pem: str | bytes,
+    *,
+    alg: str,
+    kid: str | None,
+    now: float,
+) -> str:
+    """A signed private_key_jwt assertion: iss = sub = client_id, aud = token endpoint, unique jti.
+
+    `now` is the wall clock: the assertion is judged by the server's clock.
+    """
+    key = private_key(private_key_pem, alg)
+    header = {"alg": alg, "kid": kid or key.thumbprint(), "typ": "JWT"}
+    issued = int(now)
+    claims = {
+        "iss": client_id,
+        "sub": client_id,
+        "aud": token_endpoint,
+        "iat": issued,
+        "exp": issued + CLIENT_ASSERTION_LIFETIME_SECONDS,
+        "jti": uuid.uuid4().hex,
+    }
+    return jwt.encode(header, claims, key, algorithms=[alg])
+
+
+@dataclass(frozen=True)
+class SmartClient:
+    """How chartbrief authenticates at the token endpoint.
+
+    private_key_jwt when `private_key_pem` is given, client_secret_basic when `client_secret` is
+    given, otherwise a public client. Giving both is refused: the EHR registered one method.
+    """
+
+    client_id: str
+    client_secret: str | None = field(default=None, repr=False)
+    private_key_pem: str | None = field(default=None, repr=False)
+    kid: str | None = None
+    alg: str = "RS384"
+
+    def __post_init__(self) -> None:
+        if not self.client_id.strip():
+            raise ValueError("SmartClient.client_id is empty")
+        if self.client_secret is not None and self.private_key_pem is not None:
+            raise ValueError(
+                "SmartClient: give either client_secret (client_secret_basic) or private_key_pem "
+                "(private_key_jwt), not both"
+            )
+        if self.client_secret is not None and not self.client_secret:
+            raise ValueError("SmartClient.client_secret is empty (leave it unset for a public client)")
+        if self.private_key_pem is not None:
+            if self.alg not in CLIENT_ASSERTION_ALGORITHMS:
+                raise ValueError(
+                    f"SmartClient.alg {self.alg!r} is not allowed for client assertions; "
+                    f"use one of {', '.join(CLIENT_ASSERTION_ALGORITHMS)}"
+                )
+            private_key(self.private_key_pem, self.alg)  # fail now, not at the first launch
+
+    @property
+    def auth_method(self) -> str:
+        """`private_key_jwt`, `client_secret_basic` or `none` (public client)."""
+        if self.private_key_pem is not None:
+            return "private_key_jwt"
+        if self.client_secret is not None:
+            return "client_secret_basic"
+        return "none"
+
+    def public_jwks(self) -> JsonObject:
+        """The JWKS to register with the EHR for private_key_jwt (public part only)."""
+        if self.private_key_pem is None:
+            raise ValueError("SmartClient has no private key: it has no JWKS to publish")
+        return {"keys": [public_jwk(self.private_key_pem, self.alg, self.kid)]}
+
+    def __repr__(self) -> str:
+        return f"SmartClient(client_id={self.client_id!r}, auth_method={self.auth_method!r})"
+
+
+def client_assertion(client: SmartClient, token_endpoint: str, *, now: float) -> str:
+    """The private_key_jwt assertion of an app client that holds a private key."""
+    if client.private_key_pem is None:
+        raise ValueError("client_assertion: the SmartClient has no private key")
+    return sign_assertion(
+        client.client_id, token_endpoint, client.private_key_pem, alg=client.alg, kid=client.kid, now=now
+    )
+
+
+def client_authentication(
+    client: SmartClient, token_endpoint: str, *, now: float
+) -> tuple[dict[str, str], dict[str, str]]:
+    """(headers, form fields) that authenticate `client` at the token endpoint."""
+    if client.private_key_pem is not None:
+        assertion = client_assertion(client, token_endpoint, now=now)
+        return {}, {"client_assertion_type": CLIENT_ASSERTION_TYPE, "client_assertion": assertion}
+    if client.client_secret is not None:
+        # RFC 6749 2.3.1: both parts are form-urlencoded before the Basic encoding.
+        pair = f"{quote_plus(client.client_id)}:{quote_plus(client.client_secret)}"
+        encoded = base64.b64encode(pair.encode("utf-8")).decode("ascii")
+        return {"Authorization": f"Basic {encoded}"}, {}
+    return {}, {"client_id": client.client_id}
+
+
+# -- plain helpers -----------------------------------------------------------------------------------
+
+
+def split_scopes(scope: str | Iterable[str]) -> tuple[str, ...]:
+    """Scopes as a tuple, order kept, duplicates dropped.
+
+    >>> split_scopes("launch  openid launch")
+    ('launch', 'openid')
+    >>> split_scopes(["openid", "fhirUser"])
+    ('openid', 'fhirUser')
+    """
+    items = scope.split() if isinstance(scope, str) else [s.strip() for s in scope]
+    return tuple(dict.fromkeys(s for s in items if s))
+
+
+def relative_reference(url_or_reference: str) -> str | None:
+    """`Type/id` from a relative reference or an absolute resource URL; None when it is neither.
+
+    >>> relative_reference("https://ehr.example.org/fhir/Practitioner/dr-1")
+    'Practitioner/dr-1'
+    >>> relative_reference("Practitioner/dr-1")
+    'Practitioner/dr-1'
+    >>> relative_reference("not a reference") is None
+    True
+    """
+    parts = url_or_reference.rstrip("/").split("/")
+    if len(parts) < 2:
+        return None
+    candidate = "/".join(parts[-2:])
+    return candidate if _RELATIVE_REFERENCE.fullmatch(candidate) else None
+
+
+def is_loopback(url: str) -> bool:
+    """True when the URL's host is the local machine.
+
+    >>> is_loopback("http://127.0.0.1:8080/fhir"), is_loopback("http://ehr.example.org/fhir")
+    (True, False)
+    """
+    try:
+        host = httpx.URL(url).host
+    except httpx.InvalidURL:
+        return False
+    return host in _LOOPBACK_HOSTS
+
+
+def _endpoint(body: Mapping[str, Any], name: str, where: str, *, allow_http: bool) -> str:
+    value = body.get(name)
+    if not isinstance(value, str) or not value.strip():
+        raise SmartError(f"{where} has no {name}: the EHR cannot be used for a SMART launch")
+    return _checked_url(value.strip(), f"{where} {name}", allow_http=allow_http)
+
+
+def _checked_url(value: str, what: str, *, allow_http: bool) -> str:
+    try:
+        url = httpx.URL(value)
+    except httpx.InvalidURL as exc:
+        raise SmartError(f"{what} ({value!r}) is not a valid URL") from exc
+    if url.scheme not in ("http", "https") or not url.host:
+        raise SmartError(f"{what} ({value!r}) must be an absolute http(s) URL")
+    if url.scheme == "http" and not allow_http and not is_loopback(value):
+        # Codes and tokens cross this connection: plain http is for a developer's own machine.
+        raise SmartError(f"{what} ({value!r}) must use https (plain http is accepted only on loopback)")
+    return value
+
+
+def _string_tuple(value: object) -> tuple[str, ...]:
+    if not isinstance(value, list):
+        return ()
+    return tuple(item for item in value if isinstance(item, str))
+
+
+def parse_smart_configuration(body: object, iss: str, *, allow_http: bool = False) -> SmartConfiguration:
+    """Check a smart-configuration document and keep what chartbrief needs (pure)."""
+    where = f"the SMART configuration of {iss}"
+    if not isinstance(body, dict):
+        raise SmartError(f"{where} is not a JSON object")
+    authorization = _endpoint(body, "authorization_endpoint", where, allow_http=allow_http)
+    token = _endpoint(body, "token_endpoint", where, allow_http=allow_http)
+    methods = _string_tuple(body.get("code_challenge_methods_supported"))
+    if "S256" not in methods:
+        raise SmartError(
+            f"{where} does not list S256 in code_challenge_methods_supported; "
+            "chartbrief only launches with PKCE S256"
+        )
+    jwks_uri = body.get("jwks_uri")
+    issuer = body.get("issuer")
+    return SmartConfiguration(
+        issuer=issuer.strip() if isinstance(issuer, str) and issuer.strip() else None,
+        authorization_endpoint=authorization,
+        token_endpoint=token,
+        jwks_uri=(
+            _checked_url(jwks_uri.strip(), f"{where} jwks_uri", allow_http=allow_http)
+            if isinstance(jwks_uri, str) and jwks_uri.strip()
+            else None
+        ),
+        capabilities=_string_tuple(body.get("capabilities")),
+        code_challenge_methods_supported=methods,
+        raw=dict(body),
+    )
+
+
+# -- id_token ----------------------------------------------------------------------------------------
+
+
+def verify_id_token(
+    id_token: str, jwks: Mapping[str, Any], *, issuer: str, client_id: str, now: float
+) -> JsonObject:
+    """The claims of an id_token whose signature, iss, aud and exp check out; else `SmartError`."""
+    try:
+        key_set = jwk.KeySet.import_key_set(cast(Any, dict(jwks)))
+    except (JoseError, ValueError, TypeError, KeyError) as exc:
+        raise SmartError("the EHR's JWKS holds no usable key to verify the id_token") from exc
+    try:
+        token = jwt.decode(id_token, key_set, algorithms=list(ID_TOKEN_ALGORITHMS))
+        registry = jwt.JWTClaimsRegistry(
+            now=int(now),
+            leeway=CLOCK_SKEW_SECONDS,
+            iss={"essential": True, "value": issuer},
+            aud={"essential": True, "value": client_id},
+            sub={"essential": True},
+            exp={"essential": True},
+        )
+        registry.validate(token.claims)
+    except ExpiredTokenError as exc:
+        raise SmartError("the id_token has expired") from exc
+    except MissingClaimError as exc:
+        raise SmartError(f"the id_token lacks a required claim ({exc.description})") from exc
+    except (JoseError, ValueError) as exc:
+        # Name the failure kind (bad signature, wrong audience, ...), never the token.
+        raise SmartError(f"the id_token did not verify ({type(exc).__name__})") from exc
+    return dict(token.claims)
+
+
+def fhir_user_claim(claims: Mapping[str, Any]) -> str | None:
+    """`fhirUser` (SMART 2) or `profile` (SMART 1) from verified id_token claims."""
+    for name in ("fhirUser", "profile"):
+        value = claims.get(name)
+        if isinstance(value, str) and value.strip():
+            return value.strip()
+    return None
+
+
+# -- IO ------------------------------------------------------------------------------------------------
+
+
+async def get_json(http: httpx.AsyncClient, url: str, what: str) -> object:
+    """The JSON document at `url` (200 only); `what` names it in the SmartError otherwise."""
+    try:
+        response = await http.get(url, headers={"Accept": "application/json"})
+    except httpx.HTTPError as exc:
+        raise SmartError(f"{what} could not be read ({type(exc).__name__})") from exc
+    if response.status_code != 200:
+        raise SmartError(f"{what} answered HTTP {response.status_code}")
+    try:
+        return response.json()
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise SmartError(f"{what} is not JSON") from exc
+
+
+def smart_configuration_url(fhir_base: str) -> str:
+    """Where a FHIR server publishes its SMART configuration.
+
+    >>> smart_configuration_url("https://ehr.example.org/fhir/")
+    'https://ehr.example.org/fhir/.well-known/smart-configuration'
+    """
+    return f"{fhir_base.strip().rstrip('/')}/{SMART_CONFIGURATION_PATH}"
+
+
+async def read_smart_configuration(http: httpx.AsyncClient, fhir_base: str) -> object:
+    """The SMART configuration document as the server sent it (unchecked: callers keep what they need)."""
+    base = fhir_base.strip().rstrip("/")
+    return await get_json(http, smart_configuration_url(base), f"the SMART configuration of {base}")
+
+
+async def discover(http: httpx.AsyncClient, iss: str, *, allow_http: bool = False) -> SmartConfiguration:
+    """Read and check `{iss}/.well-known/smart-configuration` for an app launch.
+
+    `allow_http` lets a development setup use plain-http endpoints off loopback; production
+    callers leave it off.
+    """
+    base = iss.strip().rstrip("/")
+    _checked_url(base, "the EHR's FHIR base (iss)", allow_http=allow_http)
+    body = await read_smart_configuration(http, base)
+    config = parse_smart_configuration(body, base, allow_http=allow_http)
+    _log.info("smart.discovered", iss=base, capabilities=len(config.capabilities))
+    return config
+
+
+@dataclass(frozen=True)
+class TokenAnswer:
+    """A token endpoint's answer: its status and its JSON body (None when the body is not JSON)."""
+
+    status: int
+    body: object = field(repr=False)
+
+    def oauth_error(self) -> tuple[str | None, str | None]:
+        """The OAuth `error` code and a short `error_description`, when the server sent them."""
+        if not isinstance(self.body, dict):
+            return None, None
+        error = self.body.get("error")
+        description = self.body.get("error_description")
+        return (
+            error if isinstance(error, str) and error else None,
+            description[:200] if isinstance(description, str) and description else None,
+        )
+
+
+async def post_token_request(
+    http: httpx.AsyncClient,
+    token_endpoint: str,
+    form: Mapping[str, str],
+    *,
+    headers: Mapping[str, str] | None = None,
+    what: str = "the token endpoint",
+) -> TokenAnswer:
+    """POST a token request form; the answer whatever its status, or SmartError if unreachable."""
+    try:
+        response = await http.post(
+            token_endpoint, data=dict(form), headers={"Accept": "application/json", **(headers or {})}
+        )
+    except httpx.HTTPError as exc:
+        raise SmartError(f"{what} could not be reached ({type(exc).__name__})") from exc
+    try:
+        body: object = response.json()
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        body = None
+    return TokenAnswer(response.status_code, body)
+
+
+async def fetch_jwks(http: httpx.AsyncClient, jwks_uri: str) -> JsonObject:
+    """The authorization server's JWKS, the keys its id_tokens are signed with."""
+    jwks = await get_json(http, jwks_uri, "the EHR's JWKS")
+    if not isinstance(jwks, dict):
+        raise SmartError("the EHR's JWKS is not a JSON object")
+    return jwks
+
+
+async def verified_id_token_claims(
+    http: httpx.AsyncClient, config: SmartConfiguration, client_id: str, id_token: str, *, now: float
+) -> JsonObject:
+    """The claims of an id_token the server's JWKS verifies (its issuer and jwks_uri are required)."""
+    if config.jwks_uri is None:
+        raise SmartError("the EHR sent an id_token but its SMART configuration has no jwks_uri to verify it")
+    if config.issuer is None:
+        raise SmartError("the EHR sent an id_token but its SMART configuration has no issuer to check it")
+    jwks = await fetch_jwks(http, config.jwks_uri)
+    return verify_id_token(id_token, jwks, issuer=config.issuer, client_id=client_id, now=now)

@@ -1,0 +1,151 @@
+"""Pure helpers of the FHIR REST API: URLs, search parameters, paging links, ids. No IO.
+
+What the client sends and follows is decided here, in plain functions with doctests: how a
+link the server gave resolves against the base, which origin may see the token, how search
+parameters become a query, where the next page is, and which ids and type names may go into a
+request path (anything else could change it).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import httpx
+
+JsonObject = dict[str, Any]
+SearchParams = Mapping[str, str | Sequence[str]]
+
+
+def url_without_query(url: httpx.URL | str) -> str:
+    """The URL with its query string and fragment removed (what errors carry and logs may show).
+
+    >>> url_without_query("http://h:8080/fhir/Patient?name=Smith#x")
+    'http://h:8080/fhir/Patient'
+    """
+    return str(httpx.URL(url).copy_with(query=None, fragment=None))
+
+
+def resolve_url(base_url: str, link: str) -> str:
+    """Resolve a link the server gave against the FHIR base URL.
+
+    Absolute links are kept verbatim; `/path` is taken on the base's origin; anything else is
+    relative to the base itself (FHIR's `[base]/Type?...`), not to its parent as RFC 3986 would.
+
+    >>> resolve_url("http://h/fhir", "Patient?page=2")
+    'http://h/fhir/Patient?page=2'
+    >>> resolve_url("http://h/fhir", "?_getpages=abc")
+    'http://h/fhir?_getpages=abc'
+    >>> resolve_url("http://h/fhir", "/other/Binary/1")
+    'http://h/other/Binary/1'
+    >>> resolve_url("http://h/fhir", "https://x/fhir/Patient?page=2")
+    'https://x/fhir/Patient?page=2'
+    """
+    link = link.strip()
+    parsed = httpx.URL(link)
+    if parsed.is_absolute_url:
+        return link
+    if link.startswith("/"):
+        return str(httpx.URL(base_url).copy_with(raw_path=link.encode("ascii")))
+    if link.startswith("?") or not link:
+        return base_url + link
+    return f"{base_url}/{link}"
+
+
+def same_origin(a: httpx.URL | str, b: httpx.URL | str) -> bool:
+    """True when both URLs share scheme, host and (effective) port.
+
+    >>> same_origin("https://h/fhir", "https://h:443/other")
+    True
+    >>> same_origin("https://h/fhir", "https://evil.example/fhir")
+    False
+    """
+    ua, ub = httpx.URL(a), httpx.URL(b)
+    return (ua.scheme, ua.host, _port(ua)) == (ub.scheme, ub.host, _port(ub))
+
+
+def _port(url: httpx.URL) -> int | None:
+    if url.port is not None:
+        return url.port
+    return {"http": 80, "https": 443}.get(url.scheme)
+
+
+def search_query(params: SearchParams | None, page_size: int) -> list[tuple[str, str]]:
+    """Search parameters as ordered pairs, repeated keys for lists, `_count` added unless given.
+
+    >>> search_query({"patient": "1", "code": ["a", "b"]}, 50)
+    [('patient', '1'), ('code', 'a'), ('code', 'b'), ('_count', '50')]
+    >>> search_query({"_count": "10"}, 50)
+    [('_count', '10')]
+    """
+    pairs: list[tuple[str, str]] = []
+    for key, value in (params or {}).items():
+        if isinstance(value, str):
+            pairs.append((key, value))
+        else:
+            pairs.extend((key, str(item)) for item in value)
+    if not any(key == "_count" for key, _ in pairs):
+        pairs.append(("_count", str(page_size)))
+    return pairs
+
+
+def next_link(bundle: JsonObject) -> str | None:
+    """The URL of `link[relation=next]`, if the Bundle has one.
+
+    >>> next_link({"link": [{"relation": "self", "url": "a"}, {"relation": "next", "url": "b"}]})
+    'b'
+    >>> next_link({"link": []}) is None
+    True
+    """
+    for link in bundle.get("link") or []:
+        if isinstance(link, dict) and link.get("relation") == "next":
+            url = link.get("url")
+            if isinstance(url, str) and url.strip():
+                return url
+    return None
+
+
+def bundle_resources(bundle: JsonObject) -> list[JsonObject]:
+    """`entry[].resource` of every entry (search.mode match and include alike)."""
+    resources: list[JsonObject] = []
+    for entry in bundle.get("entry") or []:
+        resource = entry.get("resource") if isinstance(entry, dict) else None
+        if isinstance(resource, dict):
+            resources.append(resource)
+    return resources
+
+
+def resource_key(resource: JsonObject) -> str | None:
+    """`resourceType/id`, or None when the resource has no id (it cannot be de-duplicated)."""
+    rid = resource.get("id")
+    if rid is None:
+        return None
+    return f"{resource.get('resourceType')}/{rid}"
+
+
+def check_type(resource_type: str) -> str:
+    """`resource_type` when it is a FHIR resource type name (it goes into the request path).
+
+    >>> check_type("Patient")
+    'Patient'
+    """
+    if not resource_type.isascii() or not resource_type.isalpha() or not resource_type[:1].isupper():
+        raise ValueError(f"resource type {resource_type!r} is not a FHIR resource type name")
+    return resource_type
+
+
+def type_of(resource: JsonObject, what: str) -> str:
+    """The checked `resourceType` of a resource about to be written (`what` names the write)."""
+    resource_type = resource.get("resourceType")
+    if not isinstance(resource_type, str) or not resource_type:
+        raise ValueError(f"{what}: the resource has no resourceType")
+    return check_type(resource_type)
+
+
+def check_id(value: str, field: str) -> str:
+    """`value` when it is a FHIR id ([A-Za-z0-9-.]{1,64}); `field` names it in the error."""
+    # Anything else could change the request path.
+    ok = 0 < len(value) <= 64 and all(c.isascii() and (c.isalnum() or c in "-.") for c in value)
+    if not ok:
+        raise ValueError(f"{field} {value!r} is not a valid FHIR id ([A-Za-z0-9-.]{{1,64}})")
+    return value
