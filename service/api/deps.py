@@ -222,7 +222,6 @@ def get_api_fhir(request: Request) -> ApiFhir:
     return ApiFhir(get_runtime(request).service_client)
 
 
-RuntimeDep = Annotated[Runtime, Depends(get_runtime)]
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 DatabaseDep = Annotated[sessionmaker[Session], Depends(get_database)]
 StoreDep = Annotated[SummaryStore, Depends(get_store)]

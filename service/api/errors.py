@@ -8,6 +8,8 @@ The error tree of the HTTP boundary:
     |- NotFound          404
     |- Conflict          409  the draft changed since it was opened
     |- BadRequest        400  a request that names a field wrongly
+    |- BadGateway        502  the EHR (its FHIR server, SMART configuration or token endpoint) or the
+    |                         model failed
     `- Unavailable       503  model not loaded yet, no FHIR server configured
 
 Messages never carry a token, a note or a name; they name the field, the setting or the id.
@@ -59,6 +61,11 @@ class Conflict(ApiError):
 class BadRequest(ApiError):
     status = 400
     code = "invalid"
+
+
+class BadGateway(ApiError):
+    status = 502
+    code = "exception"
 
 
 class Unavailable(ApiError):

@@ -38,13 +38,12 @@ from service.api.deps import (
     HttpDep,
     Pipeline,
     PipelineDep,
-    Runtime,
     SettingsDep,
     SmartClientDep,
 )
 from service.api.errors import Unauthenticated
 from service.api.security import csrf_token
-from service.config import FhirSettings
+from service.config import FhirSettings, SmartSettings
 from service.db.launch import SessionData, TokenCipher, load_session, update_tokens
 from service.db.store import in_thread
 from service.fhir import fhir_client
@@ -64,7 +63,7 @@ def new_browser_session() -> str:
     return secrets.token_urlsafe(32)
 
 
-def set_cookie(response: Response, runtime: Runtime, name: str, value: str, *, max_age: int) -> None:
+def set_cookie(response: Response, smart: SmartSettings, name: str, value: str, *, max_age: int) -> None:
     response.set_cookie(
         name,
         value,
@@ -72,13 +71,7 @@ def set_cookie(response: Response, runtime: Runtime, name: str, value: str, *, m
         path="/",
         secure=True,
         httponly=True,
-        samesite=runtime.settings.smart.cookie_samesite,
-    )
-
-
-def clear_cookie(response: Response, runtime: Runtime, name: str) -> None:
-    response.delete_cookie(
-        name, path="/", secure=True, httponly=True, samesite=runtime.settings.smart.cookie_samesite
+        samesite=smart.cookie_samesite,
     )
 
 

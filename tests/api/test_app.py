@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import typing
 from pathlib import Path
 
 import pytest
@@ -149,3 +150,19 @@ def test_serve_refuses_to_start_in_production_with_the_placeholder_secret(tmp_pa
     result = CliRunner().invoke(serve, ["--port", "0"], env=env)
     assert result.exit_code == 2
     assert "CHARTBRIEF_SMART__SESSION_SECRET" in result.output
+
+
+def test_no_route_takes_the_whole_runtime(tmp_path: Path) -> None:
+    from fastapi.routing import APIRoute
+
+    from service.api.deps import Runtime
+
+    app = create_app(app_settings(tmp_path))
+    for route in app.routes:
+        if isinstance(route, APIRoute):
+            hints = typing.get_type_hints(route.endpoint, include_extras=True)
+            taken = [
+                typing.get_args(h)[0] if typing.get_origin(h) is typing.Annotated else h
+                for h in hints.values()
+            ]
+            assert Runtime not in taken, f"{route.path} takes the whole Runtime"

@@ -22,13 +22,20 @@ import re
 import structlog
 from fastapi import APIRouter, Request
 from fastapi.responses import RedirectResponse, Response
-from starlette.concurrency import run_in_threadpool
+from sqlalchemy.orm import Session, sessionmaker
 
 from fhir_adapters.auth.launch import TokenSet, authorize_url, exchange_code, new_pkce
 from fhir_adapters.auth.oauth import SmartError, split_scopes
 from fhir_adapters.auth.scopes import DEFAULT_SCOPES, STANDALONE_SCOPES, review_scopes
-from service.api.deps import Runtime, RuntimeDep
-from service.api.errors import ApiError, BadRequest, Forbidden
+from service.api.deps import (
+    CipherDep,
+    DatabaseDep,
+    DiscoveryDep,
+    HttpDep,
+    SettingsDep,
+    SmartClientDep,
+)
+from service.api.errors import BadGateway, BadRequest, Forbidden
 from service.api.security import scopes_allow
 from service.api.sessions import (
     BROWSER_COOKIE,
@@ -36,8 +43,10 @@ from service.api.sessions import (
     new_browser_session,
     set_cookie,
 )
+from service.config import SmartSettings
 from service.db import audit
 from service.db.launch import StateError, consume_state, create_state, end_session, save_session
+from service.db.store import in_thread
 
 log = structlog.get_logger(__name__)
 
@@ -55,11 +64,6 @@ REQUIRED_RIGHTS = (
 )
 MAX_LAUNCH_CHARS = 500
 _OAUTH_ERROR = re.compile(r"^[a-z_]{1,64}$")
-
-
-class BadGateway(ApiError):
-    status = 502
-    code = "exception"
 
 
 def launch_scopes(configured: str | None, *, ehr_launch: bool) -> str:
@@ -96,8 +100,7 @@ def missing_rights(granted: frozenset[str]) -> list[str]:
     ]
 
 
-def _target_issuer(runtime: Runtime, iss: str | None, launch: str | None) -> str:
-    smart = runtime.settings.smart
+def _target_issuer(smart: SmartSettings, iss: str | None, launch: str | None) -> str:
     if launch is not None and not iss:
         raise BadRequest("an EHR launch needs the iss parameter (the EHR's FHIR base URL)")
     if launch is not None and len(launch) > MAX_LAUNCH_CHARS:
@@ -119,31 +122,28 @@ def _target_issuer(runtime: Runtime, iss: str | None, launch: str | None) -> str
 
 @router.get("/launch", summary="Start a SMART launch (EHR launch with `launch`, standalone without)")
 async def launch(
-    request: Request, runtime: RuntimeDep, iss: str | None = None, launch: str | None = None
+    request: Request,
+    settings: SettingsDep,
+    db: DatabaseDep,
+    discovery: DiscoveryDep,
+    iss: str | None = None,
+    launch: str | None = None,
 ) -> Response:
+    smart = settings.smart
     try:
-        target = _target_issuer(runtime, iss, launch)
+        target = _target_issuer(smart, iss, launch)
     except Forbidden:
-        await run_in_threadpool(
-            audit.record,
-            runtime.db,
-            actor="unauthenticated",
-            action="launch",
-            outcome="denied",
-            detail="iss not on the allow-list",
-            request_id=request.state.request_id,
-        )
+        await _refused(db, request, "iss not on the allow-list")
         raise
     try:
-        config = await runtime.discovery.get(target)
+        config = await discovery.get(target)
     except SmartError as exc:
         raise BadGateway(f"the EHR's SMART configuration cannot be used: {exc}") from exc
     verifier, challenge = new_pkce()
     browser = request.cookies.get(BROWSER_COOKIE) or new_browser_session()
-    smart = runtime.settings.smart
-    state = await run_in_threadpool(
+    state = await in_thread(
         create_state,
-        runtime.db,
+        db,
         browser_session=browser,
         iss=target,
         code_verifier=verifier,
@@ -163,18 +163,19 @@ async def launch(
     )
     log.info("launch.authorize", standalone=launch is None)
     response = RedirectResponse(url, status_code=302)
-    set_cookie(response, runtime, BROWSER_COOKIE, browser, max_age=smart.session_ttl_seconds)
+    set_cookie(response, smart, BROWSER_COOKIE, browser, max_age=smart.session_ttl_seconds)
     return response
 
 
-async def _refuse_state(runtime: Runtime, request: Request, problem: str) -> None:
-    await run_in_threadpool(
+async def _refused(db: sessionmaker[Session], request: Request, detail: str) -> None:
+    """The audit row of a launch refused before anyone is known (no session, no fhirUser yet)."""
+    await in_thread(
         audit.record,
-        runtime.db,
+        db,
         actor="unauthenticated",
         action="launch",
         outcome="denied",
-        detail=f"state {problem}",
+        detail=detail,
         request_id=request.state.request_id,
     )
 
@@ -182,19 +183,24 @@ async def _refuse_state(runtime: Runtime, request: Request, problem: str) -> Non
 @router.get("/callback", summary="The EHR's redirect after authorization")
 async def callback(
     request: Request,
-    runtime: RuntimeDep,
+    settings: SettingsDep,
+    db: DatabaseDep,
+    cipher: CipherDep,
+    discovery: DiscoveryDep,
+    http: HttpDep,
+    smart_client: SmartClientDep,
     code: str | None = None,
     state: str | None = None,
     error: str | None = None,
 ) -> Response:
     browser = request.cookies.get(BROWSER_COOKIE) or ""
     if not state:
-        await _refuse_state(runtime, request, "missing")
+        await _refused(db, request, "state missing")
         raise BadRequest("the EHR's answer has no state; start the launch again from the EHR")
     try:
-        row = await run_in_threadpool(consume_state, runtime.db, state, browser)
+        row = await in_thread(consume_state, db, state, browser)
     except StateError as exc:
-        await _refuse_state(runtime, request, exc.problem)
+        await _refused(db, request, f"state {exc.problem}")
         raise BadRequest(str(exc)) from exc
     if error:
         shown = error if _OAUTH_ERROR.match(error) else "an error"
@@ -204,27 +210,27 @@ async def callback(
     if not code:
         raise BadRequest("the EHR's answer has no authorization code; start the launch again from the EHR")
     try:
-        config = await runtime.discovery.get(row.iss)
+        config = await discovery.get(row.iss)
         token_set = await exchange_code(
-            runtime.http,
+            http,
             config,
-            runtime.smart_client,
+            smart_client,
             code=code,
             redirect_uri=row.redirect_uri,
             code_verifier=row.code_verifier,
         )
     except SmartError as exc:
-        await _refuse_state(runtime, request, "accepted, but the token exchange failed")
+        await _refused(db, request, "state accepted, but the token exchange failed")
         if exc.oauth_error:
             raise Forbidden(f"the EHR refused the sign-in: {exc}") from exc
         raise BadGateway(f"the EHR's token endpoint could not be used: {exc}") from exc
     _check_grant(token_set)
-    smart = runtime.settings.smart
+    smart = settings.smart
     fhir_user = token_set.fhir_user_reference
-    session_id = await run_in_threadpool(
+    session_id = await in_thread(
         save_session,
-        runtime.db,
-        runtime.cipher,
+        db,
+        cipher,
         browser_session=browser,
         iss=row.iss,
         patient_id=token_set.patient,
@@ -238,10 +244,10 @@ async def callback(
     previous = request.cookies.get(SESSION_COOKIE)
     if previous:
         # A new launch replaces the browser's old session instead of leaving it usable.
-        await run_in_threadpool(end_session, runtime.db, previous)
-    await run_in_threadpool(
+        await in_thread(end_session, db, previous)
+    await in_thread(
         audit.record,
-        runtime.db,
+        db,
         actor=fhir_user or "unidentified-user",
         action="launch",
         outcome="ok",
@@ -250,7 +256,7 @@ async def callback(
         request_id=request.state.request_id,
     )
     response = RedirectResponse("/review", status_code=303)
-    set_cookie(response, runtime, SESSION_COOKIE, session_id, max_age=smart.session_ttl_seconds)
+    set_cookie(response, smart, SESSION_COOKIE, session_id, max_age=smart.session_ttl_seconds)
     return response
 
 

@@ -46,8 +46,15 @@ from fhir_adapters.write.review import ReviewConflict, ReviewError, ReviewForbid
 from fhir_adapters.write.send import read_draft
 from service import review as actions
 from service.api.deps import CsrfSecretDep, DatabaseDep, SettingsDep, TemplatesDep
-from service.api.errors import ApiError, BadRequest, Conflict, Forbidden, NotFound, Unauthenticated
-from service.api.routes.launch import BadGateway
+from service.api.errors import (
+    ApiError,
+    BadGateway,
+    BadRequest,
+    Conflict,
+    Forbidden,
+    NotFound,
+    Unauthenticated,
+)
 from service.api.security import csrf_ok, same_origin_request
 from service.api.sessions import ReviewSession, ReviewSessionDep, SessionServicesDep
 from service.api.views import (
