@@ -84,9 +84,7 @@ def create_app(
             templates=templates,
             csrf_secret=secret.encode("utf-8"),
             verifier=_verifier(settings, shared),
-            service_client=(
-                fhir_client(settings.fhir, http=shared) if settings.fhir.base_url else None
-            ),
+            service_client=(fhir_client(settings.fhir, http=shared) if settings.fhir.base_url else None),
             model=ModelSlot(engine=engine),
         )
         app.state.runtime = runtime
