@@ -18,7 +18,7 @@ Callers branch on the class, never on the message text. `str(error)` is PHI-free
 method, path): it may be logged. `diagnostics` is the server's own explanation and may echo
 request content (search values, resource text): show it to a person, do not log it.
 
-This module does no IO and knows nothing about httpx; `client._request` is the one place
+This module does no IO and knows nothing about httpx; the client's one send path is the one place
 that translates third-party exceptions into these.
 """
 
