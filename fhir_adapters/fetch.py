@@ -381,7 +381,8 @@ async def read_notes(
     semaphore: asyncio.Semaphore,
 ) -> tuple[list[Note], list[Skipped]]:
     """Decode every note attachment; the DocumentReference copy of a repeated text wins."""
-    items = [*note_attachments(document_references), *report_attachments(diagnostic_reports)]
+    # DocumentReferences first: a text repeated in a report keeps its document's copy.
+    items = [*note_attachments(document_references), *note_attachments(diagnostic_reports)]
     contents = await asyncio.gather(
         *(_attachment_bytes(source, item, semaphore) for item in items), return_exceptions=True
     )
@@ -429,50 +430,56 @@ async def read_notes(
     return notes, skipped
 
 
-def note_attachments(document_references: list[JsonObject]) -> list[_Attachment]:
-    """Attachments of the DocumentReferences, current ones first, then newest first, then by id."""
-    ordered = sorted(document_references, key=lambda r: str(r["id"]))
-    ordered.sort(key=lambda r: _doc_date(r) or "", reverse=True)
+def note_attachments(resources: list[JsonObject]) -> list[_Attachment]:
+    """Every note attachment of DocumentReferences (`content[].attachment`) and DiagnosticReports
+    (`presentedForm[]`): current documents first, then newest first, then by id.
+
+    >>> report = {"resourceType": "DiagnosticReport", "id": "r", "presentedForm": [{}]}
+    >>> doc = {"resourceType": "DocumentReference", "id": "d", "status": "current",
+    ...        "content": [{"attachment": {}}]}
+    >>> [a.label for a in note_attachments([report, doc])]
+    ['DocumentReference/d#content[0]', 'DiagnosticReport/r#presentedForm[0]']
+    """
+    ordered = sorted(resources, key=lambda r: str(r["id"]))
+    ordered.sort(key=lambda r: _note_date(r) or "", reverse=True)
     ordered.sort(key=lambda r: r.get("status") != "current")
     items: list[_Attachment] = []
-    for doc in ordered:
-        title = _codeable_text(doc.get("type")) or _str(doc.get("description"))
-        for index, content in enumerate(doc.get("content") or []):
-            attachment = content.get("attachment") if isinstance(content, dict) else None
-            if isinstance(attachment, dict):
-                items.append(
-                    _Attachment(
-                        owner=doc,
-                        where=f"content[{index}]",
-                        attachment=attachment,
-                        date=_doc_date(doc),
-                        title=_str(attachment.get("title")) or title,
-                        status=_str(doc.get("status")),
-                    )
+    for owner in ordered:
+        title = _note_title(owner)
+        for where, attachment in _attachments_of(owner):
+            items.append(
+                _Attachment(
+                    owner=owner,
+                    where=where,
+                    attachment=attachment,
+                    date=_note_date(owner),
+                    title=_str(attachment.get("title")) or title,
+                    status=_str(owner.get("status")),
                 )
+            )
     return items
 
 
-def report_attachments(diagnostic_reports: list[JsonObject]) -> list[_Attachment]:
-    """`DiagnosticReport.presentedForm` attachments, newest report first, then by id."""
-    ordered = sorted(diagnostic_reports, key=lambda r: str(r["id"]))
-    ordered.sort(key=lambda r: _report_date(r) or "", reverse=True)
-    items: list[_Attachment] = []
-    for report in ordered:
-        title = _codeable_text(report.get("code"))
-        for index, attachment in enumerate(report.get("presentedForm") or []):
-            if isinstance(attachment, dict):
-                items.append(
-                    _Attachment(
-                        owner=report,
-                        where=f"presentedForm[{index}]",
-                        attachment=attachment,
-                        date=_report_date(report),
-                        title=_str(attachment.get("title")) or title,
-                        status=_str(report.get("status")),
-                    )
-                )
-    return items
+def _attachments_of(owner: JsonObject) -> list[tuple[str, JsonObject]]:
+    """(where, attachment) of each note a DocumentReference or DiagnosticReport carries."""
+    if owner.get("resourceType") == "DiagnosticReport":
+        found = [(f"presentedForm[{i}]", a) for i, a in enumerate(owner.get("presentedForm") or [])]
+    else:
+        found = [
+            (f"content[{i}]", c.get("attachment") if isinstance(c, dict) else None)
+            for i, c in enumerate(owner.get("content") or [])
+        ]
+    return [(where, attachment) for where, attachment in found if isinstance(attachment, dict)]
+
+
+def _note_title(owner: JsonObject) -> str | None:
+    if owner.get("resourceType") == "DiagnosticReport":
+        return _codeable_text(owner.get("code"))
+    return _codeable_text(owner.get("type")) or _str(owner.get("description"))
+
+
+def _note_date(owner: JsonObject) -> str | None:
+    return _report_date(owner) if owner.get("resourceType") == "DiagnosticReport" else _doc_date(owner)
 
 
 async def _attachment_bytes(
