@@ -231,7 +231,7 @@ def _attachment_bytes(attachment: Mapping[str, Any]) -> bytes | None:
 
 
 def _attachments(doc: Mapping[str, Any]) -> list[Mapping[str, Any]]:
-    out = []
+    out: list[Mapping[str, Any]] = []
     for content in doc.get("content") or []:
         attachment = content.get("attachment") if isinstance(content, dict) else None
         if isinstance(attachment, dict):
@@ -314,7 +314,8 @@ def draft_view(doc: Mapping[str, Any]) -> DraftView:
             dropped=_dropped(data.get("dropped")),
             notes=NotesRead.from_json(data.get("notes")),
         )
-    sources = data.get("sources") if isinstance(data.get("sources"), dict) else {}
+    stored_sources = data.get("sources")
+    sources: dict[Any, Any] = stored_sources if isinstance(stored_sources, dict) else {}
     return DraftView(
         id=str(doc.get("id", "")),
         version=str(meta["versionId"]) if isinstance(meta, dict) and meta.get("versionId") else None,
@@ -381,8 +382,8 @@ def banner_view(patient: Mapping[str, Any]) -> BannerView:
     identifiers = [i for i in patient.get("identifier") or [] if isinstance(i, dict) and i.get("value")]
     # The medical record number is what staff match a chart by; any identifier is the fallback.
     mrn = [i for i in identifiers if any(c.get("code") == "MR" for c in _codings(i.get("type")))]
-    chosen = (mrn or identifiers or [None])[0]
-    identifier = str(chosen["value"]) if chosen else None
+    chosen = (mrn or identifiers)[0] if (mrn or identifiers) else None
+    identifier = str(chosen["value"]) if chosen is not None else None
     return BannerView(
         name=name,
         gender=patient.get("gender") if isinstance(patient.get("gender"), str) else None,
