@@ -177,10 +177,12 @@ class NotRead:
 def not_read(skipped: list[Skipped]) -> tuple[NotRead, ...]:
     """What was skipped while reading, one entry per type and reason, whole types first. Pure.
 
-    >>> [n.text() for n in not_read([Skipped("Binary/1", "could not be read (status 404)"),
+    >>> for n in not_read([Skipped("Binary/1", "could not be read (status 404)"),
     ...     Skipped("Procedure", "search refused by the server (status 403)"),
-    ...     Skipped("Binary/2", "could not be read (status 404)")])]
-    ['Procedure: none read (search refused by the server (status 403))', '2 Binary: could not be read (status 404)']
+    ...     Skipped("Binary/2", "could not be read (status 404)")]):
+    ...     print(n.text())
+    Procedure: none read (search refused by the server (status 403))
+    2 Binary: could not be read (status 404)
     """
     whole = [NotRead(s.resource_type, s.reason) for s in skipped if s.whole_type]
     counts: dict[tuple[str, str], int] = {}

@@ -3,7 +3,8 @@
 - no import cycle between the project's modules (function-level imports count too: a cycle
   hidden inside a function is still a cycle);
 - `fhir_adapters` imports nothing from `service` (the FHIR side knows nothing of the service);
-- no module over `MAX_LINES` lines (database migrations aside): a long module does two jobs.
+- no module over `MAX_LINES` lines (database migrations aside): a long module does two jobs;
+- docs/architecture.md names every module, so the layout a newcomer reads is the real one.
 """
 
 from __future__ import annotations
@@ -139,3 +140,13 @@ def test_no_module_is_over_the_line_limit() -> None:
     sizes = {name: len(path.read_text(encoding="utf-8").splitlines()) for name, path in MODULES.items()}
     over = sorted(f"{MODULES[n].relative_to(ROOT)}: {lines}" for n, lines in sizes.items() if lines > MAX_LINES)
     assert over == [], f"modules over {MAX_LINES} lines (split each by job):\n" + "\n".join(over)
+
+
+def test_the_architecture_doc_names_every_module() -> None:
+    doc = (ROOT / "docs" / "architecture.md").read_text(encoding="utf-8")
+    unnamed = sorted(
+        str(path.relative_to(ROOT))
+        for path in MODULES.values()
+        if path.read_text(encoding="utf-8").strip() and f"`{path.relative_to(ROOT)}`" not in doc
+    )
+    assert unnamed == [], "modules docs/architecture.md does not name (add one line each):\n" + "\n".join(unnamed)
