@@ -30,24 +30,22 @@ from service.batch import (
     run_batch,
     run_progress,
 )
-from service.cli.common import EXIT_BAD_INPUT, EXIT_SERVER, build_settings, fail, fhir_base_option, run
+from service.cli.common import (
+    EXIT_BAD_INPUT,
+    EXIT_SERVER,
+    build_settings,
+    db_url_option,
+    fail,
+    fhir_base_option,
+    json_option,
+    model_path_option,
+    run,
+)
 from service.config import Settings
 from service.db.batch import RUN_COMPLETED_WITH_FAILURES, BatchRepository
 from service.logging import configure_logging
 
 EXIT_FAILURES = 5
-
-db_url_option = click.option(
-    "--db-url", envvar="CHARTBRIEF_DB__URL", show_envvar=True, default=None, help="Where runs are recorded."
-)
-model_path_option = click.option(
-    "--model-path",
-    envvar="CHARTBRIEF_LLM__MODEL_PATH",
-    show_envvar=True,
-    default=None,
-    help="GGUF model file.",
-)
-
 
 @click.group()
 def batch() -> None:
@@ -71,7 +69,7 @@ def batch() -> None:
 )
 @click.option("--resume", is_flag=True, help="Only finish the unfinished run of this server.")
 @click.option("--no-wait", is_flag=True, help="PostgreSQL: defer the jobs to the workers and return at once.")
-@click.option("--json", "as_json", is_flag=True, help="Print the run's report as one JSON object.")
+@json_option("the run's report")
 @db_url_option
 @model_path_option
 @click.pass_context
@@ -122,7 +120,7 @@ async def run_command(
 
 @batch.command("status")
 @click.argument("run_id", type=int, required=False)
-@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@json_option("the runs")
 @db_url_option
 def status_command(run_id: int | None, as_json: bool, db_url: str | None) -> None:
     """Progress of one run, or the latest runs."""
@@ -147,7 +145,7 @@ def status_command(run_id: int | None, as_json: bool, db_url: str | None) -> Non
 
 @batch.command("report")
 @click.argument("run_id", type=int)
-@click.option("--json", "as_json", is_flag=True, help="Print the report as one JSON object.")
+@json_option("the report")
 @db_url_option
 def report_command(run_id: int, as_json: bool, db_url: str | None) -> None:
     """What a run selected, summarized, skipped and failed (with reasons), and what it cost."""
