@@ -18,6 +18,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from sqlalchemy import select
 
+from service.db.launch import TokenCipher
 from service.db.models import AppSession, AuditEvent, LaunchState
 from tests.api.conftest import (
     APP_BASE,
@@ -100,7 +101,8 @@ async def test_ehr_launch_redirects_to_authorize_with_pkce_s256_aud_launch_and_n
 async def test_callback_opens_a_server_side_session_and_the_browser_never_sees_a_token(
     ehr: TestEhr, tmp_path: Path
 ) -> None:
-    async with running_app(app_settings(tmp_path, ehr)) as (client, app):
+    settings = app_settings(tmp_path, ehr)
+    async with running_app(settings) as (client, app):
         started = await start_launch(client, ehr, "p-7")
         callback = await authorize(started.headers["location"])
         response = await finish(client, callback)
@@ -112,12 +114,20 @@ async def test_callback_opens_a_server_side_session_and_the_browser_never_sees_a
         )
         (row,) = session_rows(app)
         assert (row.patient_id, row.fhir_user, row.need_patient_banner) == ("p-7", "Practitioner/dr-1", True)
-        # The token set is encrypted at rest: no JWT segment and no field name is readable.
-        assert "eyJ" not in row.token_set_encrypted and "access_token" not in row.token_set_encrypted
+        # The token set is encrypted at rest: it opens only with the session secret, and neither a
+        # token nor a field name is readable in what the database holds.
+        sealed = row.token_set_encrypted
+        token_set = TokenCipher(settings.smart.session_secret.get_secret_value()).decrypt(sealed)
+        access_token, id_token = token_set["access_token"], token_set["id_token"]
+        assert access_token.startswith("eyJ") and id_token.startswith("eyJ")
+        for readable in (access_token, id_token, *access_token.split("."), *id_token.split(".")):
+            assert readable not in sealed
+        assert "access_token" not in sealed and "refresh_token" not in sealed
         raw_cookie = response.cookies["cb_session"]
         assert row.id == hashlib.sha256(raw_cookie.encode()).hexdigest() != raw_cookie
         visible = response.text + json.dumps(dict(response.headers))
-        assert "eyJ" not in visible  # no JWT (access or id token) in anything the browser gets
+        for token in (access_token, id_token, token_set.get("refresh_token") or access_token):
+            assert token not in visible  # no token in anything the browser gets
         (launch_audit,) = [a for a in audit_rows(app) if a.action == "launch"]
         assert (launch_audit.outcome, launch_audit.patient_id, launch_audit.actor) == (
             "ok",
