@@ -43,6 +43,7 @@ JsonObject = dict[str, Any]
 SearchParams = Mapping[str, str | Sequence[str]]
 
 BUNDLE_SUFFIXES = (".json", ".json.gz")
+_GZIP_MAGIC = b"\x1f\x8b"
 _SEARCH_PARAMS = frozenset({"patient", "_sort"})
 # The element whose date orders a `_sort=date` search, by type (the first one present wins).
 _SORT_DATES: tuple[tuple[str, ...], ...] = (
@@ -173,27 +174,54 @@ def sort_date(resource: JsonObject) -> str | None:
 
 
 def read_bundle(path: Path) -> JsonObject:
-    """One Bundle file (plain or gzip-compressed JSON), checked to be a Bundle."""
+    """One Bundle file (plain or gzip-compressed JSON), checked to be a Bundle with a list of entries.
+
+    Compression is told by the content as well as the name, so a renamed file still reads. A file
+    that cannot be used raises `BundleError` naming the file and what is wrong with it.
+    """
     try:
         raw = path.read_bytes()
-        if path.name.endswith(".gz"):
-            raw = gzip.decompress(raw)
     except OSError as exc:
         raise BundleError(f"{path}: cannot be read ({exc.strerror or type(exc).__name__})") from exc
-    except (EOFError, zlib.error) as exc:
-        raise BundleError(f"{path}: not a valid gzip file") from exc
+    if raw[:2] == _GZIP_MAGIC or path.name.endswith(".gz"):
+        try:
+            raw = gzip.decompress(raw)
+        except (OSError, EOFError, zlib.error) as exc:
+            raise BundleError(f"{path}: not a valid gzip file") from exc
     try:
         bundle = json.loads(raw)
     except UnicodeDecodeError as exc:
         raise BundleError(f"{path}: not UTF-8 text") from exc
     except json.JSONDecodeError as exc:
-        raise BundleError(f"{path}: not valid JSON (line {exc.lineno}, column {exc.colno})") from exc
-    if not isinstance(bundle, dict) or bundle.get("resourceType") != "Bundle":
-        found = bundle.get("resourceType") if isinstance(bundle, dict) else type(bundle).__name__
-        raise BundleError(f"{path}: resourceType is {found!r}, not 'Bundle'")
+        raise BundleError(
+            f"{path}: not valid JSON (line {exc.lineno}, column {exc.colno}: {exc.msg})"
+        ) from exc
+    if not isinstance(bundle, dict):
+        raise BundleError(f"{path}: not a FHIR Bundle (the JSON is {_json_kind(bundle)}, not an object)")
+    if bundle.get("resourceType") != "Bundle":
+        found = bundle.get("resourceType")
+        what = "no resourceType" if found is None else f"resourceType is {found!r}, not 'Bundle'"
+        raise BundleError(f"{path}: not a FHIR Bundle ({what})")
     if not isinstance(bundle.get("entry"), list):
         raise BundleError(f"{path}: Bundle.entry is missing or not a list")
     return bundle
+
+
+def _json_kind(value: object) -> str:
+    """What a JSON document is, in JSON's words.
+
+    >>> _json_kind([1]), _json_kind("x"), _json_kind(None), _json_kind(True), _json_kind(2.5)
+    ('an array', 'a string', 'null', 'a boolean', 'a number')
+    """
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, list):
+        return "an array"
+    if isinstance(value, str):
+        return "a string"
+    return "a number"
 
 
 def bundle_files(root: Path) -> list[Path]:

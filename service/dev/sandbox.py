@@ -11,8 +11,8 @@ Synthea 2.4 bundles carry their providers inline; those entries get an `ifNoneEx
 identifier so that patients sharing a provider share one server resource.
 
 Pure parts (`conditional_targets`, `target_resource`, `as_transaction`, ...) take and return
-plain JSON; `read_bundle` reads a file; `ensure_targets`, `load_bundle` and `load_files` talk to
-the server through the FHIR client.
+plain JSON; files are read by `fhir_adapters.bundle_source.read_bundle`; `ensure_targets`,
+`load_bundle` and `load_files` talk to the server through the FHIR client.
 
 What it must not do: log a file name, a patient name or any resource content (Synthea file
 names contain the patient's name: logs carry counts and server ids only); rewrite clinical
@@ -22,8 +22,6 @@ content; or hide a failed load (every skipped file is reported with its reason).
 from __future__ import annotations
 
 import asyncio
-import gzip
-import json
 import re
 import time
 from collections import Counter
@@ -35,6 +33,7 @@ from urllib.parse import parse_qsl, quote
 
 import structlog
 
+from fhir_adapters.bundle_source import BundleError, read_bundle
 from fhir_adapters.errors import FhirError, FhirTransportError
 
 JsonObject = dict[str, Any]
@@ -56,8 +55,11 @@ _TYPE_NAME = re.compile(r"^[A-Z][A-Za-z]+$")
 _log = structlog.get_logger(__name__)
 
 
-class SandboxError(Exception):
-    """A bundle file that cannot be loaded as it is (unreadable, not a Bundle, unusable type)."""
+class SandboxError(BundleError):
+    """A Bundle that cannot be loaded as it is (unusable type, entries without requests, no Patient).
+
+    A file that cannot be read as a Bundle at all is the `BundleError` of `read_bundle`.
+    """
 
 
 @dataclass(frozen=True)
@@ -411,28 +413,6 @@ def created_id(response: JsonObject, index: int, resource_type: str) -> str | No
 # ---------------------------------------------------------------------------
 
 
-def read_bundle(path: Path) -> JsonObject:
-    """A Bundle from a `.json` or gzip-compressed `.json.gz` file; SandboxError naming the file otherwise."""
-    try:
-        raw = path.read_bytes()
-    except OSError as exc:
-        raise SandboxError(f"{path}: cannot be read ({exc.strerror or type(exc).__name__})") from exc
-    # Decide by content, not by name: a renamed file still loads.
-    if raw[:2] == b"\x1f\x8b":
-        try:
-            raw = gzip.decompress(raw)
-        except (OSError, EOFError) as exc:
-            raise SandboxError(f"{path}: is not a valid gzip file") from exc
-    try:
-        document = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise SandboxError(f"{path}: is not JSON ({exc})") from exc
-    if not isinstance(document, dict) or document.get("resourceType") != "Bundle":
-        found = document.get("resourceType") if isinstance(document, dict) else type(document).__name__
-        raise SandboxError(f"{path}: is not a FHIR Bundle (resourceType is {found!r})")
-    return document
-
-
 async def ensure_targets(
     client: SandboxClient, targets: Sequence[ConditionalTarget], *, concurrency: int = TARGET_CONCURRENCY
 ) -> dict[ConditionalTarget, str]:
@@ -517,7 +497,7 @@ async def load_files(
             patient = await load_bundle(client, read_bundle(path), source_file=path.name)
         except FhirTransportError:
             raise
-        except (SandboxError, FhirError, ValueError) as exc:
+        except (BundleError, FhirError, ValueError) as exc:
             skipped += 1
             # The position, not the name: file names carry patient names.
             _log.warning(

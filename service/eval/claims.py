@@ -24,6 +24,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from fhir_adapters.bundle_source import BundleError, read_bundle
+from fhir_adapters.bundle_source import bundle_files as folder_bundle_files
 from service.verify import RecordIndex, Verdict, verify
 
 LABELS = ("supported", "unsupported", "contradicted")
@@ -123,19 +125,19 @@ def _labelled(row: object, where: str, number: int) -> LabelledClaim:
 
 def bundle_files(folder: Path) -> dict[str, Path]:
     """Every bundle under `folder` (recursively, .json and .json.gz), by file name."""
-    if not folder.is_dir():
-        raise CorpusError(f"{folder}: is not a folder of bundles")
+    try:
+        paths = folder_bundle_files(folder)
+    except BundleError as exc:
+        raise CorpusError(str(exc)) from exc
     files: dict[str, Path] = {}
-    for path in sorted(folder.rglob("*")):
-        if path.is_file() and path.name.endswith((".json", ".json.gz")) and path.name != "manifest.json":
+    for path in paths:
+        if path.name != "manifest.json":
             files.setdefault(path.name, path)
     return files
 
 
 def load_bundles(folder: Path, names: Iterable[str]) -> dict[str, RecordIndex]:
     """The records of the named bundle files, each as the verifier sees it."""
-    from service.dev.sandbox import SandboxError, read_bundle
-
     files = bundle_files(folder)
     records: dict[str, RecordIndex] = {}
     for name in sorted(set(names)):
@@ -144,11 +146,9 @@ def load_bundles(folder: Path, names: Iterable[str]) -> dict[str, RecordIndex]:
             raise CorpusError(f"bundle {name}: not found under {folder}")
         try:
             bundle = read_bundle(path)
-        except SandboxError as exc:
+        except BundleError as exc:
             raise CorpusError(str(exc)) from exc
-        resources = [
-            e["resource"] for e in bundle.get("entry") or [] if isinstance(e, dict) and "resource" in e
-        ]
+        resources = [e["resource"] for e in bundle["entry"] if isinstance(e, dict) and "resource" in e]
         records[name] = RecordIndex.of(resources)
     return records
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import doctest
 import gzip
 import hashlib
 import json
@@ -10,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+import fhir_adapters.bundle_source
 from fhir_adapters.bundle_source import BundleError, BundleFolder, BundleSource, read_bundle
 from fhir_adapters.errors import FhirNotFound
 from fhir_adapters.fetch import fetch_record
@@ -25,7 +27,9 @@ def _write(path: Path, bundle: dict, *, gz: bool = False) -> Path:
 
 
 def _patient_bundle(pid: str, *extra: dict) -> dict:
-    entries = [{"fullUrl": f"urn:uuid:{pid}", "resource": {"resourceType": "Patient", "id": pid, "gender": "female"}}]
+    entries = [
+        {"fullUrl": f"urn:uuid:{pid}", "resource": {"resourceType": "Patient", "id": pid, "gender": "female"}}
+    ]
     entries += [{"fullUrl": f"urn:uuid:{r['id']}", "resource": r} for r in extra]
     return {"resourceType": "Bundle", "type": "transaction", "entry": entries}
 
@@ -82,13 +86,21 @@ async def test_notes_are_decoded_and_a_report_repeating_a_note_is_kept_once() ->
     assert all(n.text.strip() and n.content_type == "text/plain" for n in record.notes)
 
 
+def _observation(oid: str, subject: str, when: str) -> dict:
+    return {
+        "resourceType": "Observation",
+        "id": oid,
+        "status": "final",
+        "code": {"text": "x"},
+        "subject": {"reference": subject},
+        "effectiveDateTime": when,
+    }
+
+
 async def test_searches_keep_the_patients_resources_and_sort_observations_newest_first() -> None:
-    other = {"resourceType": "Observation", "id": "o-other", "status": "final", "code": {"text": "x"},
-             "subject": {"reference": "Patient/someone-else"}, "effectiveDateTime": "2024-01-01"}
-    old = {"resourceType": "Observation", "id": "o-old", "status": "final", "code": {"text": "x"},
-           "subject": {"reference": "urn:uuid:p1"}, "effectiveDateTime": "2001-01-01"}
-    new = {"resourceType": "Observation", "id": "o-new", "status": "final", "code": {"text": "x"},
-           "subject": {"reference": "urn:uuid:p1"}, "effectiveDateTime": "2020-01-01"}
+    other = _observation("o-other", "Patient/someone-else", "2024-01-01")
+    old = _observation("o-old", "urn:uuid:p1", "2001-01-01")
+    new = _observation("o-new", "urn:uuid:p1", "2020-01-01")
     source = BundleSource.from_bundle(_patient_bundle("p1", old, other, new))
 
     found = await source.search_all("Observation", {"patient": "p1", "_sort": "-date"}, limit=5)
@@ -100,13 +112,22 @@ async def test_searches_keep_the_patients_resources_and_sort_observations_newest
 
 
 async def test_attachment_urls_are_read_from_the_bundles_binaries_and_never_from_the_network() -> None:
-    binary = {"resourceType": "Binary", "id": "b1", "contentType": "text/plain",
-              "data": base64.b64encode(b"Seen for cough.").decode()}
+    binary = {
+        "resourceType": "Binary",
+        "id": "b1",
+        "contentType": "text/plain",
+        "data": base64.b64encode(b"Seen for cough.").decode(),
+    }
 
     def doc(did: str, url: str) -> dict:
-        return {"resourceType": "DocumentReference", "id": did, "status": "current",
-                "subject": {"reference": "urn:uuid:p1"}, "type": {"text": "Progress note"},
-                "content": [{"attachment": {"contentType": "text/plain", "url": url}}]}
+        return {
+            "resourceType": "DocumentReference",
+            "id": did,
+            "status": "current",
+            "subject": {"reference": "urn:uuid:p1"},
+            "type": {"text": "Progress note"},
+            "content": [{"attachment": {"contentType": "text/plain", "url": url}}],
+        }
 
     source = BundleSource.from_bundle(
         _patient_bundle("p1", binary, doc("d1", "Binary/b1"), doc("d2", "https://elsewhere.example/Binary/9"))
@@ -121,8 +142,11 @@ async def test_attachment_urls_are_read_from_the_bundles_binaries_and_never_from
 def test_a_bundle_without_a_patient_is_refused_naming_the_file(tmp_path: Path) -> None:
     _write(tmp_path / "a.json", _patient_bundle("p1"))
     (tmp_path / "sub").mkdir()
-    organizations = {"resourceType": "Bundle", "type": "batch",
-                     "entry": [{"resource": {"resourceType": "Organization", "id": "o"}}]}
+    organizations = {
+        "resourceType": "Bundle",
+        "type": "batch",
+        "entry": [{"resource": {"resourceType": "Organization", "id": "o"}}],
+    }
     _write(tmp_path / "sub" / "orgs.json.gz", organizations, gz=True)
 
     with pytest.raises(BundleError, match=r"orgs\.json\.gz: no Patient resource"):
@@ -132,15 +156,49 @@ def test_a_bundle_without_a_patient_is_refused_naming_the_file(tmp_path: Path) -
 @pytest.mark.parametrize(
     ("content", "message"),
     [
-        (b"{not json", r"bad\.json: not valid JSON \(line 1, column 2\)"),
-        (b'{"resourceType": "Patient", "id": "x"}', r"bad\.json: resourceType is 'Patient', not 'Bundle'"),
+        (b"{not json", r"bad\.json: not valid JSON \(line 1, column 2: Expecting property name"),
+        (b'{"resourceType": "Bundle\xe9"}', r"bad\.json: not UTF-8 text"),
+        (
+            b'{"resourceType": "Patient", "id": "x"}',
+            r"bad\.json: not a FHIR Bundle \(resourceType is 'Patient', not 'Bundle'\)",
+        ),
+        (b'{"id": "x"}', r"bad\.json: not a FHIR Bundle \(no resourceType\)"),
+        (b"[1, 2]", r"bad\.json: not a FHIR Bundle \(the JSON is an array, not an object\)"),
         (b'{"resourceType": "Bundle"}', r"bad\.json: Bundle\.entry is missing"),
+        (b"\x1f\x8b\x08garbage", r"bad\.json: not a valid gzip file"),
     ],
 )
-def test_a_file_that_is_not_a_bundle_is_refused_naming_it(tmp_path: Path, content: bytes, message: str) -> None:
+def test_a_file_that_is_not_a_bundle_is_refused_naming_it(
+    tmp_path: Path, content: bytes, message: str
+) -> None:
     (tmp_path / "bad.json").write_bytes(content)
     with pytest.raises(BundleError, match=message):
         read_bundle(tmp_path / "bad.json")
+
+
+def test_a_file_named_gz_that_is_not_gzip_is_refused_naming_it(tmp_path: Path) -> None:
+    (tmp_path / "plain.json.gz").write_bytes(json.dumps(_patient_bundle("p1")).encode())
+    with pytest.raises(BundleError, match=r"plain\.json\.gz: not a valid gzip file"):
+        read_bundle(tmp_path / "plain.json.gz")
+
+
+def test_a_missing_file_is_refused_naming_it(tmp_path: Path) -> None:
+    with pytest.raises(BundleError, match=r"nowhere\.json: cannot be read \(No such file"):
+        read_bundle(tmp_path / "nowhere.json")
+
+
+def test_plain_gzipped_and_renamed_gzipped_files_read_alike(tmp_path: Path) -> None:
+    plain = synthea_path("Kermit_Trantow")
+    packed = tmp_path / "b.json.gz"
+    packed.write_bytes(gzip.compress(plain.read_bytes()))
+    renamed = tmp_path / "b.json"
+    renamed.write_bytes(packed.read_bytes())
+
+    assert read_bundle(packed) == read_bundle(renamed) == read_bundle(plain) == load_synthea("Kermit_Trantow")
+
+
+def test_bundle_source_doctests_pass() -> None:
+    assert doctest.testmod(fhir_adapters.bundle_source).failed == 0
 
 
 def test_a_missing_or_empty_folder_and_a_repeated_patient_are_refused(tmp_path: Path) -> None:

@@ -10,6 +10,7 @@ from typing import Any
 import httpx
 import pytest
 
+from fhir_adapters.bundle_source import read_bundle
 from fhir_adapters.client import FhirClient
 from service.dev.devserver import (
     LOAD_TIMEOUT_SECONDS,
@@ -23,7 +24,6 @@ from service.dev.sandbox import (
     conditional_targets,
     display_name,
     ensure_targets,
-    read_bundle,
     with_shared_providers,
 )
 from tests.integration.conftest import EXTERNAL_BASE_ENV

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import copy
-import gzip
 import json
 from collections import defaultdict
 from pathlib import Path
@@ -15,6 +14,7 @@ import pytest
 from fhir.resources.R4B import get_fhir_model_class
 from structlog.testing import capture_logs
 
+from fhir_adapters.bundle_source import read_bundle
 from fhir_adapters.errors import FhirBadRequest, FhirTransportError
 from service.dev.sandbox import (
     TARGET_CONCURRENCY,
@@ -30,7 +30,6 @@ from service.dev.sandbox import (
     load_files,
     parse_conditional_reference,
     practitioner_name,
-    read_bundle,
     target_resource,
     with_shared_providers,
 )
@@ -175,37 +174,6 @@ def test_target_criteria_escape_search_specials_and_encode_for_a_query() -> None
     target = ConditionalTarget("Organization", "urn:x", "a,b&c", None)
     assert target.criteria == "identifier=urn:x|a%5C%2Cb%26c"
     assert target.search_value == "urn:x|a\\,b&c"
-
-
-# --- read_bundle --------------------------------------------------------------------------------
-
-
-def test_read_bundle_reads_plain_and_gzipped_files_alike(tmp_path: Path, bundle_24: dict[str, Any]) -> None:
-    packed = tmp_path / "b.json.gz"
-    packed.write_bytes(gzip.compress(SYNTHEA_24.read_bytes()))
-    assert read_bundle(packed) == bundle_24
-
-
-@pytest.mark.parametrize(
-    ("content", "message"),
-    [
-        (b'{"resourceType": "Patient"}', "not a FHIR Bundle"),
-        (b"[1, 2]", "not a FHIR Bundle"),
-        (b"{not json", "not JSON"),
-        (b"\x1f\x8b\x08garbage", "not a valid gzip"),
-    ],
-)
-def test_read_bundle_names_the_file_it_refuses(tmp_path: Path, content: bytes, message: str) -> None:
-    path = tmp_path / "odd-file.json"
-    path.write_bytes(content)
-    with pytest.raises(SandboxError, match=message) as error:
-        read_bundle(path)
-    assert "odd-file.json" in str(error.value)
-
-
-def test_read_bundle_names_a_missing_file(tmp_path: Path) -> None:
-    with pytest.raises(SandboxError, match="nowhere.json"):
-        read_bundle(tmp_path / "nowhere.json")
 
 
 # --- bundle types and shared providers ----------------------------------------------------------
