@@ -1,33 +1,38 @@
 """Versioned prompts: load `prompts/<task>/vN.yaml`, pack a patient's facts into the token budget,
 render the messages and the output schema, and build the engine request.
 
-A prompt file is data: id, version, description, system message, a jinja2 user template (strict:
-an undefined variable is an error), the variables it declares, max_tokens, stop strings and an
-output JSON schema. Its sha256 (of the file's bytes) travels with every summary, so a released
-file is never edited: a change is a new version.
+A prompt file is data (`PromptFile`, a pydantic model: an unknown field or a wrong type is an
+error naming it): id, version, description, what it reads, system message, a jinja2 user template
+(strict: an undefined variable is an error), the variables it declares, max_tokens, stop strings
+and an output JSON schema. Its sha256 (of the file's bytes) travels with every summary, so a
+released file is never edited: a change is a new version.
 
 Note text from the record is untrusted. It is placed as quoted data - every line prefixed with
 "| " and chat-template control tokens defused - so it cannot end the message it sits in or pose
 as instructions, and the output format is enforced by the schema (a grammar in llama.cpp) whose
 citation keys are limited to the facts actually shown.
 
-Pure apart from `load_prompt` reading one file. Never logs fact or note text.
+Pure apart from `load_prompt`, which reads one file and keeps the result for the process (it reads
+the file again only when its size, mtime or inode changed). Never logs fact or note text.
 """
 
 from __future__ import annotations
 
 import copy
+import functools
 import hashlib
 import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import jinja2
 import jinja2.meta
 import jinja2.sandbox
 import yaml
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
+from pydantic_core import PydanticCustomError
 
 from fhir_adapters.models import ClinicalContext, Fact, PromptIdentity
 from service.config import LlmSettings
@@ -57,8 +62,48 @@ class PromptError(Exception):
     """A prompt file is malformed or cannot be rendered. The message names the file or field."""
 
 
+def _filled(value: str) -> str:
+    if not value.strip():
+        raise PydanticCustomError("blank", "must be a non-empty string")
+    return value
+
+
+_Text = Annotated[str, AfterValidator(_filled)]
+_Name = Annotated[str, Field(min_length=1)]
+# Plain phrases for pydantic's error types; others keep pydantic's own message.
+_MESSAGES = {
+    "int_type": "must be a whole number",
+    "string_type": "must be a string",
+    "list_type": "must be a list",
+    "dict_type": "must be a mapping",
+    "literal_error": "must be one of " + ", ".join(sorted(_READS)),
+    "string_too_short": "must be a non-empty string",
+}
+
+
+class PromptFile(BaseModel):
+    """The fields of a prompt file, as written; an unknown field or a wrong type is refused."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+    id: _Text
+    version: _Text
+    description: str | None = None
+    # "record": one request over the packed facts and notes (variables patient_summary, facts);
+    # "notes": one short request per note (variables patient_summary, note; see service.narrative).
+    reads: Literal["record", "notes"] = "record"
+    system: _Text
+    template: _Text
+    variables: list[_Name]
+    max_tokens: int = Field(ge=1, le=32768)
+    stop: list[_Name] = Field(default_factory=list)
+    output_schema: dict[str, Any] | None = None
+
+
 @dataclass(frozen=True)
 class PromptTemplate:
+    """A checked prompt file, with the sha256 of its bytes and where it was read from."""
+
     id: str
     version: str
     sha256: str
@@ -70,9 +115,7 @@ class PromptTemplate:
     stop: tuple[str, ...] = ()
     output_schema: dict[str, Any] | None = None
     description: str = ""
-    # "record": one request over the packed facts and notes (variables patient_summary, facts);
-    # "notes": one short request per note (variables patient_summary, note; see service.narrative).
-    reads: str = "record"
+    reads: str = "record"  # see PromptFile.reads
 
     @property
     def identity(self) -> PromptIdentity:
@@ -99,6 +142,9 @@ class PackedContext:
 
 # --- loading -----------------------------------------------------------------------------------
 
+# What `load_prompt` has read: (resolved path, path as asked) -> (size, mtime, inode, device), template.
+_LOADED: dict[tuple[Path, Path], tuple[tuple[int, int, int, int], PromptTemplate]] = {}
+
 
 def _environment() -> jinja2.Environment:
     # Prompts are plain text, not HTML: escaping would corrupt them. The sandbox keeps a template
@@ -108,15 +154,34 @@ def _environment() -> jinja2.Environment:
     )
 
 
+@functools.lru_cache(maxsize=32)
+def _compiled(source: str) -> jinja2.Template:
+    """A user template compiled once per process (a render per note would otherwise compile it)."""
+    return _environment().from_string(source)
+
+
 def load_prompt(spec: str = "summary/v1", prompts_dir: Path | None = None) -> PromptTemplate:
-    """Read and check `<prompts_dir>/<task>/<version>.yaml`; `spec` is "task/vN"."""
+    """Read and check `<prompts_dir>/<task>/<version>.yaml`; `spec` is "task/vN".
+
+    Once per process: while the file's size, mtime and inode are those it had when it was read, a
+    later call returns the same `PromptTemplate` without reading it again.
+    """
     match = _SPEC.match(spec)
     if match is None:
         raise PromptError(f"prompt {spec!r} (CHARTBRIEF_PROMPT) must look like 'summary/v1'")
     task, version = match.group("task"), match.group("version")
     path = (prompts_dir or DEFAULT_PROMPTS_DIR) / task / f"{version}.yaml"
     try:
-        raw = path.read_bytes()
+        resolved = path.resolve()
+        stat = resolved.stat()
+    except OSError as exc:
+        raise PromptError(f"prompt file {path} cannot be read ({exc.strerror})") from exc
+    key, signature = (resolved, path), (stat.st_size, stat.st_mtime_ns, stat.st_ino, stat.st_dev)
+    cached = _LOADED.get(key)
+    if cached is not None and cached[0] == signature:
+        return cached[1]
+    try:
+        raw = resolved.read_bytes()
     except OSError as exc:
         raise PromptError(f"prompt file {path} cannot be read ({exc.strerror})") from exc
     try:
@@ -125,47 +190,49 @@ def load_prompt(spec: str = "summary/v1", prompts_dir: Path | None = None) -> Pr
         raise PromptError(f"prompt file {path} is not valid UTF-8 YAML: {exc}") from exc
     if not isinstance(data, dict):
         raise PromptError(f"prompt file {path} must hold a mapping of fields")
+    try:
+        file = PromptFile.model_validate(data)
+    except ValidationError as exc:
+        raise PromptError(f"prompt file {path}: {_problems(exc)}") from exc
     sha256 = hashlib.sha256(raw).hexdigest()
-    return _template_from_data(data, path=path, task=task, version=version, sha256=sha256)
+    template = _template_of(file, path=path, task=task, version=version, sha256=sha256)
+    _LOADED[key] = (signature, template)
+    return template
 
 
-def _template_from_data(
-    data: dict[str, Any], *, path: Path, task: str, version: str, sha256: str
-) -> PromptTemplate:
+def _problems(exc: ValidationError) -> str:
+    """Each field pydantic refused, by its path in the file (`stop.1`), and why."""
+    problems = []
+    for error in exc.errors():
+        name = ".".join(str(part) for part in error["loc"]) or "(file)"
+        kind = error["type"]
+        if kind == "missing":
+            problem = "is required"
+        elif kind == "extra_forbidden":
+            problem = "is not a field of a prompt file"
+        else:
+            message = _MESSAGES.get(kind, error["msg"][:1].lower() + error["msg"][1:])
+            got = repr(error["input"])
+            problem = f"{message} (got {got if len(got) <= 60 else got[:57] + '...'})"
+        problems.append(f"field {name!r} {problem}")
+    return "; ".join(problems)
+
+
+def _template_of(file: PromptFile, *, path: Path, task: str, version: str, sha256: str) -> PromptTemplate:
+    """The checks across fields and against the file's name and jinja2; then the template."""
+
     def fail(name: str, problem: str) -> PromptError:
         return PromptError(f"prompt file {path}: field {name!r} {problem}")
 
-    def text(name: str, *, required: bool = True) -> str:
-        value = data.get(name)
-        if value is None and not required:
-            return ""
-        if not isinstance(value, str) or (required and not value.strip()):
-            raise fail(name, "must be a non-empty string")
-        return value
-
-    def strings(name: str, *, required: bool) -> tuple[str, ...]:
-        value = data.get(name)
-        if value is None and not required:
-            return ()
-        if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
-            raise fail(name, "must be a list of non-empty strings")
-        return tuple(value)
-
-    if text("id") != task:
-        raise fail("id", f"is {data['id']!r} but the file is {task}/{version}.yaml")
-    if str(data.get("version")) != version:
-        raise fail("version", f"is {data.get('version')!r} but the file is {task}/{version}.yaml")
-    max_tokens = data.get("max_tokens")
-    if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or not 1 <= max_tokens <= 32768:
-        raise fail("max_tokens", "must be a whole number between 1 and 32768")
-    schema = data.get("output_schema")
-    if schema is not None and not (isinstance(schema, dict) and schema.get("type") == "object"):
+    if file.id != task:
+        raise fail("id", f"is {file.id!r} but the file is {task}/{version}.yaml")
+    if file.version != version:
+        raise fail("version", f"is {file.version!r} but the file is {task}/{version}.yaml")
+    if file.output_schema is not None and file.output_schema.get("type") != "object":
         raise fail("output_schema", "must be a JSON schema mapping with type: object")
-    system, template = text("system"), text("template")
-    variables = strings("variables", required=True)
-
+    variables = tuple(file.variables)
     env = _environment()
-    for name, source in (("system", system), ("template", template)):
+    for name, source in (("system", file.system), ("template", file.template)):
         try:
             used = jinja2.meta.find_undeclared_variables(env.parse(source))
         except jinja2.TemplateSyntaxError as exc:
@@ -183,24 +250,23 @@ def _template_from_data(
                 if p
             )
             raise fail("variables", f"does not match the template: {problem}")
-    reads = data.get("reads", "record")
-    if reads not in _READS:
-        raise fail("reads", f"must be one of {', '.join(sorted(_READS))}, not {reads!r}")
-    if reads == "notes" and set(variables) != _READS[reads]:
-        raise fail("variables", f"of a prompt that reads notes must be {', '.join(sorted(_READS[reads]))}")
+    if file.reads == "notes" and set(variables) != _READS[file.reads]:
+        raise fail(
+            "variables", f"of a prompt that reads notes must be {', '.join(sorted(_READS[file.reads]))}"
+        )
     return PromptTemplate(
         id=task,
         version=version,
         sha256=sha256,
         path=path,
-        system=system,
-        template=template,
+        system=file.system,
+        template=file.template,
         variables=variables,
-        max_tokens=max_tokens,
-        stop=strings("stop", required=False),
-        output_schema=schema,
-        description=text("description", required=False).strip(),
-        reads=reads,
+        max_tokens=file.max_tokens,
+        stop=tuple(file.stop),
+        output_schema=file.output_schema,
+        description=(file.description or "").strip(),
+        reads=file.reads,
     )
 
 
@@ -217,7 +283,7 @@ def render(
             f"prompt {tpl.id}/{tpl.version} ({tpl.path.name}): missing variable {', '.join(missing)}"
         )
     try:
-        user = _environment().from_string(tpl.template).render({n: variables[n] for n in tpl.variables})
+        user = _compiled(tpl.template).render({n: variables[n] for n in tpl.variables})
     except jinja2.UndefinedError as exc:
         raise PromptError(f"prompt {tpl.id}/{tpl.version} ({tpl.path.name}): {exc.message}") from exc
     shown = citation_keys if citation_keys is not None else _KEY_LINE.findall(user)
