@@ -29,7 +29,14 @@ from typing import Any
 GENERIC_DIAGNOSTICS = "the server gave no diagnostics"
 
 
-class FhirError(Exception):
+class ChartbriefError(Exception):
+    """The root of every error chartbrief raises on purpose, in both packages.
+
+    `service.errors` draws the whole tree and gives each class its exit code and HTTP status.
+    """
+
+
+class FhirError(ChartbriefError):
     """Base of every error raised by the FHIR client."""
 
     def __init__(

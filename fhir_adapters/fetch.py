@@ -31,7 +31,7 @@ from fhir.resources.R4B import get_fhir_model_class
 from pydantic import ValidationError
 
 from fhir_adapters.auth.scopes import SEARCHED_TYPES
-from fhir_adapters.errors import FhirBadRequest, FhirPermanentError
+from fhir_adapters.errors import ChartbriefError, FhirBadRequest, FhirPermanentError
 from fhir_adapters.models import Note, PatientRecord, Skipped, SourceRef
 from fhir_adapters.text import UnsupportedContent, decode_base64, decode_text, ensure_supported, text_sha256
 
@@ -40,7 +40,6 @@ log = structlog.get_logger(__name__)
 JsonObject = dict[str, Any]
 SearchParams = Mapping[str, str | Sequence[str]]
 T = TypeVar("T")
-
 
 
 @runtime_checkable
@@ -58,7 +57,7 @@ class FhirSource(Protocol):
     async def binary(self, url: str) -> tuple[bytes, str]: ...
 
 
-class EncounterNotOfPatient(ValueError):
+class EncounterNotOfPatient(ChartbriefError, ValueError):
     """The focus Encounter belongs to another patient: a session may only touch its own patient."""
 
 

@@ -16,6 +16,8 @@ import hashlib
 import re
 from html.parser import HTMLParser
 
+from fhir_adapters.errors import ChartbriefError
+
 PLAIN = "text/plain"
 HTML = "text/html"
 MARKDOWN = "text/markdown"
@@ -33,7 +35,7 @@ _BLOCK_TAGS = frozenset(
 _HIDDEN_TAGS = frozenset({"script", "style", "head", "title", "template", "noscript"})
 
 
-class UnsupportedContent(ValueError):
+class UnsupportedContent(ChartbriefError, ValueError):
     """An attachment chartbrief cannot read as text. `str()` is a short reason, never content."""
 
 

@@ -238,4 +238,3 @@ def neutralized_coded(ctx: ClinicalContext) -> ClinicalContext:
 
 def _maybe(text: str | None) -> str | None:
     return neutralize(text) if text else text
-

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 from urllib.parse import urlsplit
 
-from fhir_adapters.errors import FhirUnexpectedResponse
+from fhir_adapters.errors import ChartbriefError, FhirUnexpectedResponse
 from fhir_adapters.models import ModelIdentity, PromptIdentity, SourceRef, SummaryDraft
 
 JsonObject = dict[str, Any]
@@ -95,7 +95,7 @@ PROVENANCE_ID_PREFIX = "cb-"
 PROVENANCE_ID_HEX = 40
 
 
-class DraftError(ValueError):
+class DraftError(ChartbriefError, ValueError):
     """A draft (or previous DocumentReference) that cannot be written; the message names the field."""
 
 

@@ -38,6 +38,7 @@ from collections.abc import Mapping
 from datetime import datetime
 from typing import Any
 
+from fhir_adapters.errors import ChartbriefError
 from fhir_adapters.write.draft import (
     MARKDOWN,
     PARTICIPANT_AUTHOR,
@@ -79,7 +80,7 @@ MAX_MARKDOWN_CHARS = 100_000
 REVIEW_PROVENANCE_HEX = 40
 
 
-class ReviewError(Exception):
+class ReviewError(ChartbriefError):
     """The action cannot be done on this resource; the message says why, for a person (no PHI)."""
 
 

@@ -31,6 +31,7 @@ from fastapi.templating import Jinja2Templates
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from fhir_adapters.errors import ChartbriefError
 from service.api.deps import (
     STATIC_DIR,
     TEMPLATES_DIR,
@@ -39,13 +40,14 @@ from service.api.deps import (
     Runtime,
     smart_client_from,
 )
-from service.api.errors import FHIR_JSON, ApiError, issue_code_for_status, operation_outcome
+from service.api.errors import FHIR_JSON, ApiError, Unauthenticated, issue_code_for_status, operation_outcome
 from service.api.jobs import JobRegistry
 from service.api.routes import api, health, launch, review
 from service.api.security import JwtVerifier, SecurityHeaders, frame_ancestor_origins, page_csp
 from service.config import Settings, web_settings_problems
 from service.db.launch import TokenCipher
 from service.db.store import SqlSummaryStore
+from service.errors import fault_of
 from service.fhir import fhir_client
 from service.llm import create_engine
 from service.llm.base import Engine, EngineError
@@ -232,10 +234,22 @@ def error_response(
 
 
 def _install_error_handlers(app: FastAPI, templates: Jinja2Templates) -> None:
-    @app.exception_handler(ApiError)
-    async def api_error(request: Request, exc: ApiError) -> Response:
+    @app.exception_handler(ChartbriefError)
+    async def chartbrief_error(request: Request, exc: ChartbriefError) -> Response:
+        # The web service's one translation of chartbrief's errors (the table is service.errors).
+        fault = fault_of(exc)
+        headers = exc.headers if isinstance(exc, ApiError) else {}
+        if fault.http_status == 401 and not headers:
+            headers = Unauthenticated("").headers
+        if fault.http_status >= 500 and not isinstance(exc, ApiError):
+            log.warning("api.failed", path=request.url.path, error=type(exc).__name__)
         return error_response(
-            request, templates, status=exc.status, code=exc.code, message=exc.message, headers=exc.headers
+            request,
+            templates,
+            status=fault.http_status,
+            code=fault.issue,
+            message=fault.says(exc),
+            headers=headers,
         )
 
     @app.exception_handler(StarletteHTTPException)

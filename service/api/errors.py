@@ -1,6 +1,7 @@
 """How the web service says no: FHIR OperationOutcome JSON for the REST API, a short page for people.
 
-The error tree of the HTTP boundary:
+The refusals are the `ApiError` branch of chartbrief's one error tree (`service.errors`, which
+also gives every other error its status); they are re-exported here for the routes:
 
     ApiError (status, FHIR issue code, a message fit for the caller)
     |- Unauthenticated   401  no, expired, malformed or wrongly addressed credentials
@@ -17,60 +18,34 @@ Messages never carry a token, a note or a name; they name the field, the setting
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from typing import Any
+
+from service.errors import (
+    ApiError,
+    BadGateway,
+    BadRequest,
+    Conflict,
+    Forbidden,
+    NotFound,
+    Unauthenticated,
+    Unavailable,
+)
 
 FHIR_JSON = "application/fhir+json"
 
-
-class ApiError(Exception):
-    status = 500
-    code = "exception"  # FHIR IssueType
-
-    def __init__(self, message: str, *, headers: Mapping[str, str] | None = None) -> None:
-        super().__init__(message)
-        self.message = message
-        self.headers = dict(headers or {})
-
-
-class Unauthenticated(ApiError):
-    status = 401
-    code = "login"
-
-    def __init__(self, message: str, *, error: str = "invalid_token") -> None:
-        # RFC 6750: tell the client which scheme and why, without echoing what it sent.
-        challenge = f'Bearer realm="chartbrief", error="{error}"'
-        super().__init__(message, headers={"WWW-Authenticate": challenge})
-
-
-class Forbidden(ApiError):
-    status = 403
-    code = "forbidden"
-
-
-class NotFound(ApiError):
-    status = 404
-    code = "not-found"
-
-
-class Conflict(ApiError):
-    status = 409
-    code = "conflict"
-
-
-class BadRequest(ApiError):
-    status = 400
-    code = "invalid"
-
-
-class BadGateway(ApiError):
-    status = 502
-    code = "exception"
-
-
-class Unavailable(ApiError):
-    status = 503
-    code = "transient"
+__all__ = [
+    "FHIR_JSON",
+    "ApiError",
+    "BadGateway",
+    "BadRequest",
+    "Conflict",
+    "Forbidden",
+    "NotFound",
+    "Unauthenticated",
+    "Unavailable",
+    "issue_code_for_status",
+    "operation_outcome",
+]
 
 
 def operation_outcome(code: str, diagnostics: str, *, severity: str = "error") -> dict[str, Any]:

@@ -10,10 +10,12 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from fhir_adapters.errors import ChartbriefError
+
 FHIR_ID = re.compile(r"[A-Za-z0-9\-.]{1,64}")
 
 
-class BatchError(Exception):
+class BatchError(ChartbriefError):
     """A batch cannot start or go on: the message says why and what to do (no PHI)."""
 
 

@@ -12,7 +12,7 @@ from contextlib import contextmanager
 import click
 from sqlalchemy.orm import Session, sessionmaker
 
-from service.cli.common import EXIT_BAD_INPUT, build_settings, db_url_option, fail
+from service.cli.common import EXIT_BAD_INPUT, ChartbriefGroup, build_settings, db_url_option, fail
 from service.db import apikeys
 from service.db.store import SqlSummaryStore
 
@@ -27,7 +27,7 @@ def _database(db_url: str | None) -> Iterator[sessionmaker[Session]]:
         store.close()
 
 
-@click.group()
+@click.group(cls=ChartbriefGroup)
 def apikey() -> None:
     """Create, list and revoke API keys for service accounts (hashed; the secret is shown once)."""
 

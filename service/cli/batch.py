@@ -16,11 +16,8 @@ from pathlib import Path
 
 import click
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import SQLAlchemyError
 
-from fhir_adapters.auth.backend import BackendAuthError
 from service.batch import (
-    BatchError,
     BatchReport,
     BatchRequest,
     LogProgress,
@@ -32,7 +29,7 @@ from service.batch import (
 )
 from service.cli.common import (
     EXIT_BAD_INPUT,
-    EXIT_SERVER,
+    ChartbriefGroup,
     build_settings,
     db_url_option,
     fail,
@@ -43,11 +40,11 @@ from service.cli.common import (
 )
 from service.config import Settings
 from service.db.batch import RUN_COMPLETED_WITH_FAILURES, BatchRepository
+from service.errors import EXIT_BATCH_FAILURES
 from service.logging import configure_logging
 
-EXIT_FAILURES = 5
 
-@click.group()
+@click.group(cls=ChartbriefGroup)
 def batch() -> None:
     """Summarize every patient whose record changed; resumable, on one machine or many."""
 
@@ -96,16 +93,9 @@ async def run_command(
         # The bar replaces the per-request lines; warnings still show.
         configure_logging(fmt=settings.log_format, level="WARNING")
     engine = (ctx.obj or {}).get("engine")
-    try:
-        outcome = await run_batch(
-            settings, request, engine=engine, progress_factory=RichProgress if terminal else LogProgress
-        )
-    except BatchError as exc:
-        fail(str(exc), EXIT_BAD_INPUT)
-    except BackendAuthError as exc:
-        fail(str(exc), EXIT_SERVER)
-    except SQLAlchemyError as exc:
-        fail(f"the database (CHARTBRIEF_DB__URL) failed: {type(exc).__name__}", EXIT_SERVER)
+    outcome = await run_batch(
+        settings, request, engine=engine, progress_factory=RichProgress if terminal else LogProgress
+    )
     report = outcome.last
     if report is None:  # pragma: no cover - run_batch always reports or raises
         fail("the batch produced no report", 1)
@@ -115,7 +105,7 @@ async def run_command(
         for each in outcome.reports:
             click.echo(render_report(each))
     if any(r.status == RUN_COMPLETED_WITH_FAILURES for r in outcome.reports):
-        sys.exit(EXIT_FAILURES)
+        sys.exit(EXIT_BATCH_FAILURES)
 
 
 @batch.command("status")
@@ -153,8 +143,6 @@ def report_command(run_id: int, as_json: bool, db_url: str | None) -> None:
     repo = _open_repo(settings)
     try:
         report = report_for(repo, run_id, settings)
-    except BatchError as exc:
-        fail(str(exc), EXIT_BAD_INPUT)
     finally:
         repo.close()
     click.echo(json.dumps(report.to_json(), indent=2) if as_json else render_report(report))
@@ -185,14 +173,7 @@ async def worker_command(
         )
     from service.batch.queue import run_worker  # deferred: procrastinate is only needed here
 
-    try:
-        await run_worker(
-            settings, engine=(ctx.obj or {}).get("engine"), concurrency=concurrency, wait=not burst
-        )
-    except BatchError as exc:
-        fail(str(exc), EXIT_BAD_INPUT)
-    except SQLAlchemyError as exc:
-        fail(f"the database (CHARTBRIEF_DB__URL) failed: {type(exc).__name__}", EXIT_SERVER)
+    await run_worker(settings, engine=(ctx.obj or {}).get("engine"), concurrency=concurrency, wait=not burst)
 
 
 def _open_repo(settings: Settings) -> BatchRepository:

@@ -1,34 +1,42 @@
-"""What every command shares: building settings once, running a coroutine, and turning domain
-errors into one clear line and an exit code.
+"""What every command shares: building settings once, running a coroutine, and turning chartbrief's
+errors into one clear line and an exit code (`ChartbriefCommand`, through `service.errors`).
 
 Exit codes: 0 ok, 1 unexpected, 2 bad input (unknown patient, bad setting or file),
-3 the FHIR server could not be reached or failed, 4 the model or prompt could not be used.
+3 the FHIR server or the database could not be reached or failed, 4 the model or prompt could not
+be used; the table of which error means which is `service.errors.FAULTS`.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import sys
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Iterator
 from typing import Any, NoReturn, TypeVar
 
 import click
 from pydantic import ValidationError
+from sqlalchemy.exc import SQLAlchemyError
 
-from fhir_adapters.errors import FhirError, FhirPermanentError, FhirRetryableError
-from fhir_adapters.fetch import EncounterNotOfPatient
+from fhir_adapters.errors import ChartbriefError
 from service.config import Settings
-from service.llm.base import EngineError
+from service.errors import EXIT_BAD_INPUT, EXIT_MODEL, EXIT_SERVER, cli_message, fault_of
 from service.logging import configure_logging
-from service.prompts import PromptError
 
 T = TypeVar("T")
 F = TypeVar("F", bound=Callable[..., Any])
 
-EXIT_BAD_INPUT = 2
-EXIT_SERVER = 3
-EXIT_MODEL = 4
+__all__ = [
+    "EXIT_BAD_INPUT",
+    "EXIT_MODEL",
+    "EXIT_SERVER",
+    "ChartbriefCommand",
+    "ChartbriefGroup",
+    "build_settings",
+    "fail",
+    "run",
+]
 
 
 def fail(message: str, code: int) -> NoReturn:
@@ -60,29 +68,44 @@ def build_settings(**overrides: Any) -> Settings:
     return settings
 
 
-def describe_fhir_error(exc: FhirError) -> str:
-    where = f" ({exc.url})" if getattr(exc, "url", None) else ""
-    status = f"HTTP {exc.status}: " if exc.status else ""
-    return f"{type(exc).__name__}{where}: {status}{exc.diagnostics}"
+@contextlib.contextmanager
+def translated_errors() -> Iterator[None]:
+    """The CLI's one translation: a chartbrief error (or a database failure) becomes one line on
+    stderr and its exit code."""
+    try:
+        yield
+    except (ChartbriefError, SQLAlchemyError) as exc:
+        fail(cli_message(exc), fault_of(exc).exit_code)
+
+
+class ChartbriefCommand(click.Command):
+    """A command whose chartbrief errors (and database failures) end as one line on stderr and the
+    exit code `service.errors` gives them; anything else is a bug and keeps its traceback."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        with translated_errors():
+            return super().invoke(ctx)
+
+
+class ChartbriefGroup(click.Group):
+    """A group whose commands and subgroups are `ChartbriefCommand`s and `ChartbriefGroup`s."""
+
+    command_class = ChartbriefCommand
+
+    def invoke(self, ctx: click.Context) -> Any:
+        with translated_errors():
+            return super().invoke(ctx)
+
+
+ChartbriefGroup.group_class = ChartbriefGroup
 
 
 def run(coro_fn: Callable[..., Coroutine[Any, Any, T]]) -> Callable[..., T]:
-    """Run an async command body and map domain errors to exit codes."""
+    """Run an async command body (its errors are translated by the command around it)."""
 
     @functools.wraps(coro_fn)
     def wrapper(*args: Any, **kwargs: Any) -> T:
-        try:
-            return asyncio.run(coro_fn(*args, **kwargs))
-        except EncounterNotOfPatient as exc:
-            fail(str(exc), EXIT_BAD_INPUT)
-        except FhirPermanentError as exc:
-            fail(describe_fhir_error(exc), EXIT_BAD_INPUT)
-        except FhirRetryableError as exc:
-            fail(describe_fhir_error(exc), EXIT_SERVER)
-        except FhirError as exc:
-            fail(describe_fhir_error(exc), EXIT_SERVER)
-        except (EngineError, PromptError) as exc:
-            fail(str(exc), EXIT_MODEL)
+        return asyncio.run(coro_fn(*args, **kwargs))
 
     return wrapper
 

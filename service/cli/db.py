@@ -5,11 +5,11 @@ from __future__ import annotations
 import click
 from sqlalchemy import create_engine
 
-from service.cli.common import build_settings, db_url_option
+from service.cli.common import ChartbriefGroup, build_settings, db_url_option
 from service.db.migrate import current_revision, head_revision, upgrade
 
 
-@click.group()
+@click.group(cls=ChartbriefGroup)
 def db() -> None:
     """Database schema (SQLite by default, PostgreSQL for many workers)."""
 

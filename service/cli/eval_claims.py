@@ -7,11 +7,11 @@ from pathlib import Path
 
 import click
 
-from service.cli.common import EXIT_BAD_INPUT, fail, json_option
-from service.eval.claims import CorpusError, evaluate, render_text, write_report
+from service.cli.common import ChartbriefCommand, json_option
+from service.eval.claims import evaluate, render_text, write_report
 
 
-@click.command(name="claims")
+@click.command(cls=ChartbriefCommand, name="claims")
 @click.option(
     "--bundles",
     required=True,
@@ -30,10 +30,7 @@ from service.eval.claims import CorpusError, evaluate, render_text, write_report
 def claims(bundles: Path, corpus: Path, as_json: bool, out: Path | None) -> None:
     """Score the claim verifier: supported kept, unsupported-or-contradicted kept, per kind, and
     every misjudged claim with the verifier's reason."""
-    try:
-        result, _judged = evaluate(corpus, bundles)
-    except CorpusError as exc:
-        fail(str(exc), EXIT_BAD_INPUT)
+    result, _judged = evaluate(corpus, bundles)
     if out is not None:
         write_report(result, out)
     if as_json:

@@ -19,11 +19,12 @@ import structlog
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 
 from fhir_adapters.auth import StaticToken
-from fhir_adapters.bundle_source import BundleError, BundleFolder
+from fhir_adapters.bundle_source import BundleFolder
 from fhir_adapters.client import FhirClient
 from fhir_adapters.models import ModelIdentity
 from service.cli.common import (
     EXIT_BAD_INPUT,
+    ChartbriefCommand,
     build_settings,
     fail,
     json_option,
@@ -87,7 +88,7 @@ def compare_overrides(items: Sequence[str], base_prompt: str) -> dict[str, Any]:
     return overrides
 
 
-@click.command(name="run")
+@click.command(cls=ChartbriefCommand, name="run")
 @click.option(
     "--bundles",
     type=click.Path(path_type=Path, file_okay=False),
@@ -134,21 +135,13 @@ async def run_eval(
         fhir_base = None  # an explicit --bundles wins over a server configured in the environment
     if (bundles is None) == (fhir_base is None):
         fail("give exactly one of --bundles DIR and --fhir-base URL", EXIT_BAD_INPUT)
-    try:
-        configurations = _configurations(fhir_base, model_path, prompt_version, compare)
-        wanted = _read_patients(patients_file)
-        obj = ctx.obj or {}
-        factory = _engine_factory(obj.get("engine"), obj.get("engine_factory"))
-        async with _open_source(configurations[0].settings, bundles, wanted, patients_file) as (
-            source,
-            client,
-        ):
-            with _progress(configurations[0].settings, len(source.patient_ids())) as on_progress:
-                runs = await evalrun.evaluate(
-                    source, configurations, factory, client, on_progress=on_progress
-                )
-    except (BundleError, evalrun.EvalInputError) as exc:
-        fail(str(exc), EXIT_BAD_INPUT)
+    configurations = _configurations(fhir_base, model_path, prompt_version, compare)
+    wanted = _read_patients(patients_file)
+    obj = ctx.obj or {}
+    factory = _engine_factory(obj.get("engine"), obj.get("engine_factory"))
+    async with _open_source(configurations[0].settings, bundles, wanted, patients_file) as (source, client):
+        with _progress(configurations[0].settings, len(source.patient_ids())) as on_progress:
+            runs = await evalrun.evaluate(source, configurations, factory, client, on_progress=on_progress)
     report = build_report(runs, source=source.description, machine=machine())
     json_path, html_path = write_report(report, out)
     log.info("eval.report", patients=len(runs[0].patients), configurations=len(runs))

@@ -13,10 +13,10 @@ from pathlib import Path
 import click
 
 from fhir_adapters.auth.oauth import generate_key
-from service.cli.common import EXIT_BAD_INPUT, fail
+from service.cli.common import EXIT_BAD_INPUT, ChartbriefGroup, fail
 
 
-@click.group()
+@click.group(cls=ChartbriefGroup)
 def keys() -> None:
     """SMART Backend Services keys."""
 

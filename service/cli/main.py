@@ -7,6 +7,7 @@ import click
 
 from service.cli.apikey import apikey
 from service.cli.batch import batch
+from service.cli.common import ChartbriefGroup
 from service.cli.db import db
 from service.cli.eval import eval_group
 from service.cli.keys import keys
@@ -17,7 +18,7 @@ from service.cli.serve import serve
 from service.cli.summarize import summarize
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=ChartbriefGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="chartbrief")
 def cli() -> None:
     """Grounded, AI-labelled clinical summaries from a FHIR R4 server, with a local model."""

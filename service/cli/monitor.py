@@ -14,9 +14,15 @@ from typing import Any
 import click
 from rich.console import Console
 from rich.table import Table
-from sqlalchemy.exc import SQLAlchemyError
 
-from service.cli.common import EXIT_BAD_INPUT, EXIT_SERVER, build_settings, db_url_option, fail, json_option
+from service.cli.common import (
+    EXIT_BAD_INPUT,
+    ChartbriefCommand,
+    build_settings,
+    db_url_option,
+    fail,
+    json_option,
+)
 from service.db import audit
 from service.db.store import SqlSummaryStore
 from service.governance.monitor import TABLE_COLUMNS, monitor_report, table_rows
@@ -78,7 +84,7 @@ def render(report: dict[str, Any]) -> str:
     return out.getvalue()
 
 
-@click.command()
+@click.command(cls=ChartbriefCommand)
 @click.option("--since", "since_text", default=None, help="Only drafts created on or after DATE (ISO).")
 @json_option("the report")
 @db_url_option
@@ -89,17 +95,14 @@ def monitor(since_text: str | None, as_json: bool, db_url: str | None) -> None:
     except click.BadParameter as exc:
         fail(f"--since {since_text!r}: {exc.message}", EXIT_BAD_INPUT)
     settings = build_settings(db__url=db_url)
+    store = SqlSummaryStore.from_url(settings.db.url)
     try:
-        store = SqlSummaryStore.from_url(settings.db.url)
-        try:
-            report = monitor_report(
-                summaries(store.sessions),
-                review_outcomes(store.sessions),
-                audit.rejections(store.sessions),
-                since=since,
-            )
-        finally:
-            store.close()
-    except SQLAlchemyError as exc:
-        fail(f"the database (CHARTBRIEF_DB__URL) failed: {type(exc).__name__}", EXIT_SERVER)
+        report = monitor_report(
+            summaries(store.sessions),
+            review_outcomes(store.sessions),
+            audit.rejections(store.sessions),
+            since=since,
+        )
+    finally:
+        store.close()
     click.echo(json.dumps(report, indent=2) if as_json else render(report), nl=as_json)

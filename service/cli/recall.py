@@ -11,14 +11,11 @@ import json
 from datetime import UTC, datetime
 
 import click
-from sqlalchemy.exc import SQLAlchemyError
 
 from service.cli.common import (
-    EXIT_BAD_INPUT,
-    EXIT_SERVER,
+    ChartbriefCommand,
     build_settings,
     db_url_option,
-    fail,
     json_option,
     optional_fhir_base_option,
     run,
@@ -55,7 +52,7 @@ def render(report: RecallReport) -> str:
     return "\n".join(lines)
 
 
-@click.command()
+@click.command(cls=ChartbriefCommand)
 @click.option("--model-sha", default=None, help="The model file's sha256 (or a unique prefix of 12+ hex).")
 @click.option("--prompt-version", default=None, help="A prompt version: v1, or id/version (summary/v1).")
 @click.option("--mark", is_flag=True, help="Put the unreviewed summaries under recall (needs --reason).")
@@ -76,21 +73,15 @@ async def recall(
     """Every summary of a model file or prompt version; --mark sets unreviewed ones under recall.
 
     Without --fhir-base only the database is searched."""
-    try:
-        criterion: Criterion = parse_criterion(model_sha, prompt_version)
-        if mark and not (reason or "").strip():
-            raise RecallError("--mark needs --reason TEXT: the reviewing clinician is shown why")
-        if mark and not fhir_base:
-            raise RecallError(
-                "--mark needs the FHIR server: pass --fhir-base URL or set CHARTBRIEF_FHIR__BASE_URL"
-            )
-    except RecallError as exc:
-        fail(str(exc), EXIT_BAD_INPUT)
+    criterion: Criterion = parse_criterion(model_sha, prompt_version)
+    if mark and not (reason or "").strip():
+        raise RecallError("--mark needs --reason TEXT: the reviewing clinician is shown why")
+    if mark and not fhir_base:
+        raise RecallError(
+            "--mark needs the FHIR server: pass --fhir-base URL or set CHARTBRIEF_FHIR__BASE_URL"
+        )
     settings = build_settings(db__url=db_url, fhir__base_url=fhir_base)
-    try:
-        store = SqlSummaryStore.from_url(settings.db.url)
-    except SQLAlchemyError as exc:
-        fail(f"the database (CHARTBRIEF_DB__URL) failed: {type(exc).__name__}", EXIT_SERVER)
+    store = SqlSummaryStore.from_url(settings.db.url)
     try:
         client = fhir_client(settings.fhir) if fhir_base else None
         try:
@@ -105,10 +96,6 @@ async def recall(
         finally:
             if client is not None:
                 await client.aclose()
-    except RecallError as exc:
-        fail(str(exc), EXIT_BAD_INPUT)
-    except SQLAlchemyError as exc:
-        fail(f"the database (CHARTBRIEF_DB__URL) failed: {type(exc).__name__}", EXIT_SERVER)
     finally:
         store.close()
     click.echo(json.dumps(report.to_json(), indent=2) if as_json else render(report))

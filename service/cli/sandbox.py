@@ -7,12 +7,12 @@ from pathlib import Path
 
 import click
 
-from service.cli.common import EXIT_BAD_INPUT, build_settings, fail, fhir_base_option, run
+from service.cli.common import EXIT_BAD_INPUT, ChartbriefGroup, build_settings, fail, fhir_base_option, run
 from service.dev.sandbox import LoadFailure, load_files
 from service.fhir import fhir_client
 
 
-@click.group()
+@click.group(cls=ChartbriefGroup)
 def sandbox() -> None:
     """Developer sandbox: load Synthea patients."""
 

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import click
 
-from service.cli.common import EXIT_BAD_INPUT, build_settings, fail
+from service.cli.common import EXIT_BAD_INPUT, ChartbriefCommand, build_settings, fail
 
 
-@click.command()
+@click.command(cls=ChartbriefCommand)
 @click.option(
     "--host",
     envvar="CHARTBRIEF_HOST",

@@ -7,6 +7,7 @@ import json
 import click
 
 from service.cli.common import (
+    ChartbriefCommand,
     build_settings,
     db_url_option,
     fhir_base_option,
@@ -18,7 +19,7 @@ from service.pipeline import SummaryResult, summarize_patient
 from service.runtime import open_services
 
 
-@click.command()
+@click.command(cls=ChartbriefCommand)
 @fhir_base_option
 @click.option("--patient", required=True, help="Patient id on that server.")
 @click.option("--encounter", default=None, help="Focus the summary on this Encounter id.")

@@ -32,6 +32,7 @@ from sqlalchemy import delete, or_, update
 from sqlalchemy.engine import CursorResult
 from sqlalchemy.orm import Session, sessionmaker
 
+from fhir_adapters.errors import ChartbriefError
 from service.db.models import AppSession, LaunchState
 
 _log = structlog.get_logger(__name__)
@@ -54,7 +55,7 @@ _STATE_MESSAGES: dict[StateProblem, str] = {
 }
 
 
-class StateError(Exception):
+class StateError(ChartbriefError):
     """The `state` of a callback cannot be accepted; `problem` says why, the message is for a person."""
 
     def __init__(self, problem: StateProblem) -> None:
@@ -62,7 +63,7 @@ class StateError(Exception):
         self.problem: StateProblem = problem
 
 
-class SessionCipherError(Exception):
+class SessionCipherError(ChartbriefError):
     """The session secret is unusable, or a stored token set cannot be decrypted with it."""
 
 

@@ -25,6 +25,8 @@ from typing import IO, Any, Self
 import httpx
 import yaml
 
+from fhir_adapters.errors import ChartbriefError
+
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_SEKMET = REPO_ROOT / ".venv-fhir" / "bin" / "sekmet"
 SYNTHEA_DIR = REPO_ROOT / "tests" / "fixtures" / "synthea"
@@ -34,7 +36,7 @@ LOG_TAIL_CHARS = 4000
 LOAD_TIMEOUT_SECONDS = 300.0
 
 
-class LocalFhirServerError(RuntimeError):
+class LocalFhirServerError(ChartbriefError, RuntimeError):
     """The local FHIR server is not installed, did not start, or did not answer in time."""
 
 

@@ -19,6 +19,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from fhir_adapters.errors import ChartbriefError
 from fhir_adapters.write.draft import MODEL_IDENTIFIER_SYSTEM, PROMPT_EXTENSION_URL, reference_from_location
 from service.governance.records import SummaryRecord
 
@@ -48,7 +49,7 @@ State = Literal[
 ]
 
 
-class RecallError(ValueError):
+class RecallError(ChartbriefError, ValueError):
     """The recall cannot run as asked; the message says what to change (one line, no PHI)."""
 
 

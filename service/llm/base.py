@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
+from fhir_adapters.errors import ChartbriefError
 from fhir_adapters.models import ModelIdentity
 
 
@@ -50,7 +51,7 @@ class Engine(Protocol):
     async def aclose(self) -> None: ...
 
 
-class EngineError(Exception):
+class EngineError(ChartbriefError):
     """The model could not be loaded or run. The message names the setting to fix."""
 
 

@@ -35,8 +35,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from sse_starlette import EventSourceResponse
 
 from fhir_adapters.client import FhirClient
-from fhir_adapters.errors import FhirError
-from fhir_adapters.fetch import EncounterNotOfPatient
+from fhir_adapters.errors import ChartbriefError, FhirError
 from service.api.deps import ApiFhirDep, DatabaseDep, JobsDep, PipelineDep, StoreDep, VerifierDep
 from service.api.errors import (
     BadRequest,
@@ -50,9 +49,8 @@ from service.api.views import source_views, stored_markdown
 from service.db import apikeys, audit
 from service.db.apikeys import SECRET_TAG
 from service.db.store import in_thread
-from service.llm.base import EngineError
+from service.errors import UNEXPECTED, fault_of
 from service.pipeline import Services, summarize_patient
-from service.prompts import PromptError
 from service.streaming import Finished, Prepared, Token, stream_summary
 
 log = structlog.get_logger(__name__)
@@ -165,14 +163,9 @@ async def authorize(
 
 
 def describe_failure(exc: BaseException) -> str:
-    """A job's error message: the kind of failure, never patient data."""
-    if isinstance(exc, EncounterNotOfPatient):
-        return "the encounter belongs to another patient"
-    if isinstance(exc, FhirError):
-        return f"the FHIR server failed: {type(exc).__name__} (HTTP {exc.status or '-'})"
-    if isinstance(exc, (EngineError, PromptError)):
-        return f"the model could not write the summary: {exc}"
-    return f"unexpected failure: {type(exc).__name__}"
+    """A job's error message: the kind of failure, never patient data (`service.errors`)."""
+    fault = fault_of(exc)
+    return f"unexpected failure: {type(exc).__name__}" if fault is UNEXPECTED else fault.says(exc)
 
 
 # -- routes ---------------------------------------------------------------------------------------
@@ -307,8 +300,8 @@ async def _api_events(svc: Services, body: SummaryRequest) -> AsyncIterator[dict
                     yield {"event": "token", "data": json.dumps({"text": event.text}, ensure_ascii=False)}
                 elif isinstance(event, Finished):
                     yield {"event": "result", "data": json.dumps(event.result.to_json(), ensure_ascii=False)}
-    except (FhirError, EngineError, PromptError, EncounterNotOfPatient) as exc:
-        outcome = operation_outcome("exception", describe_failure(exc))
+    except ChartbriefError as exc:
+        outcome = operation_outcome(fault_of(exc).issue, describe_failure(exc))
         yield {"event": "error", "data": json.dumps(outcome)}
 
 

@@ -38,22 +38,15 @@ from fastapi.templating import Jinja2Templates
 from sqlalchemy.orm import Session, sessionmaker
 from sse_starlette import EventSourceResponse
 
-from fhir_adapters.auth.oauth import SmartError
 from fhir_adapters.client import FhirClient
-from fhir_adapters.errors import FhirAuthError, FhirError
-from fhir_adapters.fetch import EncounterNotOfPatient
+from fhir_adapters.errors import FhirAuthError
 from fhir_adapters.write.review import ReviewConflict, ReviewError, ReviewForbidden, ReviewNotFound
 from fhir_adapters.write.send import read_draft
 from service import review as actions
 from service.api.deps import CsrfSecretDep, DatabaseDep, SettingsDep, TemplatesDep
 from service.api.errors import (
-    ApiError,
-    BadGateway,
     BadRequest,
-    Conflict,
     Forbidden,
-    NotFound,
-    Unauthenticated,
 )
 from service.api.security import csrf_ok, same_origin_request
 from service.api.sessions import ReviewSession, ReviewSessionDep, SessionServicesDep
@@ -69,10 +62,9 @@ from service.api.views import (
 )
 from service.db import audit
 from service.db.store import in_thread
+from service.errors import UNEXPECTED, fault_of
 from service.governance.recall_rules import recall_notice
-from service.llm.base import EngineError
 from service.pipeline import Services, prepare_summary
-from service.prompts import PromptError
 from service.streaming import Finished, Prepared, Token, stream_summary
 
 log = structlog.get_logger(__name__)
@@ -95,34 +87,6 @@ ERRORS = {
 }
 FormField = Annotated[str, Form()]
 OptionalFormField = Annotated[str | None, Form()]
-
-
-# -- translating failures -------------------------------------------------------------------------
-
-
-def as_api_error(exc: Exception) -> ApiError:
-    """What a person is told when the EHR, the model or the session fails (no PHI, no tokens)."""
-    if isinstance(exc, ApiError):
-        return exc
-    if isinstance(exc, SmartError):
-        return Unauthenticated(f"your EHR session could not be renewed ({exc}); launch chartbrief again")
-    if isinstance(exc, FhirAuthError):
-        return Forbidden(f"the EHR refused chartbrief's access (HTTP {exc.status}); launch chartbrief again")
-    if isinstance(exc, EncounterNotOfPatient):
-        return Forbidden("the launch's encounter belongs to another patient")
-    if isinstance(exc, ReviewForbidden):
-        return Forbidden("that document belongs to another patient than the one you launched with")
-    if isinstance(exc, ReviewNotFound):
-        return NotFound("that draft does not exist in the chart")
-    if isinstance(exc, ReviewConflict):
-        return Conflict(str(exc))
-    if isinstance(exc, ReviewError):
-        return BadRequest(str(exc))
-    if isinstance(exc, FhirError):
-        return BadGateway(f"the EHR's FHIR server failed ({type(exc).__name__}, HTTP {exc.status or '-'})")
-    if isinstance(exc, (EngineError, PromptError)):
-        return BadGateway(f"the model could not write the summary: {exc}")
-    raise exc
 
 
 # -- rendering ------------------------------------------------------------------------------------
@@ -200,31 +164,28 @@ async def review_page(
     notice: str | None = None,
     error: str | None = None,
 ) -> Response:
-    try:
-        svc = await services.open(session)
-        banner = await _banner(session, svc.client)
-        context: dict[str, Any] = {
-            "banner": banner,
-            "csrf": session.csrf,
-            "notice": NOTICES.get(notice or ""),
-            "error": ERRORS.get(error or ""),
-            "stream_url": None,
-            "draft": None,
-            "structured": None,
-            "narrative": None,
-            "sources": [],
-            "status_text": "",
-        }
-        if session.fhir_user is None:
-            context["error"] = ERRORS["no-user"]
-        if doc is None:
-            # The stream writes a draft to the chart, so it is guarded like a form: it needs the token.
-            context["stream_url"] = f"{request.url_for('review_stream').path}?csrf_token={session.csrf}"
-            context["status_text"] = "Reading the record..."
-        else:
-            context.update(await _stored_draft_context(db, request, session, svc, doc))
-    except Exception as exc:
-        raise as_api_error(exc) from exc
+    svc = await services.open(session)
+    banner = await _banner(session, svc.client)
+    context: dict[str, Any] = {
+        "banner": banner,
+        "csrf": session.csrf,
+        "notice": NOTICES.get(notice or ""),
+        "error": ERRORS.get(error or ""),
+        "stream_url": None,
+        "draft": None,
+        "structured": None,
+        "narrative": None,
+        "sources": [],
+        "status_text": "",
+    }
+    if session.fhir_user is None:
+        context["error"] = ERRORS["no-user"]
+    if doc is None:
+        # The stream writes a draft to the chart, so it is guarded like a form: it needs the token.
+        context["stream_url"] = f"{request.url_for('review_stream').path}?csrf_token={session.csrf}"
+        context["status_text"] = "Reading the record..."
+    else:
+        context.update(await _stored_draft_context(db, request, session, svc, doc))
     return templates.TemplateResponse(request, "review.html", context)
 
 
@@ -294,10 +255,7 @@ async def review_stream(
     if not csrf_ok(csrf_secret, session.data.id, csrf_token):
         await _audit(db, request, session, "summarize", "denied", None, "CSRF check failed")
         raise Forbidden("this summary was not requested from chartbrief's own page; reload the page")
-    try:
-        svc = await services.open(session)
-    except Exception as exc:
-        raise as_api_error(exc) from exc
+    svc = await services.open(session)
     return EventSourceResponse(_review_events(_Page(templates, request), db, session, svc), ping=15)
 
 
@@ -331,14 +289,13 @@ async def _review_events(
                     for item in await _finished_events(page, db, session, svc, event, sent):
                         yield item
     except Exception as exc:
-        try:
-            problem = as_api_error(exc)
-        except Exception:
+        fault = fault_of(exc)
+        if fault is UNEXPECTED:
             log.error("review.stream_failed", error=type(exc).__name__)
             yield _sse("failed", text="chartbrief failed while making the summary; the error was logged.")
             return
         log.warning("review.stream_failed", error=type(exc).__name__)
-        yield _sse("failed", text=problem.message)
+        yield _sse("failed", text=fault.says(exc))
 
 
 def _existing_events(
@@ -532,9 +489,7 @@ async def review_action(
         return await step.run(ActionCall(svc, session, form, db, request.state.request_id))
     except ReviewConflict:
         return _back(doc_id, error="conflict")
-    except (ReviewForbidden, ReviewNotFound) as exc:
-        raise as_api_error(exc) from exc
+    except (ReviewForbidden, ReviewNotFound):
+        raise  # the one handler says 403 / 404
     except ReviewError:
         return _back(doc_id, error="refused")
-    except Exception as exc:
-        raise as_api_error(exc) from exc
