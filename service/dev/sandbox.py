@@ -55,7 +55,7 @@ _TYPE_NAME = re.compile(r"^[A-Z][A-Za-z]+$")
 _log = structlog.get_logger(__name__)
 
 
-class SandboxError(BundleError):
+class SandboxError(Exception):
     """A Bundle that cannot be loaded as it is (unusable type, entries without requests, no Patient).
 
     A file that cannot be read as a Bundle at all is the `BundleError` of `read_bundle`.
@@ -497,7 +497,7 @@ async def load_files(
             patient = await load_bundle(client, read_bundle(path), source_file=path.name)
         except FhirTransportError:
             raise
-        except (BundleError, FhirError, ValueError) as exc:
+        except (BundleError, SandboxError, FhirError, ValueError) as exc:
             skipped += 1
             # The position, not the name: file names carry patient names.
             _log.warning(
