@@ -30,7 +30,7 @@ from fhir_adapters.normalize import normalize
 from fhir_adapters.write.draft import idempotency_key
 from fhir_adapters.write.send import WriteResult, write_summary
 from service.config import Settings
-from service.db.store import SummaryStore
+from service.db.store import SummaryStore, in_thread
 from service.fhir import write_options
 from service.grounding import Claim, DroppedClaim, GroundingResult, ground
 from service.llm.base import Engine
@@ -407,7 +407,7 @@ async def complete_summary(
         notes=notes.total if notes else prep.notes,
         notes_read=notes,
     )
-    _record(svc, result)
+    await _record(svc, result)
     log.info(
         "summary.done",
         kept=len(result.kept),
@@ -421,7 +421,10 @@ async def complete_summary(
 
 def unchanged_result(svc: Services, prep: PreparedSummary) -> SummaryResult | None:
     """The earlier summary of exactly these inputs, prompt and model, if one was written: then a
-    rerun costs one hash and no generation."""
+    rerun costs one hash and no generation.
+
+    It asks the store, synchronously: async code calls it as `await in_thread(unchanged_result, ...)`.
+    """
     row = svc.store.find(svc.client.base_url, prep.idempotency_key)
     if row is None or not row.document_reference:
         return None
@@ -470,7 +473,7 @@ async def summarize_patient(
     try:
         prep = await prepare_summary(svc, patient_id, encounter_id=encounter_id)
         if skip_unchanged and not dry_run:
-            earlier = unchanged_result(svc, prep)
+            earlier = await in_thread(unchanged_result, svc, prep)
             if earlier is not None:
                 return earlier
         log.info(
@@ -533,9 +536,10 @@ def _period(ctx: ClinicalContext) -> dict[str, str | None]:
     return {"period_start": dates[0] if dates else None, "period_end": dates[-1] if dates else None}
 
 
-def _record(svc: Services, r: SummaryResult) -> None:
+async def _record(svc: Services, r: SummaryResult) -> None:
     w = r.write
-    svc.store.record(
+    await in_thread(
+        svc.store.record,
         {
             "fhir_base": svc.client.base_url,
             "patient_id": r.patient,
@@ -561,7 +565,7 @@ def _record(svc: Services, r: SummaryResult) -> None:
             "provenance": w.provenance if w else None,
             "device": w.device if w else None,
             "superseded": w.superseded if w else None,
-        }
+        },
     )
 
 
