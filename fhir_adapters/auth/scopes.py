@@ -11,6 +11,7 @@ SMART v2 interaction letters (STANDARDS.md): c create, r read, u update, d delet
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -19,16 +20,27 @@ Context = Literal["patient", "system"]
 
 @dataclass(frozen=True)
 class Read:
-    """One type chartbrief reads. `patient_element` names the patient in a search by patient
-    (`subject` or `patient`); None = read by reference only (never searched)."""
+    """One type chartbrief reads.
+
+    `patient_element` names the patient in a search by patient (`subject` or `patient`); None =
+    not searched by patient. `searched_itself` marks a type searched on its own fields instead
+    (the Patient: the batch searches it by `_lastUpdated`). A type neither searched by patient
+    nor by itself is read by id or reference only.
+    """
 
     resource_type: str
     patient_element: str | None
     why: str
+    searched_itself: bool = False
+
+    @property
+    def searched(self) -> bool:
+        """True when chartbrief searches this type, so its scope needs `s` beside `r`."""
+        return self.patient_element is not None or self.searched_itself
 
     @property
     def letters(self) -> str:
-        return "rs" if self.patient_element is not None or self.resource_type == "Patient" else "r"
+        return "rs" if self.searched else "r"
 
 
 @dataclass(frozen=True)
@@ -43,7 +55,7 @@ class Write:
 
 # The record a summary is written from (fetch_record reads exactly these).
 READS: tuple[Read, ...] = (
-    Read("Patient", None, "demographics and the patient banner"),
+    Read("Patient", None, "demographics and the patient banner", searched_itself=True),
     Read("Encounter", "subject", "recent visits and their reasons"),
     Read("DocumentReference", "subject", "clinical notes, and chartbrief's own earlier drafts"),
     Read("Condition", "subject", "problems and social history"),
@@ -72,8 +84,20 @@ BATCH_READS: tuple[Read, ...] = (Read("Group", None, "the members of a Group a b
 # The types searched with `patient=<id>`, and the element naming the patient in each.
 SEARCHED_TYPES: dict[str, str] = {r.resource_type: r.patient_element for r in READS if r.patient_element}
 
-# Every type whose `_lastUpdated` marks a patient's summary inputs as changed.
-CHANGE_TYPES: tuple[str, ...] = ("Patient", *SEARCHED_TYPES)
+# Every type whose `_lastUpdated` marks a patient's summary inputs as changed: the searched ones.
+CHANGE_TYPES: tuple[str, ...] = tuple(r.resource_type for r in READS if r.searched)
+
+
+def split_scopes(scope: str | Iterable[str]) -> tuple[str, ...]:
+    """Scopes as a tuple, order kept, duplicates dropped.
+
+    >>> split_scopes("launch  openid launch")
+    ('launch', 'openid')
+    >>> split_scopes(["openid", "fhirUser"])
+    ('openid', 'fhirUser')
+    """
+    items = scope.split() if isinstance(scope, str) else [s.strip() for s in scope]
+    return tuple(dict.fromkeys(s for s in items if s))
 
 
 def read_scopes(context: Context) -> tuple[str, ...]:
