@@ -33,11 +33,12 @@ from fhir_adapters.auth.oauth import (
     smart_configuration_url,
 )
 from fhir_adapters.auth.scopes import DEFAULT_SYSTEM_SCOPES
+from fhir_adapters.errors import ChartbriefError
 
 log = structlog.get_logger(__name__)
 
 
-class BackendAuthError(Exception):
+class BackendAuthError(ChartbriefError):
     """The token endpoint refused us or could not be reached; the message says why (no secrets)."""
 
 

@@ -12,11 +12,12 @@ RefreshingToken                    a `TokenProvider` for `FhirClient` that refre
 Discovery, client authentication, the token request itself and the id_token check are OAuth
 shared with Backend Services (`fhir_adapters.auth.oauth`); what is SMART-launch specific is kept
 here: the launch context (`patient`, `encounter`, `fhirContext`, `need_patient_banner`), `fhirUser`,
-and the rule that a refresh never changes the patient. Errors are `oauth.SmartError`.
+and the rule that a refresh never changes the patient. Errors are `oauth.SmartError`. authlib makes
+the PKCE pair (`generate_token`, `create_s256_code_challenge`) and writes the authorization URL
+(`prepare_grant_uri`); the token requests go out on the caller's shared client through `oauth`.
 
 What this module must not do: log or show in `repr()` any token, authorization code or PKCE
-verifier; trust an id_token it could not verify; hand-roll any cryptography (authlib makes the
-PKCE pair).
+verifier; trust an id_token it could not verify; hand-roll any cryptography.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from typing import Any, cast
 import httpx
 import structlog
 from authlib.common.security import generate_token  # type: ignore[import-untyped]  # no type information
+from authlib.oauth2.rfc6749.parameters import prepare_grant_uri  # type: ignore[import-untyped]
 from authlib.oauth2.rfc7636 import create_s256_code_challenge  # type: ignore[import-untyped]
 
 from fhir_adapters.auth import TokenProvider
@@ -42,17 +44,16 @@ from fhir_adapters.auth.oauth import (
     SmartConfiguration,
     SmartError,
     client_authentication,
-    fhir_user_claim,
     post_token_request,
-    relative_reference,
-    split_scopes,
     verified_id_token_claims,
 )
+from fhir_adapters.auth.scopes import split_scopes
 
 _log = structlog.get_logger(__name__)
 
 REFRESH_LEEWAY_SECONDS = 60.0
 _FHIR_ID = re.compile(r"[A-Za-z0-9\-.]{1,64}")
+_RELATIVE_REFERENCE = re.compile(r"([A-Z][A-Za-z]+)/([A-Za-z0-9\-.]{1,64})")
 _BEARER = "Bearer"
 _TOKEN_FIELDS = frozenset({"access_token", "refresh_token", "id_token"})
 
@@ -196,24 +197,49 @@ def authorize_url(
         raise ValueError("authorize_url: scope is empty")
     if launch is not None and "launch" not in scopes:
         raise ValueError("authorize_url: an EHR launch (launch=...) needs the `launch` scope")
-    params: list[tuple[str, str]] = [
-        ("response_type", "code"),
-        ("client_id", client_id),
-        ("redirect_uri", redirect_uri),
-        ("scope", " ".join(scopes)),
-        ("state", state),
-        ("aud", aud),
-        ("code_challenge", code_challenge),
-        ("code_challenge_method", "S256"),
-    ]
-    if launch is not None:
-        params.append(("launch", launch))
-    endpoint = httpx.URL(config.authorization_endpoint)
-    existing = list(endpoint.params.multi_items())
-    return str(endpoint.copy_with(params=existing + params))
+    # authlib appends the parameters in this order after the endpoint's own query; None is left out.
+    url = prepare_grant_uri(
+        config.authorization_endpoint,
+        client_id,
+        "code",
+        redirect_uri=redirect_uri,
+        scope=" ".join(scopes),
+        state=state,
+        aud=aud,
+        code_challenge=code_challenge,
+        code_challenge_method="S256",
+        launch=launch,
+    )
+    return cast(str, url)
 
 
 # -- the token response -----------------------------------------------------------------------------
+
+
+def relative_reference(url_or_reference: str) -> str | None:
+    """`Type/id` from a relative reference or an absolute resource URL; None when it is neither.
+
+    >>> relative_reference("https://ehr.example.org/fhir/Practitioner/dr-1")
+    'Practitioner/dr-1'
+    >>> relative_reference("Practitioner/dr-1")
+    'Practitioner/dr-1'
+    >>> relative_reference("not a reference") is None
+    True
+    """
+    parts = url_or_reference.rstrip("/").split("/")
+    if len(parts) < 2:
+        return None
+    candidate = "/".join(parts[-2:])
+    return candidate if _RELATIVE_REFERENCE.fullmatch(candidate) else None
+
+
+def fhir_user_claim(claims: Mapping[str, Any]) -> str | None:
+    """`fhirUser` (SMART 2) or `profile` (SMART 1) from verified id_token claims."""
+    for name in ("fhirUser", "profile"):
+        value = claims.get(name)
+        if isinstance(value, str) and value.strip():
+            return value.strip()
+    return None
 
 
 def _fhir_id(value: object, name: str) -> str | None:

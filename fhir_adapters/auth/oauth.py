@@ -7,13 +7,24 @@ private_key / generate_key / public_jwk                    a client's signing ke
 sign_assertion(...)                 -> a signed private_key_jwt assertion (RS384 or ES384)
 SmartClient, client_authentication  how chartbrief authenticates at a token endpoint
 post_token_request(http, url, form) -> TokenAnswer          POST a token request, errors translated
-fetch_jwks / verify_id_token        an id_token checked against the server's JWKS
+JwksCache, jwks_cache(http)         the one cache of JWKS documents (id_tokens and the API's bearer JWTs)
+verify_id_token / verified_id_token_claims                 an id_token checked against the server's JWKS
 ```
+
+authlib signs the private_key_jwt client assertion (`rfc7523.private_key_jwt_sign`) and, in
+`launch`, makes the PKCE pair and the authorization URL; its OAuth2 clients are not used, because
+each is an `httpx.AsyncClient` of its own and chartbrief keeps one shared client per process, so
+every request here goes through the caller's `http`.
 
 Client authentication follows `SmartClient`: `private_key_jwt` (a signed client assertion, RS384
 or ES384) when it holds a private key, `client_secret_basic` when it holds a secret, otherwise a
 public client (client_id in the form). An `id_token` is verified against the server's JWKS
 (signature RS256/RS384/ES384, iss, aud = client_id, exp) before its `fhirUser` is believed.
+
+JWKS documents are read through `JwksCache`: one per shared HTTP client (`jwks_cache(http)`), so
+the id_token check and `service.api.security.JwtVerifier` share one fetch of an issuer's keys. A
+set is reused for a while (5 minutes by default); a token whose `kid` it lacks makes one refetch,
+at most every 30 s per URL.
 
 Errors: one class, `SmartError`, whose message is fit for a person (it says what was wrong and
 with which endpoint or field) and never contains a token, code, verifier, secret or key.
@@ -22,25 +33,31 @@ caller can tell "launch again" apart from "the EHR is down" without matching on 
 
 What this module must not do: log or show in `repr()` any token, assertion, client secret or
 private key; talk to an endpoint over plain http anywhere but loopback (unless the caller allows
-it for development); trust an id_token it could not verify; hand-roll any cryptography (joserfc
-does the JWTs and keys).
+it for development); trust an id_token it could not verify; accept an HMAC or unsigned JWT where a
+JWKS is the trust anchor; hand-roll any cryptography (joserfc does the JWTs and keys).
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import re
-import uuid
-from collections.abc import Iterable, Mapping
+import time
+import weakref
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal, cast
 from urllib.parse import quote_plus
 
 import httpx
 import structlog
+from authlib.oauth2.rfc7523 import private_key_jwt_sign  # type: ignore[import-untyped]  # no type information
 from joserfc import jwk, jwt
-from joserfc.errors import ExpiredTokenError, JoseError, MissingClaimError
+from joserfc.errors import ExpiredTokenError, InvalidKeyIdError, JoseError, MissingClaimError
+
+from fhir_adapters.auth.scopes import split_scopes as split_scopes  # part of this module's interface too
+from fhir_adapters.errors import ChartbriefError
 
 JsonObject = dict[str, Any]
 AssertionAlg = Literal["RS384", "ES384"]
@@ -57,11 +74,15 @@ CLIENT_ASSERTION_LIFETIME_SECONDS = 240
 # A token response without expires_in: assume short-lived rather than forever.
 DEFAULT_EXPIRES_IN_SECONDS = 300
 CLOCK_SKEW_SECONDS = 60
+# A JWKS is reused this long; a token with a kid the cached set lacks refetches it, at most this often.
+JWKS_MAX_AGE_SECONDS = 300.0
+MIN_JWKS_REFETCH_SECONDS = 30.0
+EHR_JWKS = "the EHR's JWKS"
+_ASYMMETRIC = re.compile(r"(RS|PS|ES)(256|384|512)|ES256K|EdDSA|Ed25519|Ed448")
 _LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1", "[::1]"})
-_RELATIVE_REFERENCE = re.compile(r"([A-Z][A-Za-z]+)/([A-Za-z0-9\-.]{1,64})")
 
 
-class SmartError(Exception):
+class SmartError(ChartbriefError):
     """A SMART step failed; the message says why for a person and never carries a secret."""
 
     def __init__(self, message: str, *, oauth_error: str | None = None) -> None:
@@ -135,17 +156,18 @@ def sign_assertion(
     `now` is the wall clock: the assertion is judged by the server's clock.
     """
     key = private_key(private_key_pem, alg)
-    header = {"alg": alg, "kid": kid or key.thumbprint(), "typ": "JWT"}
     issued = int(now)
-    claims = {
-        "iss": client_id,
-        "sub": client_id,
-        "aud": token_endpoint,
-        "iat": issued,
-        "exp": issued + CLIENT_ASSERTION_LIFETIME_SECONDS,
-        "jti": uuid.uuid4().hex,
-    }
-    return jwt.encode(header, claims, key, algorithms=[alg])
+    # authlib sets iss, sub, aud and a random jti; the key is a joserfc key, which it signs with as is.
+    assertion = private_key_jwt_sign(
+        key,
+        client_id=client_id,
+        token_endpoint=token_endpoint,
+        alg=alg,
+        header={"kid": kid or key.thumbprint(), "typ": "JWT"},
+        issued_at=issued,
+        expires_at=issued + CLIENT_ASSERTION_LIFETIME_SECONDS,
+    )
+    return cast(str, assertion)
 
 
 @dataclass(frozen=True)
@@ -216,7 +238,8 @@ def client_authentication(
         assertion = client_assertion(client, token_endpoint, now=now)
         return {}, {"client_assertion_type": CLIENT_ASSERTION_TYPE, "client_assertion": assertion}
     if client.client_secret is not None:
-        # RFC 6749 2.3.1: both parts are form-urlencoded before the Basic encoding.
+        # RFC 6749 2.3.1: both parts are form-urlencoded before the Basic encoding (authlib's
+        # encode_client_secret_basic leaves them raw, so a secret with `:` or `+` would break).
         pair = f"{quote_plus(client.client_id)}:{quote_plus(client.client_secret)}"
         encoded = base64.b64encode(pair.encode("utf-8")).decode("ascii")
         return {"Authorization": f"Basic {encoded}"}, {}
@@ -224,35 +247,6 @@ def client_authentication(
 
 
 # -- plain helpers -----------------------------------------------------------------------------------
-
-
-def split_scopes(scope: str | Iterable[str]) -> tuple[str, ...]:
-    """Scopes as a tuple, order kept, duplicates dropped.
-
-    >>> split_scopes("launch  openid launch")
-    ('launch', 'openid')
-    >>> split_scopes(["openid", "fhirUser"])
-    ('openid', 'fhirUser')
-    """
-    items = scope.split() if isinstance(scope, str) else [s.strip() for s in scope]
-    return tuple(dict.fromkeys(s for s in items if s))
-
-
-def relative_reference(url_or_reference: str) -> str | None:
-    """`Type/id` from a relative reference or an absolute resource URL; None when it is neither.
-
-    >>> relative_reference("https://ehr.example.org/fhir/Practitioner/dr-1")
-    'Practitioner/dr-1'
-    >>> relative_reference("Practitioner/dr-1")
-    'Practitioner/dr-1'
-    >>> relative_reference("not a reference") is None
-    True
-    """
-    parts = url_or_reference.rstrip("/").split("/")
-    if len(parts) < 2:
-        return None
-    candidate = "/".join(parts[-2:])
-    return candidate if _RELATIVE_REFERENCE.fullmatch(candidate) else None
 
 
 def is_loopback(url: str) -> bool:
@@ -324,45 +318,158 @@ def parse_smart_configuration(body: object, iss: str, *, allow_http: bool = Fals
     )
 
 
-# -- id_token ----------------------------------------------------------------------------------------
+# -- JWTs signed by a server's JWKS -----------------------------------------------------------------
+
+
+def asymmetric_algorithms(algorithms: Iterable[str]) -> list[str]:
+    """The asymmetric signature algorithms among `algorithms`: `none` and HMAC never verify a JWKS token.
+
+    >>> asymmetric_algorithms(["HS256", "none", "RS384", "ES384", "RSA-OAEP", "EdDSA"])
+    ['RS384', 'ES384', 'EdDSA']
+    """
+    return [name for name in algorithms if _ASYMMETRIC.fullmatch(name)]
+
+
+def _id_token_refused(exc: Exception) -> SmartError:
+    if isinstance(exc, ExpiredTokenError):
+        return SmartError("the id_token has expired")
+    if isinstance(exc, MissingClaimError):
+        return SmartError(f"the id_token lacks a required claim ({exc.description})")
+    # Name the failure kind (bad signature, wrong audience, ...), never the token.
+    return SmartError(f"the id_token did not verify ({type(exc).__name__})")
+
+
+def _checked_id_token_claims(claims: Mapping[str, Any], *, issuer: str, client_id: str, now: float) -> None:
+    jwt.JWTClaimsRegistry(
+        now=int(now),
+        leeway=CLOCK_SKEW_SECONDS,
+        iss={"essential": True, "value": issuer},
+        aud={"essential": True, "value": client_id},
+        sub={"essential": True},
+        exp={"essential": True},
+    ).validate(dict(claims))
 
 
 def verify_id_token(
-    id_token: str, jwks: Mapping[str, Any], *, issuer: str, client_id: str, now: float
+    id_token: str, jwks: Mapping[str, Any] | jwk.KeySet, *, issuer: str, client_id: str, now: float
 ) -> JsonObject:
-    """The claims of an id_token whose signature, iss, aud and exp check out; else `SmartError`."""
+    """The claims of an id_token whose signature, iss, aud and exp check out; else `SmartError` (pure)."""
     try:
-        key_set = jwk.KeySet.import_key_set(cast(Any, dict(jwks)))
+        key_set = jwks if isinstance(jwks, jwk.KeySet) else jwk.KeySet.import_key_set(cast(Any, dict(jwks)))
     except (JoseError, ValueError, TypeError, KeyError) as exc:
         raise SmartError("the EHR's JWKS holds no usable key to verify the id_token") from exc
     try:
         token = jwt.decode(id_token, key_set, algorithms=list(ID_TOKEN_ALGORITHMS))
-        registry = jwt.JWTClaimsRegistry(
-            now=int(now),
-            leeway=CLOCK_SKEW_SECONDS,
-            iss={"essential": True, "value": issuer},
-            aud={"essential": True, "value": client_id},
-            sub={"essential": True},
-            exp={"essential": True},
-        )
-        registry.validate(token.claims)
-    except ExpiredTokenError as exc:
-        raise SmartError("the id_token has expired") from exc
-    except MissingClaimError as exc:
-        raise SmartError(f"the id_token lacks a required claim ({exc.description})") from exc
+        _checked_id_token_claims(token.claims, issuer=issuer, client_id=client_id, now=now)
     except (JoseError, ValueError) as exc:
-        # Name the failure kind (bad signature, wrong audience, ...), never the token.
-        raise SmartError(f"the id_token did not verify ({type(exc).__name__})") from exc
+        raise _id_token_refused(exc) from exc
     return dict(token.claims)
 
 
-def fhir_user_claim(claims: Mapping[str, Any]) -> str | None:
-    """`fhirUser` (SMART 2) or `profile` (SMART 1) from verified id_token claims."""
-    for name in ("fhirUser", "profile"):
-        value = claims.get(name)
-        if isinstance(value, str) and value.strip():
-            return value.strip()
-    return None
+@dataclass(frozen=True)
+class _Jwks:
+    keys: jwk.KeySet
+    fetched_at: float
+
+
+class JwksCache:
+    """JWKS documents by URL, for everything in one process that verifies a server's JWTs.
+
+    A key set is reused for `max_age` seconds (each caller says how long); a token whose `kid`
+    the cached set lacks makes one refetch (the issuer rotated its keys), at most once every
+    `min_refetch_seconds` per URL, so a flood of forged tokens cannot hammer the issuer.
+    Concurrent callers wait for one fetch. The HTTP client is the caller's: the cache holds
+    public keys only, never a connection of its own.
+    """
+
+    def __init__(
+        self, *, min_refetch_seconds: float = MIN_JWKS_REFETCH_SECONDS, clock: Callable[[], float] = time.time
+    ) -> None:
+        self.min_refetch_seconds = min_refetch_seconds
+        self._clock = clock
+        self._documents: dict[str, _Jwks] = {}
+        self._attempted: dict[str, float] = {}
+        self._locks: dict[str, asyncio.Lock] = {}
+        self.fetches = 0  # JWKS requests sent so far (a count, for reports and tests)
+
+    def __repr__(self) -> str:
+        return f"JwksCache(urls={len(self._documents)}, fetches={self.fetches})"
+
+    async def key_set(
+        self,
+        http: httpx.AsyncClient,
+        jwks_uri: str,
+        *,
+        what: str = EHR_JWKS,
+        max_age: float = JWKS_MAX_AGE_SECONDS,
+        refresh: bool = False,
+        now: float | None = None,
+    ) -> jwk.KeySet:
+        """The key set at `jwks_uri`, fetched when not cached or older than `max_age` seconds.
+
+        `refresh` (a token named a kid the cached set lacks) fetches it again unless the last
+        attempt is under `min_refetch_seconds` old. A failed fetch is a `SmartError` naming `what`.
+        """
+        at = self._clock() if now is None else now
+        async with self._locks.setdefault(jwks_uri, asyncio.Lock()):
+            cached = self._documents.get(jwks_uri)
+            throttled = at - self._attempted.get(jwks_uri, -float("inf")) < self.min_refetch_seconds
+            if cached is None or at - cached.fetched_at > max_age or (refresh and not throttled):
+                cached = await self._fetch(http, jwks_uri, what, at)
+            return cached.keys
+
+    async def _fetch(self, http: httpx.AsyncClient, jwks_uri: str, what: str, at: float) -> _Jwks:
+        self._attempted[jwks_uri] = at
+        self.fetches += 1
+        document = await fetch_jwks(http, jwks_uri, what)
+        try:
+            keys = jwk.KeySet.import_key_set(cast(Any, document))
+        except (JoseError, ValueError, TypeError, KeyError) as exc:
+            raise SmartError(f"{what} holds no usable key") from exc
+        entry = self._documents[jwks_uri] = _Jwks(keys, at)
+        _log.info("auth.jwks_fetched", jwks_uri=jwks_uri, keys=len(keys.keys))
+        return entry
+
+    async def decode(
+        self,
+        http: httpx.AsyncClient,
+        token: str,
+        jwks_uri: str,
+        *,
+        algorithms: Iterable[str],
+        what: str = EHR_JWKS,
+        max_age: float = JWKS_MAX_AGE_SECONDS,
+        now: float | None = None,
+    ) -> jwt.Token:
+        """`token` once its signature checks out against a key of the JWKS at `jwks_uri`.
+
+        Only the asymmetric ones of `algorithms` are accepted. The claims are not validated here
+        (iss, aud and exp are the caller's). Raises joserfc's `JoseError`s (`InvalidKeyIdError`
+        when no published key has the token's kid, even after the refetch), `ValueError` for a
+        malformed token or no usable algorithm, and `SmartError` when the JWKS cannot be read.
+        """
+        allowed = asymmetric_algorithms(algorithms)
+        if not allowed:
+            # joserfc reads an empty list as "its defaults", which include HMAC.
+            raise ValueError("no asymmetric signature algorithm is allowed")
+        keys = await self.key_set(http, jwks_uri, what=what, max_age=max_age, now=now)
+        try:
+            return jwt.decode(token, keys, algorithms=allowed)
+        except InvalidKeyIdError:
+            # The issuer may have rotated its keys since they were read.
+            keys = await self.key_set(http, jwks_uri, what=what, max_age=max_age, refresh=True, now=now)
+            return jwt.decode(token, keys, algorithms=allowed)
+
+
+_CACHES: weakref.WeakKeyDictionary[httpx.AsyncClient, JwksCache] = weakref.WeakKeyDictionary()
+
+
+def jwks_cache(http: httpx.AsyncClient) -> JwksCache:
+    """The JWKS cache that goes with one shared HTTP client (made on first use, gone with the client)."""
+    cache = _CACHES.get(http)
+    if cache is None:
+        cache = _CACHES[http] = JwksCache()
+    return cache
 
 
 # -- IO ------------------------------------------------------------------------------------------------
@@ -452,21 +559,35 @@ async def post_token_request(
     return TokenAnswer(response.status_code, body)
 
 
-async def fetch_jwks(http: httpx.AsyncClient, jwks_uri: str) -> JsonObject:
-    """The authorization server's JWKS, the keys its id_tokens are signed with."""
-    jwks = await get_json(http, jwks_uri, "the EHR's JWKS")
+async def fetch_jwks(http: httpx.AsyncClient, jwks_uri: str, what: str = EHR_JWKS) -> JsonObject:
+    """A server's JWKS document as it sent it (uncached: `JwksCache` is the reader to use)."""
+    jwks = await get_json(http, jwks_uri, what)
     if not isinstance(jwks, dict):
-        raise SmartError("the EHR's JWKS is not a JSON object")
+        raise SmartError(f"{what} is not a JSON object")
     return jwks
 
 
 async def verified_id_token_claims(
-    http: httpx.AsyncClient, config: SmartConfiguration, client_id: str, id_token: str, *, now: float
+    http: httpx.AsyncClient,
+    config: SmartConfiguration,
+    client_id: str,
+    id_token: str,
+    *,
+    now: float,
+    jwks: JwksCache | None = None,
 ) -> JsonObject:
-    """The claims of an id_token the server's JWKS verifies (its issuer and jwks_uri are required)."""
+    """The claims of an id_token the server's JWKS verifies (its issuer and jwks_uri are required).
+
+    The keys come from `jwks`, by default the cache of `http` (`jwks_cache`).
+    """
     if config.jwks_uri is None:
         raise SmartError("the EHR sent an id_token but its SMART configuration has no jwks_uri to verify it")
     if config.issuer is None:
         raise SmartError("the EHR sent an id_token but its SMART configuration has no issuer to check it")
-    jwks = await fetch_jwks(http, config.jwks_uri)
-    return verify_id_token(id_token, jwks, issuer=config.issuer, client_id=client_id, now=now)
+    cache = jwks if jwks is not None else jwks_cache(http)
+    try:
+        token = await cache.decode(http, id_token, config.jwks_uri, algorithms=ID_TOKEN_ALGORITHMS, now=now)
+        _checked_id_token_claims(token.claims, issuer=config.issuer, client_id=client_id, now=now)
+    except (JoseError, ValueError) as exc:
+        raise _id_token_refused(exc) from exc
+    return dict(token.claims)

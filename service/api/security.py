@@ -4,8 +4,10 @@
   configured EHR origins), nosniff, a same-origin referrer policy and no-store on every response.
 - `csrf_token` / `csrf_ok`: a token bound to the review session by HMAC; forms carry it.
 - `JwtVerifier` checks a bearer JWT against the configured issuer's JWKS (signature with an
-  asymmetric algorithm only, iss, aud, exp/nbf/iat), caching the keys and refetching once when
-  an unknown key id shows up (the issuer rotated its keys).
+  asymmetric algorithm only, iss, aud, exp/nbf/iat). The keys come from the process's one JWKS
+  cache (`fhir_adapters.auth.oauth.jwks_cache` of the shared HTTP client, the one the launch's
+  id_token check reads too): reused for `cache_seconds`, refetched once when an unknown key id
+  shows up (the issuer rotated its keys), at most every 30 s.
 - `scopes_allow` reads SMART v1 and v2 scopes; `Principal` is who called, with what rights.
 
 What it must not do: log or echo a token, accept `none` or HMAC-signed tokens, or trust a
@@ -14,7 +16,6 @@ token's claims before its signature is checked.
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import hashlib
 import hmac
@@ -29,16 +30,14 @@ import httpx
 import structlog
 from joserfc import jwt
 from joserfc.errors import ExpiredTokenError, InvalidKeyIdError, JoseError
-from joserfc.jwk import KeySet
 from starlette.datastructures import MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from fhir_adapters.auth.oauth import JwksCache, SmartError, asymmetric_algorithms, jwks_cache
 from service.api.errors import Unauthenticated, Unavailable
 
 log = structlog.get_logger(__name__)
 
-# Unknown-kid refetches are limited so a flood of forged tokens cannot hammer the issuer.
-MIN_JWKS_REFETCH_SECONDS = 30.0
 DOCS_PATHS = ("/docs", "/redoc")
 # Swagger UI is loaded by FastAPI from its CDN with one inline start-up script; the docs page
 # shows no patient data, so it alone gets this looser policy.
@@ -233,7 +232,7 @@ class Principal:
 
 
 class JwtVerifier:
-    """Verifies bearer JWTs from one issuer against its JWKS, with a small key cache."""
+    """Verifies bearer JWTs from one issuer against its JWKS (read through the shared JWKS cache)."""
 
     def __init__(
         self,
@@ -246,56 +245,50 @@ class JwtVerifier:
         leeway_seconds: int = 30,
         cache_seconds: int = 300,
         clock: Callable[[], float] = time.time,
+        jwks: JwksCache | None = None,
     ) -> None:
         self._http = http
         self.issuer = issuer
         self.jwks_url = jwks_url
         self.audience = audience
-        self.algorithms = [a for a in algorithms if not a.startswith("HS") and a != "none"]
+        self.algorithms = asymmetric_algorithms(algorithms)
+        if not self.algorithms:
+            raise ValueError("JwtVerifier: no asymmetric algorithm to accept (none and HMAC never are)")
         self.leeway = leeway_seconds
         self.cache_seconds = cache_seconds
         self._clock = clock
-        self._keys: KeySet | None = None
-        self._fetched_at = 0.0
-        self._lock = asyncio.Lock()
-
-    async def _key_set(self, *, refresh: bool = False) -> KeySet:
-        async with self._lock:
-            now = self._clock()
-            stale = self._keys is None or now - self._fetched_at > self.cache_seconds
-            may_refetch = now - self._fetched_at >= MIN_JWKS_REFETCH_SECONDS
-            if stale or (refresh and may_refetch):
-                self._keys = await self._fetch()
-                self._fetched_at = now
-            assert self._keys is not None
-            return self._keys
-
-    async def _fetch(self) -> KeySet:
-        try:
-            response = await self._http.get(self.jwks_url, headers={"Accept": "application/json"})
-            response.raise_for_status()
-            return KeySet.import_key_set(response.json())
-        except (httpx.HTTPError, ValueError, JoseError) as exc:
-            log.warning("api.jwks_unavailable", error=type(exc).__name__)
-            raise Unavailable(
-                "the token issuer's keys could not be read (CHARTBRIEF_API__JWKS_URL); try again later"
-            ) from exc
+        self.jwks = jwks if jwks is not None else jwks_cache(http)
 
     async def verify(self, token: str) -> Principal:
         """The caller behind a valid token, or `Unauthenticated` saying what is wrong with it."""
-        keys = await self._key_set()
+        now = self._clock()
         try:
-            decoded = self._decode(token, keys)
-        except InvalidKeyIdError:
-            # The issuer may have rotated its keys since they were fetched: look once more.
-            try:
-                decoded = self._decode(token, await self._key_set(refresh=True))
-            except InvalidKeyIdError as exc:
-                message = "the bearer token is signed with a key the issuer does not publish"
-                raise Unauthenticated(message) from exc
+            decoded = await self.jwks.decode(
+                self._http,
+                token,
+                self.jwks_url,
+                algorithms=self.algorithms,
+                what="the token issuer's JWKS",
+                max_age=self.cache_seconds,
+                now=now,
+            )
+        except SmartError as exc:
+            log.warning("api.jwks_unavailable", error=type(exc.__cause__ or exc).__name__)
+            raise Unavailable(
+                "the token issuer's keys could not be read (CHARTBRIEF_API__JWKS_URL); try again later"
+            ) from exc
+        except InvalidKeyIdError as exc:
+            raise Unauthenticated(
+                "the bearer token is signed with a key the issuer does not publish"
+            ) from exc
+        except JoseError as exc:
+            message = "the bearer token is not a valid signed JWT from the trusted issuer"
+            raise Unauthenticated(message) from exc
+        except ValueError as exc:  # malformed segments that fail before joserfc's own checks
+            raise Unauthenticated("the bearer token is malformed") from exc
         claims = decoded.claims
         registry = jwt.JWTClaimsRegistry(
-            now=int(self._clock()),
+            now=int(now),
             leeway=self.leeway,
             iss={"essential": True, "value": self.issuer},
             aud={"essential": True, "value": self.audience},
@@ -319,17 +312,6 @@ class JwtVerifier:
             patient=str(patient) if patient else None,
             claims=dict(claims),
         )
-
-    def _decode(self, token: str, keys: KeySet) -> jwt.Token:
-        try:
-            return jwt.decode(token, keys, algorithms=self.algorithms)
-        except InvalidKeyIdError:
-            raise
-        except JoseError as exc:
-            message = "the bearer token is not a valid signed JWT from the trusted issuer"
-            raise Unauthenticated(message) from exc
-        except ValueError as exc:  # malformed segments that fail before joserfc's own checks
-            raise Unauthenticated("the bearer token is malformed") from exc
 
 
 def looks_like_jwt(token: str) -> bool:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 import hmac
@@ -14,6 +15,7 @@ import pytest
 from joserfc import jwt
 from joserfc.jwk import ECKey, RSAKey
 
+from fhir_adapters.auth.oauth import jwks_cache, parse_smart_configuration, verified_id_token_claims
 from service.api.errors import Unauthenticated
 from service.api.routes.api import contexts_for
 from service.api.routes.launch import launch_scopes, missing_rights
@@ -249,3 +251,41 @@ async def test_an_unreachable_jwks_is_a_temporary_failure_not_an_acceptance(issu
         with pytest.raises(Exception, match="could not be read") as info:
             await verifier_for(issuer, http).verify(issuer.token())
     assert getattr(info.value, "status", None) == 503
+
+
+async def test_the_api_and_the_launch_share_one_jwks_fetch_through_the_shared_client(issuer: Issuer) -> None:
+    # The EHR that launches chartbrief also issues the API's bearer tokens: one JWKS, read once.
+    config = parse_smart_configuration(
+        {
+            "issuer": ISSUER,
+            "jwks_uri": JWKS_URL,
+            "authorization_endpoint": "https://ehr.example.org/authorize",
+            "token_endpoint": "https://ehr.example.org/token",
+            "code_challenge_methods_supported": ["S256"],
+        },
+        ISSUER,
+    )
+    async with httpx.AsyncClient(transport=httpx.MockTransport(issuer.handler)) as http:
+        verifier = verifier_for(issuer, http)
+        await verifier.verify(issuer.token())
+        await verifier.verify(issuer.token(scope="patient/DocumentReference.rs"))
+        id_token = issuer.token(aud="chartbrief-client", sub="dr-1")
+        claims = await verified_id_token_claims(http, config, "chartbrief-client", id_token, now=time.time())
+        await verifier_for(issuer, http).verify(issuer.token())
+        assert verifier.jwks is jwks_cache(http)
+    assert claims["sub"] == "dr-1"
+    assert issuer.fetches == 1
+
+
+async def test_concurrent_bearer_checks_make_one_jwks_fetch(issuer: Issuer) -> None:
+    async with httpx.AsyncClient(transport=httpx.MockTransport(issuer.handler)) as http:
+        verifier = verifier_for(issuer, http)
+        principals = await asyncio.gather(*(verifier.verify(issuer.token()) for _ in range(5)))
+    assert {p.subject for p in principals} == {"client-1"}
+    assert issuer.fetches == 1
+
+
+async def test_a_verifier_without_an_asymmetric_algorithm_is_refused() -> None:
+    async with httpx.AsyncClient() as http:
+        with pytest.raises(ValueError, match="asymmetric"):
+            JwtVerifier(http, issuer=ISSUER, jwks_url=JWKS_URL, audience=AUDIENCE, algorithms=["HS256"])

@@ -28,11 +28,15 @@ from fhir_adapters.auth.launch import (
 )
 from fhir_adapters.auth.oauth import (
     CLIENT_ASSERTION_TYPE,
+    JWKS_MAX_AGE_SECONDS,
+    JwksCache,
     SmartClient,
     SmartConfiguration,
     SmartError,
     discover,
+    jwks_cache,
     parse_smart_configuration,
+    verified_id_token_claims,
 )
 from fhir_adapters.auth.scopes import DEFAULT_SCOPES, STANDALONE_SCOPES
 from fhir_adapters.client import FhirClient
@@ -684,3 +688,98 @@ async def test_no_token_reaches_the_logs_through_exchange_and_refresh(ehr_key: j
     assert logs and "smart.token" in text
     assert not any(secret in text for secret in SECRET_LOOKING)
     assert tokens.id_token is not None and tokens.id_token not in text
+
+
+# -- the JWKS cache ------------------------------------------------------------------------------------
+
+
+@respx.mock
+async def test_two_launches_against_one_ehr_read_its_jwks_once(ehr_key: jwk.RSAKey) -> None:
+    respx.post(TOKEN_URL).respond(200, json=token_body(id_token=id_token(ehr_key)))
+    keys = respx.get(JWKS_URL).respond(200, json=public_jwks(ehr_key))
+    async with httpx.AsyncClient() as http:
+        first, second = await exchange(http), await exchange(http)
+        assert jwks_cache(http).fetches == 1
+    assert first.fhir_user == second.fhir_user == f"{ISS}/Practitioner/dr-1"
+    assert keys.call_count == 1
+
+
+@respx.mock
+async def test_concurrent_id_token_checks_wait_for_one_jwks_fetch(ehr_key: jwk.RSAKey) -> None:
+    async def slow_keys(request: httpx.Request) -> httpx.Response:
+        await asyncio.sleep(0.01)
+        return httpx.Response(200, json=public_jwks(ehr_key))
+
+    keys = respx.get(JWKS_URL).mock(side_effect=slow_keys)
+    now = time.time()
+    async with httpx.AsyncClient() as http:
+        checks = [
+            verified_id_token_claims(http, config(), CLIENT_ID, id_token(ehr_key), now=now) for _ in range(5)
+        ]
+        claims = await asyncio.gather(*checks)
+    assert [c["sub"] for c in claims] == ["dr-1"] * 5
+    assert keys.call_count == 1
+
+
+@respx.mock
+async def test_a_rotated_key_refetches_the_jwks_once_and_an_unknown_kid_not_on_every_token(
+    ehr_key: jwk.RSAKey,
+) -> None:
+    rotated = jwk.ECKey.generate_key("P-384", parameters={"kid": "ec-2"})
+    published = [ehr_key]
+    keys = respx.get(JWKS_URL).mock(
+        side_effect=lambda request: httpx.Response(
+            200, json={"keys": [k.as_dict(private=False) for k in published]}
+        )
+    )
+    cache = JwksCache()
+    now = time.time()
+
+    async def check(token: str, at: float) -> dict[str, Any]:
+        return await verified_id_token_claims(http, config(), CLIENT_ID, token, now=at, jwks=cache)
+
+    async with httpx.AsyncClient() as http:
+        await check(id_token(ehr_key), now)
+        published.append(rotated)
+        # Within the refetch throttle an unknown kid is refused without asking the EHR again.
+        with pytest.raises(SmartError, match="InvalidKeyIdError"):
+            await check(id_token(rotated, alg="ES384"), now + 1)
+        assert keys.call_count == 1
+        # Past it, the rotated key is fetched once and then served from the cache.
+        assert (await check(id_token(rotated, alg="ES384"), now + 31))["sub"] == "dr-1"
+        assert (await check(id_token(rotated, alg="ES384"), now + 32))["sub"] == "dr-1"
+        assert keys.call_count == 2
+        stranger = jwk.RSAKey.generate_key(2048, parameters={"kid": "nobody"})
+        for offset in (33, 34, 35):
+            with pytest.raises(SmartError, match="did not verify"):
+                await check(id_token(stranger), now + offset)
+        assert keys.call_count == 2
+        # After max_age the set is read again even without an unknown kid.
+        await check(id_token(ehr_key), now + JWKS_MAX_AGE_SECONDS + 32)
+        assert keys.call_count == 3 and cache.fetches == 3
+
+
+@pytest.mark.parametrize(
+    ("response", "named"),
+    [
+        (httpx.Response(503), "the EHR's JWKS answered HTTP 503"),
+        (httpx.Response(200, json={"keys": "none"}), "the EHR's JWKS holds no usable key"),
+        (httpx.ConnectError("refused"), "the EHR's JWKS could not be read"),
+    ],
+)
+@respx.mock
+async def test_an_unreadable_jwks_is_a_smart_error_and_no_cached_failure(
+    response: Any, named: str, ehr_key: jwk.RSAKey
+) -> None:
+    respx.post(TOKEN_URL).respond(200, json=token_body(id_token=id_token(ehr_key)))
+    respx.get(JWKS_URL).mock(side_effect=[response, httpx.Response(200, json=public_jwks(ehr_key))])
+    async with httpx.AsyncClient() as http:
+        with pytest.raises(SmartError, match=named):
+            await exchange(http)
+        assert (await exchange(http)).fhir_user == f"{ISS}/Practitioner/dr-1"
+
+
+async def test_the_jwks_cache_never_accepts_hmac_or_unsigned_tokens(ehr_key: jwk.RSAKey) -> None:
+    async with httpx.AsyncClient() as http:
+        with pytest.raises(ValueError, match="asymmetric"):
+            await JwksCache().decode(http, id_token(ehr_key), JWKS_URL, algorithms=["HS256", "none"])
