@@ -8,6 +8,9 @@
 - `regenerate` writes a fresh draft that supersedes the old one: the summary pipeline runs again with
   the sampling seed one above the old draft's. The seed is part of the idempotency key (through
   `ModelIdentity.sampling`), so the new draft gets a new key even when the record did not change.
+  The old draft's seed is the `seed` of its summary row (`StoredSummary.seed`, recorded with every
+  regenerated draft); a draft whose row has none (recorded before the column, or by another
+  database) falls back to the seed named in its Provenance's sampling string (`seed_of`).
 
 The FHIR client in `Services` must be the one of the clinician's session (their token, their patient);
 `db` is the database of the audit trail and monitoring. Its calls run in a worker thread (`in_thread`).
@@ -38,7 +41,7 @@ from fhir_adapters.write.review import (
     sampling_of,
 )
 from service.db import audit
-from service.db.store import in_thread
+from service.db.store import StoredSummary, SummaryStore, in_thread
 from service.governance import capture
 from service.governance.monitor import EditSize
 from service.llm.base import Engine, Generation, GenerationRequest
@@ -114,6 +117,11 @@ def _failure(exc: Exception) -> tuple[audit.Outcome, str]:
     return "error", type(exc).__name__
 
 
+def _fhir_base(svc: Services) -> str:
+    """The server the summary rows name: the client's, else the configured one."""
+    return str(getattr(svc.client, "base_url", None) or svc.settings.fhir.base_url)
+
+
 def _monitor(
     svc: Services,
     db: sessionmaker[Session],
@@ -128,7 +136,7 @@ def _monitor(
     capture.record_review(
         db,
         svc.store,
-        fhir_base=getattr(svc.client, "base_url", None) or svc.settings.fhir.base_url,
+        fhir_base=_fhir_base(svc),
         identifier_system=svc.settings.writer.identifier_system,
         action=action,
         doc=doc,
@@ -303,7 +311,7 @@ ACTIONS: dict[ReviewActionName, ReviewAction] = {a.name: a for a in (approve, ed
 
 
 def seed_of(sampling: str | None) -> int | None:
-    """The seed named in a sampling string.
+    """The seed named in a sampling string: for drafts whose summary row carries no seed.
 
     >>> seed_of("temperature=0.0 top_p=1.0 seed=42 n_ctx=2048")
     42
@@ -344,26 +352,49 @@ class _ReseededEngine:
         return None
 
 
+@dataclass(frozen=True)
+class _SeededStore:
+    """The shared summary store, recording `seed` on the row of every summary written through it."""
+
+    store: SummaryStore
+    seed: int
+
+    def record(self, fields: dict[str, Any]) -> str:
+        return self.store.record({**fields, "seed": self.seed})
+
+    def latest_for_patient(self, fhir_base: str, patient_id: str) -> StoredSummary | None:
+        return self.store.latest_for_patient(fhir_base, patient_id)
+
+    def find(self, fhir_base: str, idempotency_key: str) -> StoredSummary | None:
+        return self.store.find(fhir_base, idempotency_key)
+
+
 def reseeded(svc: Services, seed: int) -> Services:
-    """`svc` with the sampling seed set to `seed`, for the settings (what the request carries) and the
-    engine identity (what the idempotency key and the Provenance record)."""
+    """`svc` with the sampling seed set to `seed`, for the settings (what the request carries), the
+    engine identity (what the idempotency key and the Provenance record) and the store (the `seed`
+    of the summary row, what the next regenerate reads)."""
     if seed < 0:
         raise ValueError(f"seed must be >= 0, got {seed}")
     # Greedy decoding (temperature 0) ignores the seed: a regenerated draft samples.
     temperature = max(svc.settings.llm.temperature, REGENERATE_TEMPERATURE)
     llm = svc.settings.llm.model_copy(update={"seed": seed, "temperature": temperature})
     settings = svc.settings.model_copy(update={"llm": llm})
-    return replace(svc, settings=settings, engine=_ReseededEngine(svc.engine, sampling_string(llm)))
+    engine = _ReseededEngine(svc.engine, sampling_string(llm))
+    return replace(svc, settings=settings, engine=engine, store=_SeededStore(svc.store, seed))
 
 
 async def previous_seed(svc: Services, document_reference_id: str, *, patient_id: str) -> int:
-    """The seed the previous draft was written with (from its Provenance), else the configured seed."""
+    """The seed the previous draft was written with: the `seed` of its summary row; for a row without
+    one, the seed its Provenance's sampling string names; else the configured seed."""
     doc, key = await fhir_write.read_draft(
         svc.client,
         document_reference_id,
         identifier_system=svc.settings.writer.identifier_system,
         patient_id=patient_id,
     )
+    row = await in_thread(svc.store.find, _fhir_base(svc), key)
+    if row is not None and row.seed is not None:
+        return row.seed
     try:
         provenance = await fhir_write.read_provenance(svc.client, str(doc["id"]), key)
     except ReviewNotFound:

@@ -45,6 +45,9 @@ class SummaryRow(Base):
     model_file: Mapped[str] = mapped_column(String(300))
     model_sha256: Mapped[str] = mapped_column(String(64))
     sampling: Mapped[str] = mapped_column(String(300))
+    # The sampling seed the summary was generated with, as a number (regenerate reads it); None on
+    # rows recorded without one.
+    seed: Mapped[int | None] = mapped_column(Integer, nullable=True)
     prompt_tokens: Mapped[int] = mapped_column(Integer, default=0)
     completion_tokens: Mapped[int] = mapped_column(Integer, default=0)
     claims_kept: Mapped[int] = mapped_column(Integer, default=0)

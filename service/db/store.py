@@ -72,6 +72,7 @@ class StoredSummary:
     provenance: str | None
     device: str | None
     superseded: str | None
+    seed: int | None = None  # the sampling seed, when the row was recorded with one
 
 
 _RECORD_FIELDS = tuple(f.name for f in fields(StoredSummary))
@@ -165,6 +166,7 @@ _DEFAULTS: dict[str, Any] = {
     "provenance": None,
     "device": None,
     "superseded": None,
+    "seed": None,
 }
 
 

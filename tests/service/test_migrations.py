@@ -16,6 +16,7 @@ from service.cli.main import cli
 from service.db import batch as _batch  # noqa: F401 - the batch tables are part of the metadata
 from service.db.migrate import current_revision, head_revision, upgrade
 from service.db.models import Base
+from service.db.store import SqlSummaryStore
 
 PG_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
 
@@ -33,6 +34,31 @@ def test_migrations_build_exactly_the_declared_tables_on_sqlite(tmp_path) -> Non
     assert _differences(engine) == []
     assert set(inspect(engine).get_table_names()) >= set(Base.metadata.tables)
     assert upgrade(engine) == head_revision()  # idempotent
+
+
+def test_summaries_recorded_before_the_seed_column_read_back_without_a_seed(tmp_path) -> None:
+    url = f"sqlite:///{tmp_path}/old.db"
+    engine = create_engine(url)
+    assert upgrade(engine, "0002") == "0002"
+    with engine.begin() as conn:
+        conn.execute(
+            text(
+                "INSERT INTO summaries (id, created_at, fhir_base, patient_id, idempotency_key, inputs,"
+                " prompt_id, prompt_version, prompt_sha256, model_name, model_file, model_sha256,"
+                " sampling, prompt_tokens, completion_tokens, claims_kept, claims_dropped, seconds_fetch,"
+                " seconds_generate, seconds_total, outcome) VALUES ('r1', '2026-12-01 10:00:00', 'b',"
+                " 'p1', 'k1', '[]', 'summary', 'v1', 'a', 'm', 'm.gguf', 'b', 'temperature=0.0 seed=42',"
+                " 0, 0, 0, 0, 0, 0, 0, 'written')"
+            )
+        )
+    engine.dispose()
+    store = SqlSummaryStore.from_url(url)  # upgrades to head on first use
+    try:
+        assert current_revision(store.engine) == head_revision()
+        row = store.find("b", "k1")
+        assert row is not None and row.seed is None and row.sampling == "temperature=0.0 seed=42"
+    finally:
+        store.close()
 
 
 @pytest.fixture

@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
 
 import pytest
 from sqlalchemy.orm import Session, sessionmaker
@@ -24,8 +26,9 @@ from service.db.store import MemorySummaryStore, SqlSummaryStore, SummaryStore
 from service.governance.records import REVIEW_ACTIONS
 from service.llm.base import GenerationRequest
 from service.llm.fake import FAKE_IDENTITY, FakeEngine
-from service.pipeline import Services
+from service.pipeline import Services, SummaryResult
 from tests.fhir_adapters.test_review import KEY, MemoryFhir, ai_provenance, draft_doc
+from tests.service.test_store import BASE, fields
 
 DR = "Practitioner/dr-1"
 
@@ -186,17 +189,40 @@ async def test_reseeded_services_carry_the_new_seed_in_requests_and_in_the_ident
     assert engine.history == [request], "the shared engine does the work"
     await again.engine.aclose()
     assert not engine.closed, "closing the reseeded view never closes the shared engine"
+    again.store.record(fields(key="k43"))
+    assert store.find(BASE, "k43").seed == 43, "the summary row records the seed"  # type: ignore[union-attr]
 
 
-async def test_the_previous_seed_comes_from_the_drafts_provenance(
+def _sampling(fhir: MemoryFhir, value: str) -> None:
+    """The draft's Provenance, with another sampling string."""
+    prov = fhir.current(f"Provenance/{provenance_id(KEY)}")
+    prov["extension"] = [{"url": "urn:chartbrief:sampling", "valueString": value}]
+    fhir.history[f"Provenance/{provenance_id(KEY)}"].append(prov)
+
+
+async def test_the_previous_seed_is_the_seed_recorded_on_the_drafts_summary_row(
     fhir: MemoryFhir, store: SqlSummaryStore
 ) -> None:
     svc = services(fhir, store)
+    store.record(fields(key=KEY, seed=50))
+    _sampling(fhir, "temperature=0.7 top_p=1.0 n_ctx=2048")  # names no seed
+    assert await review.previous_seed(svc, "doc-1", patient_id="p1") == 50
+    _sampling(fhir, "temperature=0.7 seed=51")
+    assert await review.previous_seed(svc, "doc-1", patient_id="p1") == 50, "the row, not the string"
+    with pytest.raises(review.ReviewForbidden):
+        await review.previous_seed(svc, "doc-1", patient_id="p9")
+
+
+async def test_a_draft_whose_row_has_no_seed_falls_back_to_its_provenance(
+    fhir: MemoryFhir, store: SqlSummaryStore
+) -> None:
+    svc = services(fhir, store)
+    store.record(fields(key=KEY))  # recorded before rows carried the seed
     assert await review.previous_seed(svc, "doc-1", patient_id="p1") == 42
-    prov = fhir.current(f"Provenance/{provenance_id(KEY)}")
-    prov["extension"] = [{"url": "urn:chartbrief:sampling", "valueString": "temperature=0.7 seed=51"}]
-    fhir.history[f"Provenance/{provenance_id(KEY)}"].append(prov)
+    _sampling(fhir, "temperature=0.7 seed=51")
     assert await review.previous_seed(svc, "DocumentReference/doc-1", patient_id="p1") == 51
+    _sampling(fhir, "temperature=0.7")
+    assert await review.previous_seed(svc, "doc-1", patient_id="p1") == svc.settings.llm.seed == 42
     with pytest.raises(review.ReviewForbidden):
         await review.previous_seed(svc, "doc-1", patient_id="p9")
 
@@ -213,6 +239,55 @@ async def test_regenerate_of_another_patients_draft_is_denied_before_any_model_r
     assert engine.history == []
     (row,) = rows(store.sessions)
     assert (row.action, row.outcome) == ("regenerate", "denied")
+
+
+class _Summaries:
+    """`summarize_patient` as regenerate calls it: each call's services, each answer scripted."""
+
+    def __init__(self, *created: bool) -> None:
+        self.created = list(created)
+        self.calls: list[Services] = []
+
+    async def __call__(self, svc: Services, patient_id: str, **_: Any) -> SummaryResult:
+        self.calls.append(svc)
+        seed = svc.settings.llm.seed
+        svc.store.record(
+            fields(key=f"k{seed}", patient=patient_id, document_reference=f"DocumentReference/d{seed}")
+        )
+        write = SimpleNamespace(
+            created=self.created.pop(0), document_reference=f"DocumentReference/d{seed}", superseded=None
+        )
+        return SimpleNamespace(write=write)  # type: ignore[return-value]
+
+
+async def test_regenerate_samples_one_above_the_stored_seed_and_records_the_new_one(
+    fhir: MemoryFhir, store: SqlSummaryStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store.record(fields(key=KEY, seed=50))
+    _sampling(fhir, "temperature=0.0 top_p=1.0 n_ctx=2048")  # the string names no seed
+    summaries = _Summaries(True)
+    monkeypatch.setattr(review, "summarize_patient", summaries)
+
+    await review.regenerate(services(fhir, store), "p1", previous_doc="doc-1", actor=DR, db=store.sessions)
+
+    (svc,) = summaries.calls
+    assert svc.settings.llm.seed == 51 and "seed=51" in svc.engine.identity.sampling
+    assert svc.settings.llm.temperature == review.REGENERATE_TEMPERATURE
+    assert store.find(BASE, "k51").seed == 51  # type: ignore[union-attr]
+
+
+async def test_regenerate_tries_the_next_seed_when_the_new_key_already_exists(
+    fhir: MemoryFhir, store: SqlSummaryStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store.record(fields(key=KEY, seed=50))
+    summaries = _Summaries(False, True)
+    monkeypatch.setattr(review, "summarize_patient", summaries)
+
+    await review.regenerate(services(fhir, store), "p1", previous_doc="doc-1", actor=DR, db=store.sessions)
+
+    assert [svc.settings.llm.seed for svc in summaries.calls] == [51, 52]
+    (row,) = rows(store.sessions)
+    assert (row.action, row.outcome, row.detail) == ("regenerate", "ok", "new draft DocumentReference/d52")
 
 
 # -- one shape for every action ------------------------------------------------------------------------

@@ -83,6 +83,14 @@ def test_the_latest_summary_of_a_patient_is_the_newest_of_that_server(store: Sum
     assert store.latest_for_patient(BASE, "p9") is None
 
 
+def test_the_sampling_seed_is_recorded_as_a_number_and_absent_when_not_given(store: SummaryStore) -> None:
+    store.record(fields("k1", seed=43))
+    store.record(fields("k2"))
+    first, second = store.find(BASE, "k1"), store.find(BASE, "k2")
+    assert first is not None and second is not None
+    assert (first.seed, second.seed) == (43, None)
+
+
 async def test_in_thread_runs_a_database_call_off_the_event_loop() -> None:
     loop_thread = threading.get_ident()
     ran_on = await in_thread(threading.get_ident)
