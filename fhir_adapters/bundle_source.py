@@ -32,7 +32,7 @@ from typing import Any
 import structlog
 
 from fhir_adapters.auth.scopes import SEARCHED_TYPES
-from fhir_adapters.errors import FhirBadRequest, FhirNotFound
+from fhir_adapters.errors import ChartbriefError, FhirBadRequest, FhirNotFound
 from fhir_adapters.fetch import fetch_record, refers_to_patient
 from fhir_adapters.models import PatientRecord
 from fhir_adapters.text import decode_base64
@@ -62,7 +62,7 @@ _SORT_DATES: tuple[tuple[str, ...], ...] = (
 )
 
 
-class BundleError(ValueError):
+class BundleError(ChartbriefError, ValueError):
     """A bundle file or folder cannot be used; the message names the file and what is wrong."""
 
 

@@ -15,11 +15,17 @@ from pydantic import BaseModel, Field, HttpUrl, SecretStr, field_validator, mode
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from fhir_adapters.auth.scopes import CHANGE_TYPES
+from fhir_adapters.errors import ChartbriefError
 
 _LOOPBACK = frozenset({"localhost", "127.0.0.1", "::1"})
 # The development default of `smart.session_secret`; production refuses to start with it.
 PLACEHOLDER_SESSION_SECRET = "development-only-session-secret-change-me"  # noqa: S105 - a known placeholder
 MIN_SESSION_SECRET_CHARS = 32
+
+
+class SettingsError(ChartbriefError, ValueError):
+    """A setting is missing or cannot be used (a key file that cannot be read, no FHIR server); the
+    message names the setting."""
 
 
 class FhirSettings(BaseModel):

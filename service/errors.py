@@ -48,7 +48,9 @@ ChartbriefError                        1   500  fhir_adapters.errors
 │   ├── ReviewConflict                 2   409  fhir_adapters.write.review
 │   ├── ReviewForbidden                2   403  fhir_adapters.write.review
 │   └── ReviewNotFound                 2   404  fhir_adapters.write.review
+├── SandboxError                       2   400  service.dev.sandbox
 ├── SessionCipherError                 2   500  service.db.launch
+├── SettingsError                      2   500  service.config
 ├── SmartError                         2   401  fhir_adapters.auth.oauth
 ├── StateError                         2   400  service.db.launch
 └── UnsupportedContent                 2   422  fhir_adapters.text
@@ -87,6 +89,7 @@ from fhir_adapters.text import UnsupportedContent
 from fhir_adapters.write.draft import DraftError
 from fhir_adapters.write.review import ReviewConflict, ReviewError, ReviewForbidden, ReviewNotFound
 from service.batch.request import BatchError
+from service.config import SettingsError
 from service.db.launch import SessionCipherError, StateError
 from service.dev.devserver import LocalFhirServerError
 from service.dev.sandbox import SandboxError
@@ -231,6 +234,7 @@ FAULTS: dict[type[BaseException], Fault] = {
     ),
     SandboxError: _BAD_INPUT,
     SessionCipherError: Fault(EXIT_BAD_INPUT, 500),
+    SettingsError: Fault(EXIT_BAD_INPUT, 500),
     SmartError: Fault(
         EXIT_BAD_INPUT,
         401,

@@ -16,7 +16,7 @@ import httpx
 from fhir_adapters.auth import StaticToken, TokenProvider
 from fhir_adapters.client import FhirClient
 from fhir_adapters.write.draft import WriteOptions
-from service.config import FhirSettings, WriterSettings
+from service.config import FhirSettings, SettingsError, WriterSettings
 
 
 def fhir_client(
@@ -34,7 +34,7 @@ def fhir_client(
     """
     base = base_url or settings.base_url
     if not base:
-        raise ValueError("no FHIR server configured: set CHARTBRIEF_FHIR__BASE_URL or pass --fhir-base")
+        raise SettingsError("no FHIR server configured: set CHARTBRIEF_FHIR__BASE_URL or pass --fhir-base")
     if auth is None and settings.bearer_token and base_url in (None, settings.base_url):
         auth = StaticToken(settings.bearer_token)
     return FhirClient(

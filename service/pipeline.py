@@ -553,6 +553,7 @@ async def _record(svc: Services, r: SummaryResult) -> None:
             "model_file": r.model.file_name,
             "model_sha256": r.model.sha256,
             "sampling": r.model.sampling,
+            "seed": svc.settings.llm.seed,
             "prompt_tokens": r.prompt_tokens,
             "completion_tokens": r.completion_tokens,
             "claims_kept": len(r.kept),

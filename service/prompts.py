@@ -34,6 +34,7 @@ import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
 from pydantic_core import PydanticCustomError
 
+from fhir_adapters.errors import ChartbriefError
 from fhir_adapters.models import ClinicalContext, Fact, PromptIdentity
 from service.config import LlmSettings
 from service.llm.base import Engine, GenerationRequest
@@ -58,7 +59,7 @@ CountTokens = Callable[[str], int]
 _READS = {"record": {"patient_summary", "facts"}, "notes": {"patient_summary", "note"}}
 
 
-class PromptError(Exception):
+class PromptError(ChartbriefError):
     """A prompt file is malformed or cannot be rendered. The message names the file or field."""
 
 

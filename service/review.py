@@ -41,7 +41,7 @@ from fhir_adapters.write.review import (
     sampling_of,
 )
 from service.db import audit
-from service.db.store import StoredSummary, SummaryStore, in_thread
+from service.db.store import in_thread
 from service.governance import capture
 from service.governance.monitor import EditSize
 from service.llm.base import Engine, Generation, GenerationRequest
@@ -352,27 +352,10 @@ class _ReseededEngine:
         return None
 
 
-@dataclass(frozen=True)
-class _SeededStore:
-    """The shared summary store, recording `seed` on the row of every summary written through it."""
-
-    store: SummaryStore
-    seed: int
-
-    def record(self, fields: dict[str, Any]) -> str:
-        return self.store.record({**fields, "seed": self.seed})
-
-    def latest_for_patient(self, fhir_base: str, patient_id: str) -> StoredSummary | None:
-        return self.store.latest_for_patient(fhir_base, patient_id)
-
-    def find(self, fhir_base: str, idempotency_key: str) -> StoredSummary | None:
-        return self.store.find(fhir_base, idempotency_key)
-
-
 def reseeded(svc: Services, seed: int) -> Services:
-    """`svc` with the sampling seed set to `seed`, for the settings (what the request carries), the
-    engine identity (what the idempotency key and the Provenance record) and the store (the `seed`
-    of the summary row, what the next regenerate reads)."""
+    """`svc` with the sampling seed set to `seed`, for the settings (what the request carries and the
+    summary row records, what the next regenerate reads) and the engine identity (what the
+    idempotency key and the Provenance record)."""
     if seed < 0:
         raise ValueError(f"seed must be >= 0, got {seed}")
     # Greedy decoding (temperature 0) ignores the seed: a regenerated draft samples.
@@ -380,7 +363,7 @@ def reseeded(svc: Services, seed: int) -> Services:
     llm = svc.settings.llm.model_copy(update={"seed": seed, "temperature": temperature})
     settings = svc.settings.model_copy(update={"llm": llm})
     engine = _ReseededEngine(svc.engine, sampling_string(llm))
-    return replace(svc, settings=settings, engine=engine, store=_SeededStore(svc.store, seed))
+    return replace(svc, settings=settings, engine=engine)
 
 
 async def previous_seed(svc: Services, document_reference_id: str, *, patient_id: str) -> int:

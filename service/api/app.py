@@ -31,7 +31,9 @@ from fastapi.templating import Jinja2Templates
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from fhir_adapters.client import FhirClient
 from fhir_adapters.errors import ChartbriefError
+from service import runtime as runtime_parts
 from service.api.deps import (
     STATIC_DIR,
     TEMPLATES_DIR,
@@ -46,7 +48,6 @@ from service.api.routes import api, health, launch, review
 from service.api.security import JwtVerifier, SecurityHeaders, frame_ancestor_origins, page_csp
 from service.config import Settings, web_settings_problems
 from service.db.launch import TokenCipher
-from service.db.store import SqlSummaryStore
 from service.errors import fault_of
 from service.fhir import fhir_client
 from service.llm import create_engine
@@ -70,11 +71,8 @@ def create_app(
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         own_http = http is None
-        shared = http or httpx.AsyncClient(
-            timeout=httpx.Timeout(settings.fhir.timeout_seconds),
-            limits=httpx.Limits(max_connections=64, max_keepalive_connections=16),
-        )
-        store = SqlSummaryStore.from_url(settings.db.url)
+        shared = http or runtime_parts.http_client(settings, max_connections=64)
+        store = runtime_parts.open_store(settings)
         runtime = Runtime(
             settings=settings,
             http=shared,
@@ -86,7 +84,7 @@ def create_app(
             templates=templates,
             csrf_secret=secret.encode("utf-8"),
             verifier=_verifier(settings, shared),
-            service_client=(fhir_client(settings.fhir, http=shared) if settings.fhir.base_url else None),
+            service_client=_service_client(settings, shared),
             model=ModelSlot(engine=engine),
         )
         app.state.runtime = runtime
@@ -127,6 +125,14 @@ def create_app(
     app.add_middleware(SecurityHeaders, csp=csp)
     app.add_middleware(RequestLog)
     return app
+
+
+def _service_client(settings: Settings, http: httpx.AsyncClient) -> FhirClient | None:
+    """The REST API's own FHIR server, with chartbrief's credentials (`runtime.credentials`)."""
+    base = settings.fhir.base_url
+    if not base:
+        return None
+    return fhir_client(settings.fhir, http=http, auth=runtime_parts.credentials(settings, http, base))
 
 
 def _verifier(settings: Settings, http: httpx.AsyncClient) -> JwtVerifier | None:

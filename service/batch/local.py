@@ -31,8 +31,7 @@ from service.batch.request import BatchError, BatchRequest
 from service.batch.selection import create_run, select_patients
 from service.config import Settings
 from service.db.batch import OPEN_STATES, QUEUED, BatchRepository, Run, as_utc, process_name
-from service.db.store import SqlSummaryStore, SummaryStore
-from service.llm import create_engine
+from service.db.store import SummaryStore, in_thread
 from service.llm.base import Engine
 from service.pipeline import (
     PreparedSummary,
@@ -43,6 +42,7 @@ from service.pipeline import (
     prepare_summary,
     unchanged_result,
 )
+from service.runtime import EngineSlot, open_store
 
 log = structlog.get_logger(__name__)
 
@@ -190,7 +190,7 @@ class LocalRunner:
                 self.repo, self.run.id, item.patient_id, item.attempts, exc, self.batch.max_attempts
             )
             return
-        outcome = outcome_for(self.svc, result, self.run_started)
+        outcome = await in_thread(outcome_for, self.svc, result, self.run_started)
         self.repo.finish_item(self.run.id, item.patient_id, outcome)
         log.info(
             "batch.item.done",
@@ -253,8 +253,8 @@ async def run_batch_locally(
     (unless `--resume`) select and summarize a new one."""
     base = str(settings.fhir.base_url)
     reports: list[BatchReport] = []
-    async with open_fhir(settings, base) as conn, _LazyEngine(settings, engine) as engines:
-        store = SqlSummaryStore.from_url(settings.db.url)
+    async with open_fhir(settings, base) as conn, EngineSlot(settings, engine) as engines:
+        store = open_store(settings)
         try:
             unfinished = repo.unfinished_run(conn.client.base_url)
             if unfinished is not None:
@@ -286,7 +286,7 @@ async def _execute_local(
     settings: Settings,
     conn: FhirConnection,
     store: SummaryStore,
-    engines: _LazyEngine,
+    engines: EngineSlot,
     repo: BatchRepository,
     run_id: int,
     progress_factory: Callable[[int], ProgressSink] | None,
@@ -308,26 +308,3 @@ async def _execute_local(
         progress.close()
     final = repo.get_run(run_id)
     log.info("batch.run.finished", run=run_id, status=final.status if final else None)
-
-
-class _LazyEngine:
-    """The model, loaded only when a run has a patient to summarize: a night with no change costs a
-    few searches, not a model load."""
-
-    def __init__(self, settings: Settings, engine: Engine | None) -> None:
-        self._settings = settings
-        self._engine = engine
-        self._owned = False
-
-    def get(self) -> Engine:
-        if self._engine is None:
-            self._engine = create_engine(self._settings.llm)
-            self._owned = True
-        return self._engine
-
-    async def __aenter__(self) -> _LazyEngine:
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        if self._owned and self._engine is not None:
-            await self._engine.aclose()

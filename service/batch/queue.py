@@ -54,10 +54,10 @@ from service.db.batch import (
     as_utc,
     process_name,
 )
-from service.db.store import SqlSummaryStore
-from service.llm import create_engine
+from service.db.store import in_thread
 from service.llm.base import Engine
 from service.pipeline import Services, summarize_patient
+from service.runtime import EngineSlot, open_store
 
 log = structlog.get_logger(__name__)
 
@@ -136,16 +136,13 @@ class WorkerRuntime:
         self.settings = settings
         self.name = process_name()
         self.repo = BatchRepository.from_url(settings.db.url)
-        self.store = SqlSummaryStore.from_url(settings.db.url)
-        self._engine = engine
-        self._own_engine = engine is None
+        self.store = open_store(settings)
+        self._model = EngineSlot(settings, engine)
         self._connections: dict[str, FhirConnection] = {}
         self._stack = AsyncExitStack()
 
     def engine(self) -> Engine:
-        if self._engine is None:
-            self._engine = create_engine(self.settings.llm)
-        return self._engine
+        return self._model.get()
 
     async def services(self, fhir_base: str) -> Services:
         conn = self._connections.get(fhir_base)
@@ -156,8 +153,7 @@ class WorkerRuntime:
 
     async def aclose(self) -> None:
         await self._stack.aclose()
-        if self._own_engine and self._engine is not None:
-            await self._engine.aclose()
+        await self._model.aclose()
         self.store.close()
         self.repo.close()
 
@@ -194,7 +190,7 @@ async def summarize_job(runtime: WorkerRuntime, run_id: int, patient_id: str) ->
         repo.finish_run_if_done(run_id)
         return state
     cpu, wall = meter.take()
-    outcome = outcome_for(svc, result, as_utc(run.started_at) or datetime.now(UTC), cpu)
+    outcome = await in_thread(outcome_for, svc, result, as_utc(run.started_at) or datetime.now(UTC), cpu)
     repo.finish_item(run_id, patient_id, outcome)
     repo.add_usage(run_id, cpu_seconds=cpu, machine_seconds=wall)
     repo.finish_run_if_done(run_id)

@@ -45,19 +45,21 @@ def fail(message: str, code: int) -> NoReturn:
 
 
 def build_settings(**overrides: Any) -> Settings:
-    """Settings from the environment, with command-line values (already env-aware) on top."""
+    """Settings from the environment, with command-line values (already env-aware) on top.
+
+    `overrides` are named like the variables without the prefix (`fhir__base_url`); pydantic-settings
+    merges them over the environment and the .env file, section by section, as init arguments."""
+    layered: dict[str, Any] = {}
+    for dotted, value in overrides.items():
+        if value is None:
+            continue
+        section, _, name = dotted.partition("__")
+        if name:
+            layered.setdefault(section, {})[name] = value
+        else:
+            layered[section] = value
     try:
-        settings = Settings()
-        data = settings.model_dump()
-        for dotted, value in overrides.items():
-            if value is None:
-                continue
-            section, _, name = dotted.partition("__")
-            if name:
-                data[section][name] = value
-            else:
-                data[section] = value
-        settings = Settings.model_validate(data)
+        settings = Settings(**layered)
     except ValidationError as exc:
         problems = "; ".join(
             f"CHARTBRIEF_{'__'.join(str(p).upper() for p in err['loc'])}: {err['msg']}"

@@ -34,7 +34,7 @@ from urllib.parse import parse_qsl, quote
 import structlog
 
 from fhir_adapters.bundle_source import BundleError, read_bundle
-from fhir_adapters.errors import FhirError, FhirTransportError
+from fhir_adapters.errors import ChartbriefError, FhirError, FhirTransportError
 
 JsonObject = dict[str, Any]
 
@@ -55,7 +55,7 @@ _TYPE_NAME = re.compile(r"^[A-Z][A-Za-z]+$")
 _log = structlog.get_logger(__name__)
 
 
-class SandboxError(Exception):
+class SandboxError(ChartbriefError):
     """A Bundle that cannot be loaded as it is (unusable type, entries without requests, no Patient).
 
     A file that cannot be read as a Bundle at all is the `BundleError` of `read_bundle`.

@@ -26,13 +26,14 @@ from typing import Any
 
 from fhir_adapters.bundle_source import BundleError, read_bundle
 from fhir_adapters.bundle_source import bundle_files as folder_bundle_files
+from fhir_adapters.errors import ChartbriefError
 from service.verify import RecordIndex, Verdict, verify
 
 LABELS = ("supported", "unsupported", "contradicted")
 OUTCOMES = ("kept", "dropped", "contradicted")
 
 
-class CorpusError(ValueError):
+class CorpusError(ChartbriefError, ValueError):
     """A corpus line or bundle that cannot be used; the message names the file, line and field."""
 
 

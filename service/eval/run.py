@@ -22,7 +22,7 @@ import structlog
 
 from fhir_adapters.bundle_source import BundleFolder, BundleSource
 from fhir_adapters.client import FhirClient
-from fhir_adapters.errors import FhirNotFound, FhirPermanentError
+from fhir_adapters.errors import ChartbriefError, FhirNotFound, FhirPermanentError
 from fhir_adapters.fetch import FhirSource, fetch_record
 from fhir_adapters.models import ModelIdentity, PatientRecord, PromptIdentity
 from fhir_adapters.normalize import codeable_text
@@ -43,7 +43,7 @@ EngineFactory = Callable[[LlmSettings], Engine]
 BUNDLE_BASE_URL = "http://bundles.invalid/fhir"
 
 
-class EvalInputError(ValueError):
+class EvalInputError(ChartbriefError, ValueError):
     """Input the eval cannot use (a patient list, a --compare setting); names the file or field."""
 
 

@@ -71,7 +71,8 @@ async def test_a_summary_is_recorded_off_the_event_loop(
 
     assert [call for call, _ in store.threads] == ["record"]
     assert _on_the_loop(store, threading.get_ident()) == []
-    assert store.memory.find(svc.client.base_url, result.idempotency_key) is not None
+    row = store.memory.find(svc.client.base_url, result.idempotency_key)
+    assert row is not None and row.seed == svc.settings.llm.seed == 42, "the row records the seed sampled"
 
 
 async def test_the_unchanged_check_asks_the_store_off_the_event_loop(
