@@ -28,7 +28,7 @@ from service.llm.base import GenerationRequest
 from service.llm.fake import FAKE_IDENTITY, FakeEngine
 from service.pipeline import Services, SummaryResult
 from tests.fhir_adapters.test_review import KEY, MemoryFhir, ai_provenance, draft_doc
-from tests.service.test_store import BASE, fields
+from tests.service.test_store import fields
 
 DR = "Practitioner/dr-1"
 
