@@ -20,6 +20,7 @@ from collections.abc import AsyncIterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from fhir_adapters.bundle_source import sort_date
 from fhir_adapters.errors import FhirBadRequest, FhirError, FhirNotFound
 
 JsonObject = dict[str, Any]
@@ -27,22 +28,8 @@ SearchParams = Mapping[str, str | Sequence[str]]
 
 SYNTHEA_DIR = Path(__file__).parent / "fixtures" / "synthea"
 
-# Where each type names its patient, and the date `_sort=date` orders by.
+# Where each type names its patient (the date `_sort=date` orders by is `sort_date`).
 _PATIENT_ELEMENTS = ("subject", "patient")
-_DATE_PATHS = (
-    ("effectiveDateTime",),
-    ("effectivePeriod", "start"),
-    ("effectiveInstant",),
-    ("issued",),
-    ("date",),
-    ("period", "start"),
-    ("authoredOn",),
-    ("onsetDateTime",),
-    ("recordedDate",),
-    ("occurrenceDateTime",),
-    ("performedDateTime",),
-    ("performedPeriod", "start"),
-)
 _SUPPORTED_PARAMS = frozenset({"patient", "_sort", "_count"})
 
 
@@ -189,7 +176,7 @@ class FakeFhirSource:
                 found = [r for r in found if _mentions_patient(r, str(patient))]
             sort = params.get("_sort")
             if sort in ("date", "-date"):
-                found.sort(key=lambda r: _date_of(r) or "", reverse=sort == "-date")
+                found.sort(key=lambda r: sort_date(r) or "", reverse=sort == "-date")
             found += self._strays.get(resource_type, [])
             if limit is not None:
                 found = found[:limit]
@@ -241,13 +228,3 @@ def _mentions_patient(resource: JsonObject, patient_id: str) -> bool:
         if isinstance(target, dict) and target.get("reference") == f"Patient/{patient_id}":
             return True
     return False
-
-
-def _date_of(resource: JsonObject) -> str | None:
-    for path in _DATE_PATHS:
-        node: Any = resource
-        for step in path:
-            node = node.get(step) if isinstance(node, dict) else None
-        if isinstance(node, str):
-            return node
-    return None
