@@ -9,6 +9,7 @@ its own idempotency key.
 from __future__ import annotations
 
 import base64
+import uuid
 from collections.abc import AsyncIterator
 from dataclasses import replace
 from pathlib import Path
@@ -39,9 +40,15 @@ NO_CLAIMS = '{"claims": []}'
 @pytest.fixture
 async def svc(fhir_base: str, tmp_path: Path, request: pytest.FixtureRequest) -> AsyncIterator[Services]:
     # The record-wide prompt: one scripted answer per draft, whatever notes the patient has.
+    llm: dict[str, Any] = {}
+    if request.node.get_closest_marker("own_sampling"):
+        # A top_p of this run only: a regenerated draft's key names the sampling (not the test's
+        # tag), so drafts other tests regenerated for the same patient do not collide with these.
+        llm["top_p"] = 0.5 + uuid.uuid4().int % 10**6 / 10**7
     settings = Settings(
         fhir={"base_url": fhir_base},  # type: ignore[arg-type]
         db={"url": f"sqlite:///{tmp_path}/cb.db"},  # type: ignore[arg-type]
+        llm=llm,  # type: ignore[arg-type]
         prompt="summary/v1",
     )
     identity = replace(FAKE_IDENTITY, sampling=f"{FAKE_IDENTITY.sampling} test={request.node.name[:40]}")
@@ -229,3 +236,44 @@ async def test_regenerate_writes_a_fresh_draft_with_the_next_seed_that_supersede
         and row.outcome == "ok"
         and result.write.document_reference in (row.detail or "")
     )
+
+
+# -- regenerate carries the seed as data ------------------------------------------------------------
+
+
+@pytest.mark.own_sampling
+async def test_every_draft_records_its_seed_and_regenerate_reads_it_from_the_row(
+    svc: Services, loaded_patients: dict[str, LoadedPatient], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    patient = loaded_patients[SMALL].id
+    store = svc.store
+    assert isinstance(svc.engine, FakeEngine) and isinstance(store, SqlSummaryStore)
+    svc.engine.enqueue(NO_CLAIMS)
+    first = await summarize_patient(svc, patient)
+    assert first.write is not None and first.write.created
+    row = store.find(svc.client.base_url, first.idempotency_key)
+    assert row is not None and row.seed == 42, "a first draft's row holds the seed it was sampled with"
+
+    def no_string_parsing(_sampling: str | None) -> int | None:
+        raise AssertionError("the seed of a draft whose row holds one is not parsed from its sampling string")
+
+    monkeypatch.setattr(review, "seed_of", no_string_parsing)
+
+    svc.engine.enqueue(NO_CLAIMS)
+    second = await review.regenerate(
+        svc, patient, previous_doc=first.write.document_reference, actor=DR, db=store.sessions
+    )
+    assert second.write is not None and second.write.created
+    assert svc.engine.history[-1].seed == 43
+    row = store.find(svc.client.base_url, second.idempotency_key)
+    assert row is not None and row.seed == 43, "the regenerated draft's row holds its seed as a number"
+
+    svc.engine.enqueue(NO_CLAIMS)
+    third = await review.regenerate(
+        svc, patient, previous_doc=second.write.document_reference, actor=DR, db=store.sessions
+    )
+    assert third.write is not None and third.write.created
+    assert third.write.superseded == second.write.document_reference
+    assert svc.engine.history[-1].seed == 44
+    row = store.find(svc.client.base_url, third.idempotency_key)
+    assert row is not None and row.seed == 44
