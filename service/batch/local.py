@@ -82,6 +82,18 @@ class _Prepared:
     error: BaseException | None = None
 
 
+class _Once:
+    """`call`, called at most once however often this is."""
+
+    def __init__(self, call: Callable[[], None]) -> None:
+        self._call: Callable[[], None] | None = call
+
+    def __call__(self) -> None:
+        call, self._call = self._call, None
+        if call is not None:
+            call()
+
+
 class LocalRunner:
     """Runs the open items of one run in this process: `prefetch` patients are read from the FHIR
     server while the model works on earlier ones; `slots` generations run at once."""
@@ -110,11 +122,11 @@ class LocalRunner:
         self._usage = usage or UsageMeter()
 
     async def execute(self) -> None:
-        self._report_progress()
+        await self._report_progress()
         heartbeat = asyncio.create_task(self._heartbeat())
         try:
             round_number = 0
-            while pending := self.repo.patients_in_state(self.run.id, [QUEUED]):
+            while pending := await in_thread(self.repo.patients_in_state, self.run.id, [QUEUED]):
                 if round_number:
                     delay = backoff_seconds(
                         round_number, self.batch.retry_wait_seconds, self.batch.retry_wait_max_seconds
@@ -127,9 +139,9 @@ class LocalRunner:
             heartbeat.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await heartbeat
-            self._flush_usage()
-        self.repo.finish_run_if_done(self.run.id)
-        self._report_progress()
+            await self._flush_usage()
+        await in_thread(self.repo.finish_run_if_done, self.run.id)
+        await self._report_progress()
 
     async def _round(self, pending: list[str]) -> None:
         queue: asyncio.Queue[_Prepared | None] = asyncio.Queue()
@@ -152,7 +164,7 @@ class LocalRunner:
     ) -> None:
         for patient_id in pending:
             await ahead.acquire()
-            attempts = self.repo.start_item(self.run.id, patient_id, self.worker)
+            attempts = await in_thread(self.repo.start_item, self.run.id, patient_id, self.worker)
             if attempts is None:
                 ahead.release()
                 continue
@@ -168,30 +180,40 @@ class LocalRunner:
 
     async def _consume(self, queue: asyncio.Queue[_Prepared | None], ahead: asyncio.Semaphore) -> None:
         while (item := await queue.get()) is not None:
-            ahead.release()
+            taken = _Once(ahead.release)
             try:
                 with structlog.contextvars.bound_contextvars(patient_id=item.patient_id):
-                    await self._finish(item)
+                    await self._finish(item, taken)
             finally:
+                taken()
                 queue.task_done()
-                self._report_progress()
+                await self._report_progress()
         queue.task_done()
 
-    async def _finish(self, item: _Prepared) -> None:
+    async def _finish(self, item: _Prepared, taken: Callable[[], None]) -> None:
+        """Check, generate and record one read patient; `taken()` once the model has it (the reader
+        may then read the next)."""
         try:
             if item.error is not None:
                 raise item.error
             assert item.prep is not None
-            result = self.stages.unchanged(self.svc, item.prep)
+            result = await in_thread(self.stages.unchanged, self.svc, item.prep)
+            taken()
             if result is None:
                 result = await self.stages.complete(self.svc, item.prep)
         except Exception as exc:  # noqa: BLE001 - recorded, retried within bounds, reported
-            record_failure(
-                self.repo, self.run.id, item.patient_id, item.attempts, exc, self.batch.max_attempts
+            await in_thread(
+                record_failure,
+                self.repo,
+                self.run.id,
+                item.patient_id,
+                item.attempts,
+                exc,
+                self.batch.max_attempts,
             )
             return
         outcome = await in_thread(outcome_for, self.svc, result, self.run_started)
-        self.repo.finish_item(self.run.id, item.patient_id, outcome)
+        await in_thread(self.repo.finish_item, self.run.id, item.patient_id, outcome)
         log.info(
             "batch.item.done",
             run=self.run.id,
@@ -205,18 +227,18 @@ class LocalRunner:
         while True:
             await asyncio.sleep(self.batch.heartbeat_seconds)
             try:
-                self._flush_usage()
+                await self._flush_usage()
             except SQLAlchemyError as exc:  # a busy database must not stop the run; the next beat retries
                 log.warning("batch.heartbeat_failed", run=self.run.id, error_class=type(exc).__name__)
 
-    def _flush_usage(self) -> None:
+    async def _flush_usage(self) -> None:
         cpu, wall = self._usage.take()
-        self.repo.add_usage(self.run.id, cpu_seconds=cpu, machine_seconds=wall)
+        await in_thread(self.repo.add_usage, self.run.id, cpu_seconds=cpu, machine_seconds=wall)
 
-    def _report_progress(self) -> None:
+    async def _report_progress(self) -> None:
         if self.progress is None:
             return
-        counts = self.repo.state_counts(self.run.id)
+        counts = await in_thread(self.repo.state_counts, self.run.id)
         total = sum(counts.values())
         self.progress.update(total - sum(counts.get(s, 0) for s in OPEN_STATES), total)
 

@@ -44,13 +44,15 @@ from service.batch.items import interrupted_error, outcome_for, record_failure
 from service.batch.report import BatchReport, LogProgress, ProgressSink, RunOutcome, UsageMeter, report_for
 from service.batch.request import BatchError, BatchRequest
 from service.batch.selection import create_run, select_patients
-from service.config import Settings
+from service.config import BatchSettings, Settings
 from service.db.batch import (
     FAILED,
     OPEN_STATES,
     QUEUED,
     RUN_RUNNING,
     BatchRepository,
+    ItemOutcome,
+    Run,
     as_utc,
     process_name,
 )
@@ -162,8 +164,42 @@ async def summarize_job(runtime: WorkerRuntime, run_id: int, patient_id: str) ->
     """One patient of one run, as a worker does it; the item's new state.
 
     A job delivered again for an item already final does nothing. An item whose earlier attempts
-    all ended with their worker dying is failed rather than tried forever.
+    all ended with their worker dying is failed rather than tried forever. The run's bookkeeping is
+    database work, done in a thread (`in_thread`) like every store call from async code.
     """
+    repo, batch = runtime.repo, runtime.settings.batch
+    started = await in_thread(_start_job, runtime, run_id, patient_id)
+    if isinstance(started, str):
+        return started
+    run, attempts = started
+    svc = await runtime.services(run.fhir_base)
+    meter = UsageMeter()
+    try:
+        result = await summarize_patient(svc, patient_id, skip_unchanged=True)
+    except Exception as exc:  # noqa: BLE001 - recorded on the item, retried within bounds
+        cpu, wall = meter.take()
+        state = await in_thread(
+            _record_job_failure, repo, run_id, patient_id, attempts, exc, batch, cpu, wall
+        )
+        if state == QUEUED:
+            raise RetryLater(f"{type(exc).__name__} on attempt {attempts}") from exc
+        return state
+    cpu, wall = meter.take()
+    outcome = await in_thread(outcome_for, svc, result, as_utc(run.started_at) or datetime.now(UTC), cpu)
+    await in_thread(_record_job_done, repo, run_id, patient_id, outcome, cpu, wall)
+    log.info(
+        "batch.item.done",
+        run=run_id,
+        state=outcome.state,
+        tokens=outcome.prompt_tokens + outcome.completion_tokens,
+        seconds=round(outcome.seconds, 2),
+        document_reference=outcome.document_reference,
+    )
+    return outcome.state
+
+
+def _start_job(runtime: WorkerRuntime, run_id: int, patient_id: str) -> tuple[Run, int] | str:
+    """The run and the item's attempt number, or the state that ends the job here."""
     repo, batch = runtime.repo, runtime.settings.batch
     run = repo.get_run(run_id)
     if run is None or run.status != RUN_RUNNING:
@@ -177,32 +213,32 @@ async def summarize_job(runtime: WorkerRuntime, run_id: int, patient_id: str) ->
         repo.set_state(run_id, patient_id, FAILED, error=interrupted_error(attempts - 1))
         repo.finish_run_if_done(run_id)
         return FAILED
-    svc = await runtime.services(run.fhir_base)
-    meter = UsageMeter()
-    try:
-        result = await summarize_patient(svc, patient_id, skip_unchanged=True)
-    except Exception as exc:  # noqa: BLE001 - recorded on the item, retried within bounds
-        cpu, wall = meter.take()
-        repo.add_usage(run_id, cpu_seconds=cpu, machine_seconds=wall)
-        state = record_failure(repo, run_id, patient_id, attempts, exc, batch.max_attempts)
-        if state == QUEUED:
-            raise RetryLater(f"{type(exc).__name__} on attempt {attempts}") from exc
+    return run, attempts
+
+
+def _record_job_failure(
+    repo: BatchRepository,
+    run_id: int,
+    patient_id: str,
+    attempts: int,
+    exc: BaseException,
+    batch: BatchSettings,
+    cpu: float,
+    wall: float,
+) -> str:
+    repo.add_usage(run_id, cpu_seconds=cpu, machine_seconds=wall)
+    state = record_failure(repo, run_id, patient_id, attempts, exc, batch.max_attempts)
+    if state != QUEUED:
         repo.finish_run_if_done(run_id)
-        return state
-    cpu, wall = meter.take()
-    outcome = await in_thread(outcome_for, svc, result, as_utc(run.started_at) or datetime.now(UTC), cpu)
+    return state
+
+
+def _record_job_done(
+    repo: BatchRepository, run_id: int, patient_id: str, outcome: ItemOutcome, cpu: float, wall: float
+) -> None:
     repo.finish_item(run_id, patient_id, outcome)
     repo.add_usage(run_id, cpu_seconds=cpu, machine_seconds=wall)
     repo.finish_run_if_done(run_id)
-    log.info(
-        "batch.item.done",
-        run=run_id,
-        state=outcome.state,
-        tokens=outcome.prompt_tokens + outcome.completion_tokens,
-        seconds=round(outcome.seconds, 2),
-        document_reference=outcome.document_reference,
-    )
-    return outcome.state
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -2,11 +2,16 @@
 
 The migration scripts in service/db/migrations/versions are the schema's source of truth; a test
 checks that they produce exactly the tables the models declare. On PostgreSQL an upgrade runs
-under an advisory lock, so several workers starting on an empty database do not race.
+under an advisory lock, on SQLite under an exclusive lock of a file beside the database (SQLite
+commits each DDL statement as it goes), so several processes starting on an empty database do not
+race: the later ones wait, then find the schema there.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+from collections.abc import Iterator
 from pathlib import Path
 
 from alembic import command
@@ -39,9 +44,24 @@ def current_revision(engine: Engine) -> str | None:
         return MigrationContext.configure(conn).get_current_revision()
 
 
+@contextlib.contextmanager
+def _sqlite_file_lock(engine: Engine) -> Iterator[None]:
+    """Hold an exclusive lock of `<database>.migrate-lock` (SQLite files only; else nothing)."""
+    database = engine.url.database if engine.dialect.name == "sqlite" else None
+    if not database or database == ":memory:":
+        yield
+        return
+    with open(f"{Path(database).expanduser()}.migrate-lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
 def upgrade(engine: Engine, revision: str = "head") -> str | None:
     """Bring the database to `revision`; returns the revision it is at afterwards."""
-    with engine.begin() as conn:
+    with _sqlite_file_lock(engine), engine.begin() as conn:
         if conn.dialect.name == "postgresql":
             conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _LOCK_KEY})
         command.upgrade(alembic_config(conn), revision)

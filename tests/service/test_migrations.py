@@ -3,6 +3,9 @@ PostgreSQL, and `chartbrief db upgrade` applies them."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
+import time
 import uuid
 from collections.abc import Iterator
 
@@ -94,3 +97,25 @@ def test_db_upgrade_command_reports_the_revision(tmp_path) -> None:
     assert f"database at revision {head_revision()} (was empty)" in result.output
     again = CliRunner().invoke(cli, ["db", "current", "--db-url", url])
     assert f"current {head_revision()}" in again.output
+
+
+def test_processes_starting_together_on_a_new_sqlite_file_all_find_the_schema(tmp_path) -> None:
+    # SQLite commits each DDL statement as it goes: without the migration lock, a second process
+    # sees half a schema and its own upgrade fails with "table ... already exists".
+    url = f"sqlite:///{tmp_path}/fresh.db"
+    start = tmp_path / "go"
+    script = (
+        "import pathlib, sys, time\n"
+        "from service.db.migrate import open_database\n"
+        "while not pathlib.Path(sys.argv[2]).exists(): time.sleep(0.005)\n"
+        "open_database(sys.argv[1])\n"
+    )
+    processes = [
+        subprocess.Popen([sys.executable, "-c", script, url, str(start)], stderr=subprocess.PIPE)  # noqa: S603
+        for _ in range(4)
+    ]
+    time.sleep(1.5)  # every interpreter has imported and waits at the line
+    start.touch()
+    errors = [p.communicate(timeout=120)[1].decode() for p in processes]
+    assert [p.returncode for p in processes] == [0, 0, 0, 0], errors
+    assert current_revision(create_engine(url)) == head_revision()
