@@ -246,20 +246,9 @@ FAULTS: dict[type[BaseException], Fault] = {
 }
 
 # The web service's own refusals carry their status and issue type.
+_REFUSALS: list[type[ApiError]] = [ApiError, *ApiError.__subclasses__()]
 FAULTS.update(
-    {
-        refusal: Fault(EXIT_UNEXPECTED, refusal.status, refusal.code, _http_refusal)
-        for refusal in (
-            ApiError,
-            BadGateway,
-            BadRequest,
-            Conflict,
-            Forbidden,
-            NotFound,
-            Unauthenticated,
-            Unavailable,
-        )
-    }
+    {refusal: Fault(EXIT_UNEXPECTED, refusal.status, refusal.code, _http_refusal) for refusal in _REFUSALS}
 )
 
 # Errors of libraries that reach the top with a meaning of their own (the database is a server).
