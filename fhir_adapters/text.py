@@ -81,6 +81,10 @@ def ensure_supported(content_type: str | None) -> tuple[str, str]:
     Traceback (most recent call last):
     ...
     fhir_adapters.text.UnsupportedContent: unknown charset klingon
+    >>> ensure_supported("text/plain; charset=zlib")
+    Traceback (most recent call last):
+    ...
+    fhir_adapters.text.UnsupportedContent: charset zlib is not a text encoding
     """
     media, charset = parse_content_type(content_type)
     if not media:
@@ -88,9 +92,14 @@ def ensure_supported(content_type: str | None) -> tuple[str, str]:
     if media not in SUPPORTED_TYPES:
         raise UnsupportedContent(f"unsupported contentType {media}")
     try:
-        codec = codecs.lookup(charset or "utf-8").name
+        info = codecs.lookup(charset or "utf-8")
     except LookupError as exc:
         raise UnsupportedContent(f"unknown charset {charset}") from exc
+    # Python also names bytes-to-bytes transforms codecs (zlib, base64, hex): bytes.decode raises
+    # LookupError on them, and a note would be inflated or mangled rather than read.
+    if not getattr(info, "_is_text_encoding", True):
+        raise UnsupportedContent(f"charset {charset} is not a text encoding")
+    codec = info.name
     # utf-8-sig drops a byte-order mark that would otherwise start the first line.
     return media, "utf-8-sig" if codec == "utf-8" else codec
 
