@@ -17,6 +17,8 @@ ChartbriefError                        1   500  fhir_adapters.errors
 │   ├── Conflict                       1   409  service.errors
 │   ├── Forbidden                      1   403  service.errors
 │   ├── NotFound                       1   404  service.errors
+│   ├── PayloadTooLarge                1   413  service.errors
+│   ├── TooManyRequests                1   429  service.errors
 │   ├── Unauthenticated                1   401  service.errors
 │   └── Unavailable                    1   503  service.errors
 ├── BackendAuthError                   3   502  fhir_adapters.auth.backend
@@ -36,6 +38,7 @@ ChartbriefError                        1   500  fhir_adapters.errors
 │   │   ├── FhirConflict               2   502  fhir_adapters.errors
 │   │   ├── FhirNotFound               2   502  fhir_adapters.errors
 │   │   └── FhirUnexpectedResponse     2   502  fhir_adapters.errors
+│   │       └── FhirResponseTooLarge   2   502  fhir_adapters.errors
 │   └── FhirRetryableError             3   502  fhir_adapters.errors
 │       ├── BulkExportTimeout          3   502  fhir_adapters.bulk.manifest
 │       ├── FhirRateLimited            3   502  fhir_adapters.errors
@@ -157,6 +160,22 @@ class BadGateway(ApiError):
 class Unavailable(ApiError):
     status = 503
     code = "transient"
+
+
+class TooManyRequests(ApiError):
+    """A bound is reached (queued work, or requests per minute): try again after `retry_after` s."""
+
+    status = 429
+    code = "throttled"
+
+    def __init__(self, message: str, *, retry_after: int) -> None:
+        super().__init__(message, headers={"Retry-After": str(max(1, retry_after))})
+        self.retry_after = max(1, retry_after)
+
+
+class PayloadTooLarge(ApiError):
+    status = 413
+    code = "too-long"
 
 
 Says = Callable[[BaseException], str]

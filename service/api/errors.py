@@ -9,6 +9,8 @@ also gives every other error its status); they are re-exported here for the rout
     |- NotFound          404
     |- Conflict          409  the draft changed since it was opened
     |- BadRequest        400  a request that names a field wrongly
+    |- PayloadTooLarge   413  a request body over the limit (refused before it is read or parsed)
+    |- TooManyRequests   429  a bound reached (queued work or requests per minute), with Retry-After
     |- BadGateway        502  the EHR (its FHIR server, SMART configuration or token endpoint) or the
     |                         model failed
     `- Unavailable       503  model not loaded yet, no FHIR server configured
@@ -27,6 +29,8 @@ from service.errors import (
     Conflict,
     Forbidden,
     NotFound,
+    PayloadTooLarge,
+    TooManyRequests,
     Unauthenticated,
     Unavailable,
 )
@@ -41,6 +45,8 @@ __all__ = [
     "Conflict",
     "Forbidden",
     "NotFound",
+    "PayloadTooLarge",
+    "TooManyRequests",
     "Unauthenticated",
     "Unavailable",
     "issue_code_for_status",
@@ -73,7 +79,7 @@ def issue_code_for_status(status: int) -> str:
         404: "not-found",
         405: "not-supported",
         409: "conflict",
-        413: "too-costly",
+        413: "too-long",
         415: "not-supported",
         422: "invalid",
         429: "throttled",
