@@ -12,6 +12,7 @@ FhirError                      status, outcome (OperationOutcome JSON or None), 
     ├── FhirNotFound           404, 410
     ├── FhirConflict           409, 412
     └── FhirUnexpectedResponse any other status, or a body that is not the JSON expected
+        └── FhirResponseTooLarge   a body over the configured byte cap (reading stopped there)
 ```
 
 Callers branch on the class, never on the message text. `str(error)` is PHI-free (status,
@@ -108,6 +109,14 @@ class FhirConflict(FhirPermanentError):
 
 class FhirUnexpectedResponse(FhirPermanentError):
     """A status chartbrief does not handle, or a body that is not the JSON expected."""
+
+
+class FhirResponseTooLarge(FhirUnexpectedResponse):
+    """A body larger than the byte cap for its kind; reading stopped at the cap. `limit` in bytes."""
+
+    def __init__(self, message: str, *, limit: int, url: str = "") -> None:
+        super().__init__(message, url=url)
+        self.limit = limit
 
 
 _PERMANENT_BY_STATUS: dict[int, type[FhirPermanentError]] = {

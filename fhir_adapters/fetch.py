@@ -31,7 +31,8 @@ from fhir.resources.R4B import get_fhir_model_class
 from pydantic import ValidationError
 
 from fhir_adapters.auth.scopes import SEARCHED_TYPES
-from fhir_adapters.errors import ChartbriefError, FhirBadRequest, FhirPermanentError
+from fhir_adapters.client.search import ReadLimits, SearchResults
+from fhir_adapters.errors import ChartbriefError, FhirBadRequest, FhirPermanentError, FhirResponseTooLarge
 from fhir_adapters.models import Note, PatientRecord, Skipped, SourceRef
 from fhir_adapters.text import UnsupportedContent, decode_base64, decode_text, ensure_supported, text_sha256
 
@@ -101,6 +102,9 @@ async def fetch_record(
             raise result
         # gather() types every result alike; the searches' results are lists.
         found = result if isinstance(result, list) else []
+        truncated = getattr(result, "truncated", None)
+        if isinstance(truncated, str) and truncated:
+            skipped.append(Skipped(rtype, truncated, truncated=True))
         kept, rejected = accept_resources(rtype, found, patient_id)
         resources[rtype] = kept
         skipped.extend(rejected)
@@ -169,8 +173,13 @@ async def _search(
     log.warning("fetch.sort_unsupported", resource_type=resource_type)
     async with semaphore:
         found = await source.search_all(resource_type, {"patient": patient_id}, limit=None)
+    truncated = getattr(found, "truncated", None)
     found.sort(key=lambda r: _effective(r) or "", reverse=True)
-    return found[:limit] if limit is not None else found
+    if limit is None or not truncated:
+        return found[:limit] if limit is not None else found
+    kept = SearchResults(found[:limit])
+    kept.truncated = truncated
+    return kept
 
 
 def _effective(resource: JsonObject) -> str | None:
@@ -394,6 +403,13 @@ async def read_notes(
             if isinstance(content, UnsupportedContent):
                 skipped.append(Skipped(item.label, str(content)))
                 continue
+            if isinstance(content, FhirResponseTooLarge):
+                reason = (
+                    f"truncated: attachment larger than {content.limit} bytes "
+                    "(fhir.max_attachment_bytes); not read"
+                )
+                skipped.append(Skipped(item.label, reason, truncated=True))
+                continue
             if isinstance(content, FhirPermanentError):
                 reason = f"attachment url could not be read ({_why(content)})"
                 skipped.append(Skipped(item.label, reason))
@@ -489,7 +505,12 @@ async def _attachment_bytes(
     declared = _str(attachment.get("contentType")) or ""
     data = attachment.get("data")
     if isinstance(data, str) and data:
-        return decode_base64(data), declared
+        content = decode_base64(data)
+        limit = getattr(source, "limits", None)
+        cap = limit.max_attachment_bytes if isinstance(limit, ReadLimits) else None
+        if cap is not None and len(content) > cap:
+            raise FhirResponseTooLarge(f"inline attachment larger than {cap} bytes", limit=cap)
+        return content, declared
     url = attachment.get("url")
     if isinstance(url, str) and url:
         # Fail before the read when the declared type is one chartbrief cannot use anyway.

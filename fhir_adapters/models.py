@@ -55,6 +55,8 @@ class Skipped:
 
     resource: str  # "DocumentReference/123", "DocumentReference/123#content[1]", or a type: "Procedure"
     reason: str
+    # A read limit was reached: `resource` names the search (a type) or attachment cut short.
+    truncated: bool = False
 
     @property
     def resource_type(self) -> str:
@@ -64,7 +66,7 @@ class Skipped:
     @property
     def whole_type(self) -> bool:
         """True when a whole type is missing (its search was refused), not one resource."""
-        return "/" not in self.resource
+        return "/" not in self.resource and not self.truncated
 
 
 @dataclass(frozen=True)
@@ -92,6 +94,11 @@ class PatientRecord:
 
     def of_type(self, resource_type: str) -> list[dict[str, Any]]:
         return self.resources.get(resource_type, [])
+
+    @property
+    def truncated(self) -> list[Skipped]:
+        """The searches and attachments a read limit cut short (part of `skipped`)."""
+        return [s for s in self.skipped if s.truncated]
 
     @property
     def sources(self) -> list[SourceRef]:

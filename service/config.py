@@ -46,6 +46,34 @@ class FhirSettings(BaseModel):
     observation_limit: int = Field(
         default=200, ge=1, le=5000, description="Most recent Observations read per patient."
     )
+    max_pages_per_search: int = Field(
+        default=100,
+        ge=1,
+        le=100_000,
+        description="Pages one search follows (next links); past it the search stops and the result "
+        "names the type as truncated. Guards against servers that page forever.",
+    )
+    max_resources_per_search: int = Field(
+        default=10_000,
+        ge=1,
+        le=10_000_000,
+        description="Resources one search (one resource type of one patient) keeps; past it the search "
+        "stops and the result names the type as truncated.",
+    )
+    max_response_bytes: int = Field(
+        default=32 * 1024 * 1024,
+        ge=1024,
+        le=2**34,
+        description="Bytes of one response body (a read or a search page); a longer body is abandoned "
+        "at this size without being read whole (a search page: the search is named as truncated).",
+    )
+    max_attachment_bytes: int = Field(
+        default=10 * 1024 * 1024,
+        ge=1024,
+        le=2**34,
+        description="Bytes of one note attachment (inline data or a Binary/URL read); a larger one is "
+        "not read, and the result names it as truncated.",
+    )
 
     @field_validator("base_url")
     @classmethod

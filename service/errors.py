@@ -9,54 +9,54 @@ takes its nearest ancestor's. The CLI (`service.cli.common.ChartbriefCommand`) a
 else. The tree, as `draw_tree()` prints it (a test keeps this drawing equal to the classes):
 
 ```
-class                               exit  HTTP  defined in
-ChartbriefError                        1   500  fhir_adapters.errors
-├── ApiError                           1   500  service.errors
-│   ├── BadGateway                     1   502  service.errors
-│   ├── BadRequest                     1   400  service.errors
-│   ├── Conflict                       1   409  service.errors
-│   ├── Forbidden                      1   403  service.errors
-│   ├── NotFound                       1   404  service.errors
-│   ├── PayloadTooLarge                1   413  service.errors
-│   ├── TooManyRequests                1   429  service.errors
-│   ├── Unauthenticated                1   401  service.errors
-│   └── Unavailable                    1   503  service.errors
-├── BackendAuthError                   3   502  fhir_adapters.auth.backend
-├── BatchError                         2   400  service.batch.request
-├── BundleError                        2   400  fhir_adapters.bundle_source
-├── CorpusError                        2   400  service.eval.claims
-├── DraftError                         1   500  fhir_adapters.write.draft
-├── EncounterNotOfPatient              2   403  fhir_adapters.fetch
-├── EngineError                        4   502  service.llm.base
-│   └── FakeEngineExhausted            4   502  service.llm.fake
-├── EvalInputError                     2   400  service.eval.run
-├── FhirError                          3   502  fhir_adapters.errors
-│   ├── FhirPermanentError             2   502  fhir_adapters.errors
-│   │   ├── BulkExportError            2   502  fhir_adapters.bulk.manifest
-│   │   ├── FhirAuthError              2   403  fhir_adapters.errors
-│   │   ├── FhirBadRequest             2   502  fhir_adapters.errors
-│   │   ├── FhirConflict               2   502  fhir_adapters.errors
-│   │   ├── FhirNotFound               2   502  fhir_adapters.errors
-│   │   └── FhirUnexpectedResponse     2   502  fhir_adapters.errors
-│   │       └── FhirResponseTooLarge   2   502  fhir_adapters.errors
-│   └── FhirRetryableError             3   502  fhir_adapters.errors
-│       ├── BulkExportTimeout          3   502  fhir_adapters.bulk.manifest
-│       ├── FhirRateLimited            3   502  fhir_adapters.errors
-│       ├── FhirServerError            3   502  fhir_adapters.errors
-│       └── FhirTransportError         3   502  fhir_adapters.errors
-├── LocalFhirServerError               3   503  service.dev.devserver
-├── PromptError                        4   502  service.prompts
-├── RecallError                        2   400  service.governance.recall_rules
-├── ReviewError                        2   400  fhir_adapters.write.review
-│   ├── ReviewConflict                 2   409  fhir_adapters.write.review
-│   ├── ReviewForbidden                2   403  fhir_adapters.write.review
-│   └── ReviewNotFound                 2   404  fhir_adapters.write.review
-├── SandboxError                       2   400  service.dev.sandbox
-├── SessionCipherError                 2   500  service.db.launch
-├── SettingsError                      2   500  service.config
-├── SmartError                         2   401  fhir_adapters.auth.oauth
-├── StateError                         2   400  service.db.launch
-└── UnsupportedContent                 2   422  fhir_adapters.text
+class                                   exit  HTTP  defined in
+ChartbriefError                            1   500  fhir_adapters.errors
+├── ApiError                               1   500  service.errors
+│   ├── BadGateway                         1   502  service.errors
+│   ├── BadRequest                         1   400  service.errors
+│   ├── Conflict                           1   409  service.errors
+│   ├── Forbidden                          1   403  service.errors
+│   ├── NotFound                           1   404  service.errors
+│   ├── PayloadTooLarge                    1   413  service.errors
+│   ├── TooManyRequests                    1   429  service.errors
+│   ├── Unauthenticated                    1   401  service.errors
+│   └── Unavailable                        1   503  service.errors
+├── BackendAuthError                       3   502  fhir_adapters.auth.backend
+├── BatchError                             2   400  service.batch.request
+├── BundleError                            2   400  fhir_adapters.bundle_source
+├── CorpusError                            2   400  service.eval.claims
+├── DraftError                             1   500  fhir_adapters.write.draft
+├── EncounterNotOfPatient                  2   403  fhir_adapters.fetch
+├── EngineError                            4   502  service.llm.base
+│   └── FakeEngineExhausted                4   502  service.llm.fake
+├── EvalInputError                         2   400  service.eval.run
+├── FhirError                              3   502  fhir_adapters.errors
+│   ├── FhirPermanentError                 2   502  fhir_adapters.errors
+│   │   ├── BulkExportError                2   502  fhir_adapters.bulk.manifest
+│   │   ├── FhirAuthError                  2   403  fhir_adapters.errors
+│   │   ├── FhirBadRequest                 2   502  fhir_adapters.errors
+│   │   ├── FhirConflict                   2   502  fhir_adapters.errors
+│   │   ├── FhirNotFound                   2   502  fhir_adapters.errors
+│   │   └── FhirUnexpectedResponse         2   502  fhir_adapters.errors
+│   │       └── FhirResponseTooLarge       2   502  fhir_adapters.errors
+│   └── FhirRetryableError                 3   502  fhir_adapters.errors
+│       ├── BulkExportTimeout              3   502  fhir_adapters.bulk.manifest
+│       ├── FhirRateLimited                3   502  fhir_adapters.errors
+│       ├── FhirServerError                3   502  fhir_adapters.errors
+│       └── FhirTransportError             3   502  fhir_adapters.errors
+├── LocalFhirServerError                   3   503  service.dev.devserver
+├── PromptError                            4   502  service.prompts
+├── RecallError                            2   400  service.governance.recall_rules
+├── ReviewError                            2   400  fhir_adapters.write.review
+│   ├── ReviewConflict                     2   409  fhir_adapters.write.review
+│   ├── ReviewForbidden                    2   403  fhir_adapters.write.review
+│   └── ReviewNotFound                     2   404  fhir_adapters.write.review
+├── SandboxError                           2   400  service.dev.sandbox
+├── SessionCipherError                     2   500  service.db.launch
+├── SettingsError                          2   500  service.config
+├── SmartError                             2   401  fhir_adapters.auth.oauth
+├── StateError                             2   400  service.db.launch
+└── UnsupportedContent                     2   422  fhir_adapters.text
 ```
 
 Exit codes: 0 ok, 1 unexpected, 2 bad input (a setting, a file, an id, a refused request),

@@ -15,6 +15,7 @@ import httpx
 
 from fhir_adapters.auth import StaticToken, TokenProvider
 from fhir_adapters.client import FhirClient
+from fhir_adapters.client.search import ReadLimits
 from fhir_adapters.write.draft import WriteOptions
 from service.config import FhirSettings, SettingsError, WriterSettings
 
@@ -46,6 +47,12 @@ def fhir_client(
         max_attempts=settings.max_attempts,
         backoff_initial=settings.backoff_initial_seconds,
         backoff_max=settings.backoff_max_seconds,
+        limits=ReadLimits(
+            max_pages=settings.max_pages_per_search,
+            max_resources=settings.max_resources_per_search,
+            max_response_bytes=settings.max_response_bytes,
+            max_attachment_bytes=settings.max_attachment_bytes,
+        ),
     )
 
 

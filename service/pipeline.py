@@ -138,6 +138,7 @@ class SummaryResult:
             "notes": self.notes,
             "notes_read": self.notes_read.to_json() if self.notes_read else None,
             "skipped": [{"resource": s.resource, "reason": s.reason} for s in self.skipped],
+            "truncated": [{"resource": s.resource, "reason": s.reason} for s in self.skipped if s.truncated],
             "inputs": len(self.inputs),
             "prompt_tokens": self.prompt_tokens,
             "completion_tokens": self.completion_tokens,

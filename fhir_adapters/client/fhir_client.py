@@ -39,7 +39,9 @@ from fhir_adapters.auth import TokenProvider
 from fhir_adapters.client.retry import RETRY_AFTER_CAP_SECONDS, backoff_seconds, parse_retry_after
 from fhir_adapters.client.search import (
     JsonObject,
+    ReadLimits,
     SearchParams,
+    SearchResults,
     bundle_resources,
     check_id,
     check_type,
@@ -50,12 +52,14 @@ from fhir_adapters.client.search import (
     search_query,
     type_of,
     url_without_query,
+    within_base,
 )
 from fhir_adapters.errors import (
     FhirBadRequest,
     FhirError,
     FhirNotFound,
     FhirRateLimited,
+    FhirResponseTooLarge,
     FhirRetryableError,
     FhirTransportError,
     FhirUnexpectedResponse,
@@ -82,6 +86,7 @@ class FhirClient:
         max_attempts: int = 4,
         backoff_initial: float = 0.5,
         backoff_max: float = 8.0,
+        limits: ReadLimits | None = None,
     ) -> None:
         base = httpx.URL(base_url.strip())
         if base.scheme not in ("http", "https") or not base.host:
@@ -93,6 +98,7 @@ class FhirClient:
         self.base_url = url_without_query(base).rstrip("/")
         self.page_size = page_size
         self.max_attempts = max_attempts
+        self.limits = limits or ReadLimits()
         self._auth = auth
         self._owns_http = http is None
         self._http = http or httpx.AsyncClient(
@@ -140,12 +146,23 @@ class FhirClient:
     async def search(
         self, resource_type: str, params: SearchParams | None = None
     ) -> AsyncGenerator[JsonObject, None]:
-        """Yield every resource of every page, each `resourceType/id` once.
+        """Yield every resource of every page, each `resourceType/id` once, up to the read limits.
 
         Next links are followed verbatim. A next page answering 404/410 means the server
         dropped its paging snapshot (HAPI: "unknown paging ID"): the search restarts once
-        from page one, and resources already yielded are not yielded again.
+        from page one, and resources already yielded are not yielded again. At a page,
+        resource or page-size cap the search ends early (`search_all` says which one).
         """
+        async with aclosing(self._search(resource_type, params, SearchResults())) as resources:
+            async for resource in resources:
+                yield resource
+
+    async def _search(
+        self, resource_type: str, params: SearchParams | None, out: SearchResults
+    ) -> AsyncGenerator[JsonObject, None]:
+        """`search`, setting `out.truncated` when a read limit ends it early."""
+        limits = self.limits
+        count = 0
         first_url = check_type(resource_type)
         first_params = search_query(params, self.page_size)
         seen: set[str] = set()
@@ -157,6 +174,15 @@ class FhirClient:
         while True:
             try:
                 bundle = await self._search_page(url, page_params)
+            except FhirResponseTooLarge as exc:
+                out.truncated = (
+                    f"truncated: search page {pages + 1} is larger than {exc.limit} bytes "
+                    "(fhir.max_response_bytes); it and any later pages were not read"
+                )
+                _log.warning(
+                    "fhir.search.truncated", resource_type=resource_type, cap="bytes", pages_read=pages
+                )
+                return
             except FhirNotFound:
                 if page_params is not None or restarted:
                     raise
@@ -166,15 +192,32 @@ class FhirClient:
                 visited.clear()
                 continue
             pages += 1
+            link = next_link(bundle)
             for resource in bundle_resources(bundle):
                 key = resource_key(resource)
                 if key is not None:
                     if key in seen:
                         continue
                     seen.add(key)
+                if count >= limits.max_resources:
+                    out.truncated = (
+                        f"truncated: search stopped at {limits.max_resources} resources "
+                        "(fhir.max_resources_per_search); later results were not read"
+                    )
+                    _log.warning("fhir.search.truncated", resource_type=resource_type, cap="resources")
+                    return
+                count += 1
                 yield resource
-            link = next_link(bundle)
             if link is None:
+                return
+            if pages >= limits.max_pages:
+                out.truncated = (
+                    f"truncated: search stopped after {limits.max_pages} pages "
+                    "(fhir.max_pages_per_search); later pages were not read"
+                )
+                _log.warning(
+                    "fhir.search.truncated", resource_type=resource_type, cap="pages", pages_read=pages
+                )
                 return
             url = resolve_url(self.base_url, link)
             if url in visited:
@@ -186,12 +229,16 @@ class FhirClient:
 
     async def search_all(
         self, resource_type: str, params: SearchParams | None = None, *, limit: int | None = None
-    ) -> list[JsonObject]:
-        """All resources of a search as a list, stopping (and not fetching further pages) at `limit`."""
-        results: list[JsonObject] = []
+    ) -> SearchResults:
+        """All resources of a search as a list, stopping (and not fetching further pages) at `limit`.
+
+        `truncated` on the result names the read limit that ended the search early, if one did
+        (reaching `limit` is the caller's choice, not a truncation).
+        """
+        results = SearchResults()
         if limit is not None and limit <= 0:
             return results
-        async with aclosing(self.search(resource_type, params)) as resources:
+        async with aclosing(self._search(resource_type, params, results)) as resources:
             async for resource in resources:
                 results.append(resource)
                 if limit is not None and len(results) >= limit:
@@ -205,7 +252,9 @@ class FhirClient:
         as raw bytes with the response's Content-Type. Only the configured server's origin is
         ever contacted.
         """
-        response = await self.request("GET", url, idempotent=True)
+        cap = self.limits.max_attachment_bytes
+        # A Binary's base64 is a third larger than the bytes it carries, plus a little JSON.
+        response = await self.request("GET", url, idempotent=True, max_bytes=cap + cap // 3 + 4096)
         content_type = response.headers.get("content-type", "application/octet-stream")
         if "json" in content_type.lower():
             try:
@@ -213,8 +262,9 @@ class FhirClient:
             except (json.JSONDecodeError, UnicodeDecodeError):
                 body = None
             if isinstance(body, dict) and body.get("resourceType") == "Binary":
-                return _decode_binary(body, response.request.url)
-        return response.content, content_type
+                content, binary_type = _decode_binary(body, response.request.url)
+                return _within(content, cap, response.request.url), binary_type
+        return _within(response.content, cap, response.request.url), content_type
 
     async def stream(
         self, url: str, *, send_token: bool = True, accept: str = NDJSON
@@ -326,18 +376,22 @@ class FhirClient:
         idempotent: bool,
         send_token: bool = True,
         stream: bool = False,
+        max_bytes: int | None = None,
     ) -> httpx.Response:
         """Send one logical request and return its 2xx response; raise a `FhirError` for anything else.
 
-        `url` is relative to the base, or absolute on its origin; with `send_token=False` it may
+        `url` is relative to the base, or absolute under it; with `send_token=False` it may
         be any absolute http(s) URL and no token is sent. Idempotent requests are retried on
         `FhirRetryableError` up to `max_attempts`. With `stream` the response comes back open,
         its body unread: the caller reads it and must close it. For REST interactions use the
         methods above; this is for protocols on top of FHIR REST (Bulk Data's kick-off and polls).
+        Without `stream` the body is read up to `max_bytes` (default: the limits' response cap)
+        and a longer one is abandoned there with `FhirResponseTooLarge`.
         """
         target = self._target(url) if send_token else _absolute_target(self.base_url, url)
         content = None if json is None else _encode(json)
-        exchange = _Exchange(method, target, params, content, headers, send_token, stream)
+        cap = self.limits.max_response_bytes if max_bytes is None else max_bytes
+        exchange = _Exchange(method, target, params, content, headers, send_token, stream, cap)
         if not idempotent:
             return await self._attempt(exchange, attempt=1)
         retrying = AsyncRetrying(
@@ -358,11 +412,12 @@ class FhirClient:
         except httpx.InvalidURL as exc:
             message = f"not a valid URL for the FHIR server {self.base_url}"
             raise FhirBadRequest(message, url=self.base_url) from exc
-        if not same_origin(target, self.base_url):
-            # The token is for this server only; a link elsewhere is never followed.
+        if not within_base(target, self.base_url):
+            # The token is for this server's FHIR API only: neither another host nor another path
+            # on its host (an admin console, a sibling base) ever sees it.
             raise FhirBadRequest(
-                f"refusing to contact {target.scheme}://{target.host}: it is not the FHIR server's "
-                f"origin ({self.base_url})",
+                f"refusing to send the token to {target.scheme}://{target.host}{target.path}: it is not "
+                f"the FHIR server's origin and base path ({self.base_url})",
                 url=url_without_query(target),
             )
         return target
@@ -383,8 +438,10 @@ class FhirClient:
             await self._auth.invalidate()
             response = await self._send(exchange, attempt=attempt)
         if response.is_success:
+            if not exchange.stream:
+                await _read_capped(response, exchange.max_bytes)
             return response
-        outcome = await _error_outcome(response) if exchange.stream else operation_outcome(response)
+        outcome = await _error_outcome(response)
         raise error_for_status(
             response.status_code,
             method=exchange.method,
@@ -407,7 +464,8 @@ class FhirClient:
         )
         started = time.perf_counter()
         try:
-            response = await self._http.send(request, stream=exchange.stream)
+            # Always streamed: a body is read (up to its cap) only once its status is known.
+            response = await self._http.send(request, stream=True)
         except httpx.TransportError as exc:
             _log_exchange(method, url, None, started, attempt, error=type(exc).__name__)
             raise FhirTransportError(
@@ -441,6 +499,53 @@ class _Exchange:
     headers: Mapping[str, str] | None
     send_token: bool
     stream: bool
+    max_bytes: int
+
+
+async def _read_capped(response: httpx.Response, limit: int) -> None:
+    """Read the body into `response` (so `.content` and `.json()` work), stopping past `limit`."""
+    url = response.request.url
+    try:
+        declared = int(response.headers.get("content-length", ""))
+    except ValueError:
+        declared = -1
+    body = bytearray()
+    try:
+        if declared <= limit:
+            async for chunk in response.aiter_bytes():
+                body += chunk
+                if len(body) > limit:
+                    break
+    except httpx.TransportError as exc:
+        raise FhirTransportError(
+            f"connection to {url.host} lost ({type(exc).__name__}) while reading GET {url.path}",
+            url=url_without_query(url),
+        ) from exc
+    except httpx.HTTPError as exc:
+        raise FhirUnexpectedResponse(
+            f"unreadable body from {url.host} ({type(exc).__name__}) for GET {url.path}",
+            url=url_without_query(url),
+        ) from exc
+    finally:
+        await response.aclose()
+    if declared > limit or len(body) > limit:
+        raise FhirResponseTooLarge(
+            f"the answer to {response.request.method} {url.path} is larger than {limit} bytes; not read",
+            limit=limit,
+            url=url_without_query(url),
+        )
+    # What httpx's own aread() stores; set here because the body was read under a cap.
+    response._content = bytes(body)
+
+
+def _within(content: bytes, limit: int, url: httpx.URL) -> bytes:
+    if len(content) > limit:
+        raise FhirResponseTooLarge(
+            f"the attachment at {url.path} is larger than {limit} bytes; not read",
+            limit=limit,
+            url=url_without_query(url),
+        )
+    return content
 
 
 def _absolute_target(base_url: str, url: str) -> httpx.URL:
@@ -486,15 +591,16 @@ def operation_outcome(response: httpx.Response) -> JsonObject | None:
     return None
 
 
+_ERROR_BODY_CAP = 1024 * 1024
+
+
 async def _error_outcome(response: httpx.Response) -> JsonObject | None:
-    """The OperationOutcome of a streamed error answer (short: read whole), then the response closed."""
+    """The OperationOutcome of an error answer (read up to a small cap), then the response closed."""
     try:
-        await response.aread()
-        return operation_outcome(response)
-    except httpx.HTTPError:
+        await _read_capped(response, _ERROR_BODY_CAP)
+    except FhirError:
         return None  # the status alone still says what went wrong
-    finally:
-        await response.aclose()
+    return operation_outcome(response)
 
 
 def _has_body(response: httpx.Response) -> bool:

@@ -9,12 +9,40 @@ request path (anything else could change it).
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import httpx
 
 JsonObject = dict[str, Any]
 SearchParams = Mapping[str, str | Sequence[str]]
+
+
+@dataclass(frozen=True)
+class ReadLimits:
+    """How much one client reads from a server it does not control (a server sending endless
+    `next` links or huge bodies would otherwise hold a worker and its memory for good).
+
+    Pages and resources are per search; bytes are per response body (reads, search pages) and per
+    attachment. Reaching a page or resource cap ends the search with what was read (the caller
+    names it as truncated); a body over its byte cap is abandoned at the cap, never read whole.
+    """
+
+    max_pages: int = 100
+    max_resources: int = 10_000
+    max_response_bytes: int = 32 * 1024 * 1024
+    max_attachment_bytes: int = 10 * 1024 * 1024
+
+    def __post_init__(self) -> None:
+        for name in ("max_pages", "max_resources", "max_response_bytes", "max_attachment_bytes"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+
+
+class SearchResults(list[JsonObject]):
+    """The resources of one search; `truncated` says which cap ended it early (None: read whole)."""
+
+    truncated: str | None = None
 
 
 def url_without_query(url: httpx.URL | str) -> str:
@@ -62,6 +90,31 @@ def same_origin(a: httpx.URL | str, b: httpx.URL | str) -> bool:
     """
     ua, ub = httpx.URL(a), httpx.URL(b)
     return (ua.scheme, ua.host, _port(ua)) == (ub.scheme, ub.host, _port(ub))
+
+
+def within_base(url: httpx.URL | str, base_url: httpx.URL | str) -> bool:
+    """True when `url` is the FHIR base itself or below it: same origin and the base's path as a
+    whole-segment prefix. The server's token is for its FHIR API, not for every path on its host.
+
+    The raw (still percent-encoded) path is compared, and `.`/`..` segments in any spelling are
+    refused, so neither `r4%2Fx` nor `r4/%2e%2e/admin` passes as a path under `r4`.
+
+    >>> base = "https://ehr.example/fhir/r4"
+    >>> within_base("https://ehr.example/fhir/r4/Patient/1", base), within_base(base, base)
+    (True, True)
+    >>> within_base("https://ehr.example/admin", base), within_base("https://ehr.example/fhir/r4x", base)
+    (False, False)
+    >>> within_base("https://ehr.example/fhir/r4/%2e%2e/admin", base)
+    False
+    """
+    ua, ub = httpx.URL(url), httpx.URL(base_url)
+    if not same_origin(ua, ub):
+        return False
+    path = ua.raw_path.split(b"?", 1)[0]
+    base = ub.raw_path.split(b"?", 1)[0].rstrip(b"/")
+    if path.rstrip(b"/") != base and not path.startswith(base + b"/"):
+        return False
+    return not any(segment in (".", "..") for segment in ua.path.split("/"))
 
 
 def _port(url: httpx.URL) -> int | None:
