@@ -7,10 +7,12 @@ environment at import time; call `Settings()` where the process starts.
 
 from __future__ import annotations
 
+import ipaddress
 from pathlib import Path
 from typing import Literal
 from urllib.parse import urlsplit
 
+from limits import parse as parse_rate
 from pydantic import BaseModel, Field, HttpUrl, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
@@ -66,6 +68,12 @@ class FhirSettings(BaseModel):
         le=2**34,
         description="Bytes of one response body (a read or a search page); a longer body is abandoned "
         "at this size without being read whole (a search page: the search is named as truncated).",
+    )
+    bulk_file_hosts: list[str] = Field(
+        default_factory=list,
+        description="Hosts besides the FHIR server's own from which Bulk Data files marked "
+        "requiresAccessToken: false may be read (https only; e.g. a storage service's pre-signed URLs). "
+        "Empty = only the FHIR server's host.",
     )
     max_attachment_bytes: int = Field(
         default=10 * 1024 * 1024,
@@ -320,7 +328,107 @@ class ApiSettings(BaseModel):
         description="Summary jobs remembered in memory for GET /api/summaries/{id}; the oldest finished "
         "go first.",
     )
-    docs_enabled: bool = Field(default=True, description="Serve the OpenAPI docs at /docs and /openapi.json.")
+    # One model on 2 cores runs one summary at a time: a few queued behind it keep it busy, more only
+    # make callers wait longer than a retry would.
+    max_queued_work: int = Field(
+        default=8,
+        ge=1,
+        le=1000,
+        description="Summaries queued or running in this process at once (API jobs, API streams, "
+        "review-screen streams, regenerates); past it a new one is refused with 429 and Retry-After.",
+    )
+    max_queued_work_per_client: int = Field(
+        default=3,
+        ge=1,
+        le=1000,
+        description="Of those, at most this many for one client (an API key, a JWT subject or a review "
+        "session); at most CHARTBRIEF_API__MAX_QUEUED_WORK.",
+    )
+    work_estimate_seconds: int = Field(
+        default=60,
+        ge=1,
+        le=3600,
+        description="Expected seconds of one summary, for Retry-After until this process has timed its own "
+        "(then the mean of the recent ones).",
+    )
+    docs_enabled: bool | None = Field(
+        default=None,
+        description="Serve the OpenAPI docs at /docs and /openapi.json; empty = on in development, off in "
+        "production (the docs page loads a script from a CDN and needs 'unsafe-inline').",
+    )
+    anonymous_rate_limit: str = Field(
+        default="30/minute",
+        description="Requests one client address may make to the endpoints that need no credentials "
+        "(/launch, /callback), as `N/second|minute|hour`; more get 429 with Retry-After.",
+    )
+    launch_states_per_client: int = Field(
+        default=20,
+        ge=1,
+        le=10000,
+        description="Launches one client address may start within smart.state_ttl_seconds (so at most this "
+        "many of its sign-in states are unexpired); more get 429.",
+    )
+    refusal_audits_per_client: str = Field(
+        default="10/minute",
+        description="Audit rows written for refused anonymous requests of one client address, as "
+        "`N/second|minute|hour`; refusals beyond it are counted in the log only.",
+    )
+    rate_limit_storage_uri: str = Field(
+        default="memory://",
+        description="Where the rate-limit counters live: memory:// (one process) or redis://host:6379/0 "
+        "(shared by several processes).",
+    )
+    trusted_proxies: list[str] = Field(
+        default_factory=list,
+        description="Addresses or networks (JSON list, e.g. [\"10.0.0.0/8\"]) of reverse proxies whose "
+        "X-Forwarded-For names the client; empty = limits count the connecting address.",
+    )
+    max_body_bytes: int = Field(
+        default=1024 * 1024,
+        ge=1024,
+        le=1024 * 1024 * 1024,
+        description="Largest request body accepted; a larger one is refused with 413 before it is read.",
+    )
+    purge_interval_seconds: int = Field(
+        default=900,
+        ge=0,
+        le=7 * 86400,
+        description="How often the service deletes expired sign-in states and sessions (0 = never; "
+        "`chartbrief db purge` does it by hand).",
+    )
+
+    @field_validator("anonymous_rate_limit", "refusal_audits_per_client")
+    @classmethod
+    def _check_rate(cls, v: str) -> str:
+        try:
+            parse_rate(v)
+        except ValueError as exc:
+            raise ValueError(f"{v!r} is not a rate such as 30/minute") from exc
+        return v
+
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _check_proxies(cls, v: list[str]) -> list[str]:
+        for item in v:
+            try:
+                ipaddress.ip_network(item.strip(), strict=False)
+            except ValueError as exc:
+                raise ValueError(f"{item!r} is not an IP address or network") from exc
+        return [item.strip() for item in v]
+
+    @field_validator("rate_limit_storage_uri")
+    @classmethod
+    def _check_storage(cls, v: str) -> str:
+        if urlsplit(v.removeprefix("async+")).scheme not in ("memory", "redis", "rediss", "redis+unix"):
+            raise ValueError(f"{v!r}: use memory:// or a redis:// URL")
+        return v
+    user_tokens: Literal["refuse", "check-at-ehr"] = Field(
+        default="refuse",
+        description="A user-level JWT (user/ scopes, no patient claim) asking for a patient's summary: "
+        "refuse = 403 (chartbrief's own FHIR credentials would otherwise reach every patient); "
+        "check-at-ehr = first read Patient/{id} at CHARTBRIEF_FHIR__BASE_URL with the caller's own "
+        "token, allowed only on 200 (asked on every request, never cached).",
+    )
 
     @field_validator("jwt_issuer", "jwks_url", "audience")
     @classmethod
@@ -334,6 +442,15 @@ class ApiSettings(BaseModel):
             raise ValueError("CHARTBRIEF_API__JWKS_URL is needed when CHARTBRIEF_API__JWT_ISSUER is set")
         if self.jwks_url:
             _http_url(self.jwks_url, "jwks_url")
+        return self
+
+    @model_validator(mode="after")
+    def _client_share_fits(self) -> ApiSettings:
+        if self.max_queued_work_per_client > self.max_queued_work:
+            raise ValueError(
+                f"CHARTBRIEF_API__MAX_QUEUED_WORK_PER_CLIENT ({self.max_queued_work_per_client}) is more "
+                f"than CHARTBRIEF_API__MAX_QUEUED_WORK ({self.max_queued_work})"
+            )
         return self
 
 

@@ -53,6 +53,7 @@ def fhir_client(
             max_response_bytes=settings.max_response_bytes,
             max_attachment_bytes=settings.max_attachment_bytes,
         ),
+        file_hosts=settings.bulk_file_hosts,
     )
 
 

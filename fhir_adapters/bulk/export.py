@@ -18,7 +18,7 @@ kick-off stays `FhirAuthError`).
 
 What it must not do: hold a whole file in memory, crash on a bad line (it is skipped and counted
 with its line number), send the bearer token with a file unless the manifest says
-`requiresAccessToken` and the file is on the FHIR server's origin, or log anything but paths,
+`requiresAccessToken` and the file is under the FHIR server's base URL, or log anything but paths,
 ids, counts, line numbers and reasons (never a line's content, a query string or a token).
 """
 
@@ -61,9 +61,10 @@ from fhir_adapters.client import (
     operation_outcome,
     parse_retry_after,
     resolve_url,
-    same_origin,
     url_without_query,
+    within_base,
 )
+from fhir_adapters.client.search import tokenless_refusal
 from fhir_adapters.errors import FhirError, FhirNotFound, FhirRateLimited, FhirTransportError
 
 log = structlog.get_logger(__name__)
@@ -85,7 +86,7 @@ async def kick_off(
     since: str | None = None,
     type_filters: Sequence[str] = (),
 ) -> str:
-    """Start an export and return its status URL (absolute, on the FHIR server's origin).
+    """Start an export and return its status URL (absolute, under the FHIR server's base URL).
 
     POST with a Parameters body; a server that answers 405 (some Bulk Data 2.0 servers only take
     GET) is asked again with GET and query parameters. Never retried: each kick-off starts a job.
@@ -131,11 +132,11 @@ def _status_url(client: FhirClient, response: httpx.Response) -> str:
             url=where,
         )
     status_url = resolve_url(client.base_url, location)
-    if not same_origin(status_url, client.base_url):
-        # Polling carries the bearer token, which is for the FHIR server only.
+    if not within_base(status_url, client.base_url):
+        # Polling carries the bearer token, which is for the FHIR server's API only.
         raise BulkExportError(
             f"bulk export kick-off at {where}: the status URL is not on the FHIR server's origin "
-            f"({client.base_url})",
+            f"and base path ({client.base_url})",
             status=202,
             url=where,
         )
@@ -275,7 +276,7 @@ async def stream_ndjson(
     """Yield each resource of an NDJSON file as its bytes arrive (never the whole file in memory).
 
     A malformed line is skipped and recorded in `stats` with its line number and reason. With
-    `requires_access_token` the file must be on the FHIR server's origin and gets the token;
+    `requires_access_token` the file must be under the FHIR server's base URL and gets the token;
     without it no token is sent, wherever the file is.
     """
     stats = stats if stats is not None else NdjsonStats()
@@ -357,6 +358,7 @@ async def export_resources(
             sleep=sleep,
         )
         report.manifest = manifest
+        _check_tokenless_files(client, manifest, status_url)
         for export_file in manifest.output:
             stats = report.files.setdefault(url_without_query(export_file.url), NdjsonStats())
             resources = stream_ndjson(
@@ -373,6 +375,28 @@ async def export_resources(
     finally:
         if delete_when_done:
             report.deleted = await _delete_quietly(client, status_url)
+
+
+def _check_tokenless_files(client: FhirClient, manifest: ExportManifest, status_url: str) -> None:
+    """Refuse the export before any file is read when a file to be read without the token is on a
+    host chartbrief may not contact. Reading the others and moving `_since` on would lose the
+    changes in the refused ones for good, so the whole export fails, naming each refused file."""
+    if manifest.requires_access_token:
+        return
+    refused = []
+    for export_file in [*manifest.output, *manifest.error]:
+        reason = tokenless_refusal(export_file.url, client.base_url, client.file_hosts)
+        if reason is not None:
+            refused.append(f"{url_without_query(export_file.url)} ({export_file.type}: {reason})")
+    if refused:
+        log.warning("bulk.export.files_refused", files=len(refused))
+        raise BulkExportError(
+            f"bulk export at {url_without_query(status_url)}: refusing to read {len(refused)} file(s) served "
+            f"without the access token: {'; '.join(refused)}. Only https files on the FHIR server's host "
+            "are read, or on a host listed in CHARTBRIEF_FHIR__BULK_FILE_HOSTS",
+            status=200,
+            url=url_without_query(status_url),
+        )
 
 
 async def _read_error_files(client: FhirClient, manifest: ExportManifest, report: ExportReport) -> None:

@@ -1,10 +1,11 @@
 """The FHIR client: `FhirClient` (one send path, `fhir_client`) over pure helpers for search, paging
-and URLs (`search`) and for retry timing (`retry`).
+and URLs (`search`), for retry timing (`retry`) and for reading bodies under a cap (`bodies`).
 
 Callers import from here; the modules below are the client's own layout.
 """
 
-from fhir_adapters.client.fhir_client import FHIR_JSON, NDJSON, FhirClient, operation_outcome
+from fhir_adapters.client.bodies import operation_outcome
+from fhir_adapters.client.fhir_client import FHIR_JSON, NDJSON, FhirClient
 from fhir_adapters.client.retry import (
     RETRY_AFTER_CAP_SECONDS,
     backoff_seconds,
@@ -21,6 +22,7 @@ from fhir_adapters.client.search import (
     same_origin,
     search_query,
     url_without_query,
+    within_base,
 )
 
 __all__ = [
@@ -41,4 +43,5 @@ __all__ = [
     "same_origin",
     "search_query",
     "url_without_query",
+    "within_base",
 ]

@@ -1,7 +1,7 @@
 """`FhirClient`: the one async client chartbrief uses to talk to a FHIR R4 server.
 
 Every HTTP exchange, whatever its body, goes through ONE send path: `request` resolves the URL
-(the bearer token only ever goes to the configured server's origin), retries idempotent
+(the bearer token only ever goes to the configured server's origin, under its base path), retries idempotent
 requests on transport errors, 429 and 5xx (tenacity: bounded, exponential backoff with jitter,
 honouring Retry-After); each attempt (`_attempt`) renews the token once on 401 and maps every
 other non-2xx answer to `fhir_adapters.errors`; each exchange (`_send`) sets the headers and the
@@ -13,14 +13,12 @@ On top of it: read / vread / search (paging, de-duplication, restart of an expir
 snapshot) / create (conditional) / update / transaction / Binary / metadata.
 
 What it must not do: parse resources into models (that is `fetch`/`normalize`), log a query
-string, a body or a token, retry a non-idempotent write, or send the token to any host other
-than the configured server's origin.
+string, a body or a token, retry a non-idempotent write, or send the token anywhere but under
+the configured base URL (not another host, and not another path on the server's host).
 """
 
 from __future__ import annotations
 
-import base64
-import binascii
 import json
 import random
 import time
@@ -36,6 +34,14 @@ import structlog
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, stop_after_attempt
 
 from fhir_adapters.auth import TokenProvider
+from fhir_adapters.client.bodies import (
+    decode_binary,
+    error_outcome,
+    has_body,
+    json_object,
+    read_capped,
+    within_cap,
+)
 from fhir_adapters.client.retry import RETRY_AFTER_CAP_SECONDS, backoff_seconds, parse_retry_after
 from fhir_adapters.client.search import (
     JsonObject,
@@ -50,6 +56,7 @@ from fhir_adapters.client.search import (
     resource_key,
     same_origin,
     search_query,
+    tokenless_refusal,
     type_of,
     url_without_query,
     within_base,
@@ -87,6 +94,7 @@ class FhirClient:
         backoff_initial: float = 0.5,
         backoff_max: float = 8.0,
         limits: ReadLimits | None = None,
+        file_hosts: Sequence[str] = (),
     ) -> None:
         base = httpx.URL(base_url.strip())
         if base.scheme not in ("http", "https") or not base.host:
@@ -99,6 +107,8 @@ class FhirClient:
         self.page_size = page_size
         self.max_attempts = max_attempts
         self.limits = limits or ReadLimits()
+        # Hosts besides the server's own that files read without the token may come from.
+        self.file_hosts = tuple(file_hosts)
         self._auth = auth
         self._owns_http = http is None
         self._http = http or httpx.AsyncClient(
@@ -132,16 +142,16 @@ class FhirClient:
     async def read(self, resource_type: str, id: str) -> JsonObject:
         path = f"{check_type(resource_type)}/{check_id(id, 'id')}"
         response = await self.request("GET", path, idempotent=True)
-        return _json_object(response, f"read {resource_type}", response.request.url)
+        return json_object(response, f"read {resource_type}", response.request.url)
 
     async def vread(self, resource_type: str, id: str, version: str) -> JsonObject:
         path = f"{check_type(resource_type)}/{check_id(id, 'id')}/_history/{check_id(version, 'version')}"
         response = await self.request("GET", path, idempotent=True)
-        return _json_object(response, f"vread {resource_type}", response.request.url)
+        return json_object(response, f"vread {resource_type}", response.request.url)
 
     async def capabilities(self) -> JsonObject:
         response = await self.request("GET", "metadata", idempotent=True)
-        return _json_object(response, "metadata", response.request.url)
+        return json_object(response, "metadata", response.request.url)
 
     async def search(
         self, resource_type: str, params: SearchParams | None = None
@@ -262,16 +272,16 @@ class FhirClient:
             except (json.JSONDecodeError, UnicodeDecodeError):
                 body = None
             if isinstance(body, dict) and body.get("resourceType") == "Binary":
-                content, binary_type = _decode_binary(body, response.request.url)
-                return _within(content, cap, response.request.url), binary_type
-        return _within(response.content, cap, response.request.url), content_type
+                content, binary_type = decode_binary(body, response.request.url)
+                return within_cap(content, cap, response.request.url), binary_type
+        return within_cap(response.content, cap, response.request.url), content_type
 
     async def stream(
         self, url: str, *, send_token: bool = True, accept: str = NDJSON
     ) -> AsyncGenerator[bytes, None]:
         """GET `url` and yield its body in chunks as they arrive; the whole body is never held.
 
-        With `send_token` the URL must be on the FHIR server's origin and carries the bearer
+        With `send_token` the URL must be under the FHIR server's base URL and carries the bearer
         token (renewed once on 401). Without it, any absolute http(s) URL may be read and no
         Authorization header is sent: Bulk Data files served with `requiresAccessToken: false`
         (pre-signed storage URLs, for instance). Opening the response is retried like any
@@ -334,12 +344,12 @@ class FhirClient:
         response = await self.request(
             "POST", self.base_url, json=bundle, headers=headers, idempotent=idempotent
         )
-        return _json_object(response, "transaction", response.request.url)
+        return json_object(response, "transaction", response.request.url)
 
     async def _representation(self, response: httpx.Response, what: str) -> JsonObject:
         """The written resource: the body if the server sent it, else a GET of its Location."""
-        if _has_body(response):
-            body = _json_object(response, what, response.request.url)
+        if has_body(response):
+            body = json_object(response, what, response.request.url)
             if body.get("resourceType") != "OperationOutcome":
                 return body
         location = response.headers.get("location") or response.headers.get("content-location")
@@ -350,11 +360,11 @@ class FhirClient:
                 url=url_without_query(response.request.url),
             )
         got = await self.request("GET", location, idempotent=True)
-        return _json_object(got, what, got.request.url)
+        return json_object(got, what, got.request.url)
 
     async def _search_page(self, url: str, params: list[tuple[str, str]] | None) -> JsonObject:
         response = await self.request("GET", url, params=params, idempotent=True)
-        bundle = _json_object(response, "search", response.request.url)
+        bundle = json_object(response, "search", response.request.url)
         if bundle.get("resourceType") != "Bundle":
             raise FhirUnexpectedResponse(
                 f"search: expected a Bundle, got {bundle.get('resourceType')!r}",
@@ -388,7 +398,7 @@ class FhirClient:
         Without `stream` the body is read up to `max_bytes` (default: the limits' response cap)
         and a longer one is abandoned there with `FhirResponseTooLarge`.
         """
-        target = self._target(url) if send_token else _absolute_target(self.base_url, url)
+        target = self._target(url) if send_token else self._tokenless_target(url)
         content = None if json is None else _encode(json)
         cap = self.limits.max_response_bytes if max_bytes is None else max_bytes
         exchange = _Exchange(method, target, params, content, headers, send_token, stream, cap)
@@ -422,6 +432,16 @@ class FhirClient:
             )
         return target
 
+    def _tokenless_target(self, url: str) -> httpx.URL:
+        target = _absolute_target(self.base_url, url)
+        refusal = tokenless_refusal(target, self.base_url, self.file_hosts)
+        if refusal is not None:
+            raise FhirBadRequest(
+                f"refusing to read {url_without_query(target)} without the token: {refusal}",
+                url=url_without_query(target),
+            )
+        return target
+
     def _wait(self, state: RetryCallState) -> float:
         error = state.outcome.exception() if state.outcome is not None else None
         if isinstance(error, FhirRateLimited) and error.retry_after is not None:
@@ -439,9 +459,9 @@ class FhirClient:
             response = await self._send(exchange, attempt=attempt)
         if response.is_success:
             if not exchange.stream:
-                await _read_capped(response, exchange.max_bytes)
+                await read_capped(response, exchange.max_bytes)
             return response
-        outcome = await _error_outcome(response)
+        outcome = await error_outcome(response)
         raise error_for_status(
             response.status_code,
             method=exchange.method,
@@ -502,52 +522,6 @@ class _Exchange:
     max_bytes: int
 
 
-async def _read_capped(response: httpx.Response, limit: int) -> None:
-    """Read the body into `response` (so `.content` and `.json()` work), stopping past `limit`."""
-    url = response.request.url
-    try:
-        declared = int(response.headers.get("content-length", ""))
-    except ValueError:
-        declared = -1
-    body = bytearray()
-    try:
-        if declared <= limit:
-            async for chunk in response.aiter_bytes():
-                body += chunk
-                if len(body) > limit:
-                    break
-    except httpx.TransportError as exc:
-        raise FhirTransportError(
-            f"connection to {url.host} lost ({type(exc).__name__}) while reading GET {url.path}",
-            url=url_without_query(url),
-        ) from exc
-    except httpx.HTTPError as exc:
-        raise FhirUnexpectedResponse(
-            f"unreadable body from {url.host} ({type(exc).__name__}) for GET {url.path}",
-            url=url_without_query(url),
-        ) from exc
-    finally:
-        await response.aclose()
-    if declared > limit or len(body) > limit:
-        raise FhirResponseTooLarge(
-            f"the answer to {response.request.method} {url.path} is larger than {limit} bytes; not read",
-            limit=limit,
-            url=url_without_query(url),
-        )
-    # What httpx's own aread() stores; set here because the body was read under a cap.
-    response._content = bytes(body)
-
-
-def _within(content: bytes, limit: int, url: httpx.URL) -> bytes:
-    if len(content) > limit:
-        raise FhirResponseTooLarge(
-            f"the attachment at {url.path} is larger than {limit} bytes; not read",
-            limit=limit,
-            url=url_without_query(url),
-        )
-    return content
-
-
 def _absolute_target(base_url: str, url: str) -> httpx.URL:
     """`url` resolved against the base; any origin, but it must be an absolute http(s) URL."""
     try:
@@ -560,62 +534,6 @@ def _absolute_target(base_url: str, url: str) -> httpx.URL:
             url=url_without_query(target),
         )
     return target
-
-
-def _json_object(response: httpx.Response, what: str, url: httpx.URL) -> JsonObject:
-    try:
-        body = response.json()
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise FhirUnexpectedResponse(
-            f"{what}: the server's answer is not JSON ({response.headers.get('content-type', 'no type')})",
-            status=response.status_code,
-            url=url_without_query(url),
-        ) from exc
-    if not isinstance(body, dict):
-        raise FhirUnexpectedResponse(
-            f"{what}: the server's answer is JSON but not an object",
-            status=response.status_code,
-            url=url_without_query(url),
-        )
-    return body
-
-
-def operation_outcome(response: httpx.Response) -> JsonObject | None:
-    """The OperationOutcome an answer carries, or None (not JSON, or another resource)."""
-    try:
-        body = response.json()
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        return None
-    if isinstance(body, dict) and body.get("resourceType") == "OperationOutcome":
-        return body
-    return None
-
-
-_ERROR_BODY_CAP = 1024 * 1024
-
-
-async def _error_outcome(response: httpx.Response) -> JsonObject | None:
-    """The OperationOutcome of an error answer (read up to a small cap), then the response closed."""
-    try:
-        await _read_capped(response, _ERROR_BODY_CAP)
-    except FhirError:
-        return None  # the status alone still says what went wrong
-    return operation_outcome(response)
-
-
-def _has_body(response: httpx.Response) -> bool:
-    return bool(response.content.strip())
-
-
-def _decode_binary(body: JsonObject, url: httpx.URL) -> tuple[bytes, str]:
-    data = body.get("data") or ""
-    try:
-        decoded = base64.b64decode(data, validate=True)
-    except (binascii.Error, ValueError, TypeError) as exc:
-        raise FhirUnexpectedResponse(
-            f"Binary/{body.get('id', '?')}: data is not valid base64", url=url_without_query(url)
-        ) from exc
-    return decoded, str(body.get("contentType") or "application/octet-stream")
 
 
 def _encode(body: JsonObject) -> bytes:

@@ -202,3 +202,31 @@ def check_id(value: str, field: str) -> str:
     if not ok:
         raise ValueError(f"{field} {value!r} is not a valid FHIR id ([A-Za-z0-9-.]{{1,64}})")
     return value
+
+
+def tokenless_refusal(
+    url: httpx.URL | str, base_url: httpx.URL | str, extra_hosts: Sequence[str]
+) -> str | None:
+    """Why a file read without the token (Bulk Data `requiresAccessToken: false`) is refused, or None.
+
+    Such a URL comes from the server's manifest and could point anywhere (an internal address, a
+    tracking host): only https on the FHIR server's own host, or on a host the deployment lists,
+    is read. A plain-http file is accepted only from an http FHIR server's own host.
+
+    >>> base = "https://ehr.example/fhir"
+    >>> tokenless_refusal("https://ehr.example:9443/files/p.ndjson", base, ())
+    >>> tokenless_refusal("https://store.example/p.ndjson?sig=1", base, ("store.example",))
+    >>> tokenless_refusal("https://store.example/p.ndjson", base, ())
+    'host store.example is not the FHIR server host and not in fhir.bulk_file_hosts'
+    >>> tokenless_refusal("http://ehr.example/files/p.ndjson", base, ())
+    'not https'
+    >>> tokenless_refusal("http://127.0.0.1:9000/p.ndjson", "http://127.0.0.1:8080/fhir", ())
+    """
+    target, base = httpx.URL(url), httpx.URL(base_url)
+    own_host = target.host == base.host
+    if target.scheme != "https" and not (own_host and target.scheme == base.scheme == "http"):
+        return "not https"
+    allowed = {h.strip().lower() for h in extra_hosts if h.strip()}
+    if not own_host and target.host.lower() not in allowed:
+        return f"host {target.host} is not the FHIR server host and not in fhir.bulk_file_hosts"
+    return None
