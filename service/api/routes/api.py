@@ -9,15 +9,25 @@ POST /api/summaries/stream               the same summary as server-sent events
 
 Authentication: `Authorization: Bearer <token>` where the token is a JWT of the configured issuer
 (checked against its JWKS: signature, iss, aud, exp) or a chartbrief API key (`cbk_...`).
-Authorization: SMART scopes on DocumentReference (`.c` to create, `.r`/`.s` to read, any of
-patient/user/system level) or the API-key scopes `summaries.write` / `summaries.read`. A token
-with a `patient` claim, or an API key limited to a patient, may only touch that patient; anything
-else is 403 and audited. Errors are FHIR OperationOutcome JSON.
+Authorization: SMART scopes on DocumentReference (`.c` to create, `.r`/`.s` to read) or the
+API-key scopes `summaries.write` / `summaries.read`, accepted from
+- a token with a `patient` claim (patient context), or an API key limited to a patient: that
+  patient only;
+- a system-level service account (`system/` scopes) or an unlimited API key: any patient;
+- a user-level token (`user/` scopes, no patient claim): refused, because the summary is read and
+  made with chartbrief's own FHIR credentials and would reach every patient. With
+  `CHARTBRIEF_API__USER_TOKENS=check-at-ehr` the EHR decides instead: before anything else
+  `Patient/{id}` is read at `CHARTBRIEF_FHIR__BASE_URL` with the caller's own token, on every
+  request (nothing is cached, so one user's answer never serves another); 200 allows, anything
+  else refuses.
+Every refusal is 403 and audited. Errors are FHIR OperationOutcome JSON.
 
 The API's FHIR server is `CHARTBRIEF_FHIR__BASE_URL` with chartbrief's own credentials: the
-caller's token authorizes the call to chartbrief and is never forwarded.
+caller's token authorizes the call to chartbrief and goes nowhere else, except to that server
+for the user-level check above.
 
-What it must not do: forward or log a caller's token, or say whether a job of another patient exists.
+What it must not do: log a caller's token or send it anywhere but the configured FHIR base URL,
+or say whether a job of another patient exists (it answers like an unknown job).
 """
 
 from __future__ import annotations
@@ -34,22 +44,37 @@ from pydantic import BaseModel, Field
 from sqlalchemy.orm import Session, sessionmaker
 from sse_starlette import EventSourceResponse
 
+from fhir_adapters.auth import StaticToken
 from fhir_adapters.client import FhirClient
-from fhir_adapters.errors import ChartbriefError, FhirError
-from service.api.deps import ApiFhirDep, DatabaseDep, JobsDep, PipelineDep, StoreDep, VerifierDep
+from fhir_adapters.errors import ChartbriefError, FhirAuthError, FhirError, FhirNotFound
+from service.api.deps import (
+    ApiFhirDep,
+    DatabaseDep,
+    JobsDep,
+    PipelineDep,
+    StoreDep,
+    VerifierDep,
+    get_http,
+    get_settings,
+)
 from service.api.errors import (
+    ApiError,
+    BadGateway,
     BadRequest,
     Forbidden,
     NotFound,
     Unauthenticated,
+    Unavailable,
     operation_outcome,
 )
 from service.api.security import Principal, looks_like_jwt, scopes_allow
 from service.api.views import source_views, stored_markdown
+from service.config import SettingsError
 from service.db import apikeys, audit
 from service.db.apikeys import SECRET_TAG
 from service.db.store import in_thread
 from service.errors import UNEXPECTED, fault_of
+from service.fhir import fhir_client
 from service.pipeline import Services, summarize_patient
 from service.streaming import Finished, Prepared, Token, stream_summary
 
@@ -85,7 +110,8 @@ class SummaryRequest(BaseModel):
 # -- who is calling -------------------------------------------------------------------------------
 
 
-async def bearer_principal(request: Request, db: DatabaseDep, verifier: VerifierDep) -> Principal:
+def bearer_credential(request: Request) -> str:
+    """The token of `Authorization: Bearer <token>`, or `Unauthenticated` saying what is wrong."""
     header = request.headers.get("authorization")
     if not header:
         raise Unauthenticated(
@@ -95,6 +121,11 @@ async def bearer_principal(request: Request, db: DatabaseDep, verifier: Verifier
     token = token.strip()
     if scheme.lower() != "bearer" or not token:
         raise Unauthenticated("use the Bearer scheme: Authorization: Bearer <token>", error="invalid_request")
+    return token
+
+
+async def bearer_principal(request: Request, db: DatabaseDep, verifier: VerifierDep) -> Principal:
+    token = bearer_credential(request)
     if token.startswith(SECRET_TAG):
         key = await in_thread(apikeys.verify, db, token)
         if key is None:
@@ -127,6 +158,76 @@ def contexts_for(principal: Principal, interaction: Interaction) -> set[str]:
     return contexts
 
 
+USER_TOKENS_REFUSED = (
+    "a user-level token (user/ scopes, no patient claim) is not accepted for patient data: use a "
+    "patient-context token, a system-level service account or an API key "
+    "(CHARTBRIEF_API__USER_TOKENS=refuse)"
+)
+
+
+def scope_problem(
+    principal: Principal, contexts: set[str], interaction: Interaction, patient_id: str
+) -> str | None:
+    """Why the caller's rights do not reach `patient_id`, or None: a user-level token alone counts as
+    no right here (`needs_ehr_check` says whether it may still be asked about).
+
+    >>> user = Principal("jwt", "dr", frozenset({"user/DocumentReference.rs"}))
+    >>> scope_problem(user, {"user"}, "read", "p1") is None
+    True
+    >>> scope_problem(Principal("jwt", "x", frozenset(), patient="p2"), {"patient"}, "read", "p1")
+    'the token is limited to another patient'
+    """
+    if not contexts:
+        needed = (
+            "DocumentReference.c or summaries.write"
+            if interaction == "create"
+            else ("DocumentReference.r/.s or summaries.read")
+        )
+        return f"the token's scopes do not allow this (it needs {needed})"
+    if principal.patient is not None and principal.patient != patient_id:
+        return "the token is limited to another patient"
+    if principal.patient is None and principal.patient_limited(contexts):
+        return "the token has patient-level scopes but names no patient"
+    return None
+
+
+def needs_ehr_check(principal: Principal, contexts: set[str]) -> bool:
+    """True when only user-level rights, with no patient in context, would allow the call.
+
+    A patient claim (the EHR put that patient in the token's context) or system-level rights (a
+    service account, an API key) settle it; `user/` scopes alone say what the user may do at the
+    EHR, which chartbrief, reading with its own credentials, cannot see.
+
+    >>> needs_ehr_check(Principal("jwt", "dr", frozenset()), {"user", "patient"})
+    True
+    >>> needs_ehr_check(Principal("jwt", "dr", frozenset(), patient="p1"), {"user"})
+    False
+    """
+    return principal.patient is None and "system" not in contexts and "user" in contexts
+
+
+async def ehr_allows(request: Request, patient_id: str) -> str | None:
+    """Ask the EHR whether the caller may read `Patient/{patient_id}`: None if it answered 200,
+    else why not. Only the configured FHIR base URL ever sees the caller's token, and nothing is
+    kept: the next request asks again."""
+    settings = get_settings(request)
+    try:
+        client = fhir_client(
+            settings.fhir, http=get_http(request), auth=StaticToken(bearer_credential(request))
+        )
+    except SettingsError as exc:
+        raise Unavailable(
+            "user-level tokens are checked at the EHR's FHIR server, and none is configured "
+            "(CHARTBRIEF_FHIR__BASE_URL)"
+        ) from exc
+    try:
+        await client.read("Patient", patient_id)
+    except (FhirAuthError, FhirNotFound) as exc:
+        status = f"HTTP {exc.status}" if exc.status else type(exc).__name__
+        return f"the EHR does not let this user read Patient/{patient_id} ({status})"
+    return None
+
+
 async def authorize(
     db: sessionmaker[Session],
     request: Request,
@@ -136,28 +237,37 @@ async def authorize(
 ) -> None:
     """Allow, or audit the refusal and raise 403 with a reason the caller can act on."""
     contexts = contexts_for(principal, interaction)
-    problem = None
-    if not contexts:
-        needed = (
-            "DocumentReference.c or summaries.write"
-            if interaction == "create"
-            else ("DocumentReference.r/.s or summaries.read")
-        )
-        problem = f"the token's scopes do not allow this (it needs {needed})"
-    elif principal.patient is not None and principal.patient != patient_id:
-        problem = "the token is limited to another patient"
-    elif principal.patient is None and principal.patient_limited(contexts):
-        problem = "the token has patient-level scopes but names no patient"
+    problem = scope_problem(principal, contexts, interaction, patient_id)
+    detail = f"{principal.kind} access"
+    failure: ApiError | None = None
+    if problem is None and needs_ehr_check(principal, contexts):
+        if get_settings(request).api.user_tokens == "refuse":
+            problem = USER_TOKENS_REFUSED
+        else:
+            detail = "user-level jwt access, allowed by the EHR"
+            try:
+                problem = await ehr_allows(request, patient_id)
+            except FhirError as exc:
+                # Fail closed: an EHR that cannot answer has not allowed anything.
+                failure = BadGateway(
+                    f"the EHR's FHIR server could not confirm this user's access to Patient/{patient_id} "
+                    f"({type(exc).__name__}); try again later"
+                )
+            except Unavailable as exc:
+                failure = exc
+    refusal = problem or (failure.message if failure is not None else None)
     await in_thread(
         audit.record,
         db,
         actor=principal.subject,
         action=f"api.{interaction}",
-        outcome="denied" if problem else "ok",
+        outcome="denied" if refusal else "ok",
         patient_id=patient_id,
-        detail=problem or f"{principal.kind} access",
+        detail=refusal or detail,
         request_id=request.state.request_id,
     )
+    if failure is not None:
+        raise failure
     if problem:
         raise Forbidden(problem)
 
@@ -209,10 +319,16 @@ async def create_summary(
 async def get_summary(
     job_id: str, request: Request, principal: PrincipalDep, db: DatabaseDep, jobs: JobsDep
 ) -> JSONResponse:
+    unknown = NotFound(f"no summary job {job_id[:64]!r} (jobs are remembered until the service restarts)")
     job = jobs.get(job_id)
     if job is None:
-        raise NotFound(f"no summary job {job_id[:64]!r} (jobs are remembered until the service restarts)")
-    await authorize(db, request, principal, "read", job.patient_id)
+        raise unknown
+    try:
+        await authorize(db, request, principal, "read", job.patient_id)
+    except Forbidden as exc:
+        # Audited as denied by `authorize`; the caller learns no more than for an unknown id, so a
+        # job id cannot be used to find out that a job (of some other patient) exists.
+        raise unknown from exc
     return JSONResponse(job.to_json())
 
 
