@@ -28,6 +28,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
+from sqlalchemy.exc import SQLAlchemyError
+from starlette.datastructures import MutableHeaders
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -44,10 +46,13 @@ from service.api.deps import (
 )
 from service.api.errors import FHIR_JSON, ApiError, Unauthenticated, issue_code_for_status, operation_outcome
 from service.api.jobs import JobRegistry
+from service.api.limits import WorkAdmission
 from service.api.routes import api, health, launch, review
+from service.api.throttle import BodyLimit, Throttle
 from service.api.security import JwtVerifier, SecurityHeaders, frame_ancestor_origins, page_csp
 from service.config import Settings, web_settings_problems
-from service.db.launch import TokenCipher
+from service.db.launch import TokenCipher, purge_expired
+from service.db.store import in_thread
 from service.errors import fault_of
 from service.fhir import fhir_client
 from service.llm import create_engine
@@ -81,6 +86,7 @@ def create_app(
             smart_client=smart_client,
             discovery=DiscoveryCache(shared, allow_http=settings.environment == "development"),
             jobs=JobRegistry(settings.api.max_jobs),
+            admission=WorkAdmission.from_settings(settings.api),
             templates=templates,
             csrf_secret=secret.encode("utf-8"),
             verifier=_verifier(settings, shared),
@@ -88,6 +94,10 @@ def create_app(
             model=ModelSlot(engine=engine),
         )
         app.state.runtime = runtime
+        if settings.api.purge_interval_seconds > 0:
+            purge = asyncio.create_task(_purge_every(runtime, settings.api.purge_interval_seconds))
+            runtime.background.add(purge)
+            purge.add_done_callback(runtime.background.discard)
         if engine is None:
             task = asyncio.create_task(_load_engine(runtime.model, settings))
             runtime.background.add(task)
@@ -108,6 +118,8 @@ def create_app(
                 await shared.aclose()
 
     docs = settings.api.docs_enabled
+    if docs is None:
+        docs = settings.environment == "development"
     app = FastAPI(
         title="chartbrief",
         summary="AI-drafted, source-checked clinical summaries from FHIR, reviewed by clinicians.",
@@ -122,9 +134,47 @@ def create_app(
         app.include_router(module.router)
     _install_error_handlers(app, templates)
     csp = page_csp(frame_ancestor_origins(settings.smart.frame_ancestors, settings.smart.allowed_issuers))
+    app.state.throttle = Throttle.from_settings(settings.api, state_ttl_seconds=settings.smart.state_ttl_seconds)
+    app.add_middleware(BodyLimit, max_bytes=settings.api.max_body_bytes)
     app.add_middleware(SecurityHeaders, csp=csp)
+    if settings.environment == "production":
+        app.add_middleware(StrictTransportSecurity)
     app.add_middleware(RequestLog)
     return app
+
+
+async def _purge_every(runtime: Runtime, seconds: int) -> None:
+    """Delete expired sign-in states and sessions now and every `seconds` (`chartbrief db purge`)."""
+    while True:
+        try:
+            purged = await in_thread(purge_expired, runtime.db)
+        except SQLAlchemyError as exc:
+            # The next round tries again; a database that stays away shows in /readyz.
+            log.warning("api.purge_failed", error=type(exc).__name__)
+        else:
+            log.info("api.purged", launch_states=purged.launch_states, sessions=purged.sessions)
+        await asyncio.sleep(seconds)
+
+
+class StrictTransportSecurity:
+    """Production answers tell browsers to reach chartbrief over https only, for a year (RFC 6797)."""
+
+    VALUE = "max-age=31536000; includeSubDomains"
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        async def send_with_hsts(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                MutableHeaders(scope=message)["Strict-Transport-Security"] = self.VALUE
+            await send(message)
+
+        await self.app(scope, receive, send_with_hsts)
 
 
 def _service_client(settings: Settings, http: httpx.AsyncClient) -> FhirClient | None:
@@ -228,6 +278,9 @@ def error_response(
         403: "Not allowed",
         404: "Not found",
         409: "The draft changed",
+        413: "This request is too large",
+        429: "Too many requests: please wait a moment",
+        429: "chartbrief is busy",
         503: "Not ready yet",
     }.get(status, "Something went wrong" if status >= 500 else "This request cannot be used")
     page = templates.TemplateResponse(

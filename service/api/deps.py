@@ -2,10 +2,11 @@
 each route only the part it touches.
 
 `Runtime` is what the lifespan opened (settings, the shared httpx client, the record store and its
-sessionmaker, the token cipher, the SMART client, the model once loaded, the job registry); it lives
-on `app.state.runtime` and nothing here is a module-level global. Routes never take it whole: they
-declare what they use (`SettingsDep`, `DatabaseDep`, `StoreDep`, `TemplatesDep`, `ModelDep`,
-`PipelineDep`, `ApiFhirDep`, ...), so a route's signature says what it touches.
+sessionmaker, the token cipher, the SMART client, the model once loaded, the job registry, the
+admission of model work); it lives on `app.state.runtime` and nothing here is a module-level global.
+Routes never take it whole: they declare what they use (`SettingsDep`, `DatabaseDep`, `StoreDep`,
+`TemplatesDep`, `ModelDep`, `PipelineDep`, `ApiFhirDep`, `AdmissionDep`, ...), so a route's
+signature says what it touches.
 
 Store calls from a route (or anything async below it) run in a worker thread through
 `service.db.store.in_thread`: the database's sessions are synchronous, the event loop is not theirs.
@@ -30,6 +31,7 @@ from fhir_adapters.auth.oauth import SmartClient, SmartConfiguration, discover
 from fhir_adapters.client import FhirClient
 from service.api.errors import Unavailable
 from service.api.jobs import JobRegistry
+from service.api.limits import WorkAdmission
 from service.api.security import JwtVerifier
 from service.config import Settings, SmartSettings
 from service.db.launch import TokenCipher
@@ -147,6 +149,7 @@ class Runtime:
     smart_client: SmartClient
     discovery: DiscoveryCache
     jobs: JobRegistry
+    admission: WorkAdmission
     templates: Jinja2Templates
     csrf_secret: bytes
     verifier: JwtVerifier | None = None
@@ -189,6 +192,10 @@ def get_jobs(request: Request) -> JobRegistry:
     return get_runtime(request).jobs
 
 
+def get_admission(request: Request) -> WorkAdmission:
+    return get_runtime(request).admission
+
+
 def get_csrf_secret(request: Request) -> bytes:
     return get_runtime(request).csrf_secret
 
@@ -228,6 +235,7 @@ StoreDep = Annotated[SummaryStore, Depends(get_store)]
 TemplatesDep = Annotated[Jinja2Templates, Depends(get_templates)]
 ModelDep = Annotated[ModelSlot, Depends(get_model)]
 JobsDep = Annotated[JobRegistry, Depends(get_jobs)]
+AdmissionDep = Annotated[WorkAdmission, Depends(get_admission)]
 CsrfSecretDep = Annotated[bytes, Depends(get_csrf_secret)]
 CipherDep = Annotated[TokenCipher, Depends(get_cipher)]
 HttpDep = Annotated[httpx.AsyncClient, Depends(get_http)]

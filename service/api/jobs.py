@@ -5,6 +5,10 @@ finished jobs are forgotten first) and the summary itself is recorded in the sum
 written to the EHR, where it outlives the process. A restart forgets job ids, never summaries:
 `GET /api/patients/{id}/summaries/latest` still finds them.
 
+How many jobs may wait or run is not decided here: the route takes a place from the process's
+`WorkAdmission` (`service.api.limits`) before submitting, and the job gives it back when its task
+ends, however it ends.
+
 What it must not do: log a job's result (it holds the summary text), or let one failing job
 affect another.
 """
@@ -20,6 +24,8 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import structlog
+
+from service.api.limits import Place
 
 log = structlog.get_logger(__name__)
 
@@ -77,7 +83,9 @@ class JobRegistry:
         encounter_id: str | None,
         requested_by: str,
         describe_error: Callable[[BaseException], str],
+        place: Place | None = None,
     ) -> Job:
+        """Start `runner` as a task; `place`, if given, is given back when the task ends."""
         job = Job(
             id=secrets.token_urlsafe(16),
             patient_id=patient_id,
@@ -86,18 +94,35 @@ class JobRegistry:
         )
         self._jobs[job.id] = job
         self._forget_oldest()
-        self._tasks[job.id] = asyncio.create_task(self._run(job, runner, describe_error))
+        task = asyncio.create_task(self._run(job, runner, describe_error, place))
+        self._tasks[job.id] = task
+        if place is not None:
+            # A task cancelled before its first step never enters `_run`: only a callback sees it end.
+            task.add_done_callback(lambda _task: place.release())
         return job
+
+    @property
+    def live(self) -> int:
+        """Jobs whose task has not ended yet (queued or running)."""
+        return len(self._tasks)
 
     def get(self, job_id: str) -> Job | None:
         return self._jobs.get(job_id)
 
-    async def _run(self, job: Job, runner: Runner, describe_error: Callable[[BaseException], str]) -> None:
+    async def _run(
+        self,
+        job: Job,
+        runner: Runner,
+        describe_error: Callable[[BaseException], str],
+        place: Place | None,
+    ) -> None:
         try:
             async with self._slots:
                 job.status = "running"
                 job.result = await runner()
                 job.status = "succeeded"
+                if place is not None:
+                    place.finish()
         except asyncio.CancelledError:
             job.status, job.error = "failed", "the service stopped before the summary was finished"
             raise

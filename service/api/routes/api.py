@@ -33,7 +33,7 @@ or say whether a job of another patient exists (it answers like an unknown job).
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from contextlib import aclosing
 from typing import Annotated, Any, Literal
 
@@ -43,11 +43,13 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, Field
 from sqlalchemy.orm import Session, sessionmaker
 from sse_starlette import EventSourceResponse
+from starlette.background import BackgroundTask
 
 from fhir_adapters.auth import StaticToken
 from fhir_adapters.client import FhirClient
 from fhir_adapters.errors import ChartbriefError, FhirAuthError, FhirError, FhirNotFound
 from service.api.deps import (
+    AdmissionDep,
     ApiFhirDep,
     DatabaseDep,
     JobsDep,
@@ -63,10 +65,12 @@ from service.api.errors import (
     BadRequest,
     Forbidden,
     NotFound,
+    TooManyRequests,
     Unauthenticated,
     Unavailable,
     operation_outcome,
 )
+from service.api.limits import Place, WorkAdmission, WorkKind
 from service.api.security import Principal, looks_like_jwt, scopes_allow
 from service.api.views import source_views, stored_markdown
 from service.config import SettingsError
@@ -97,6 +101,7 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
         (401, "No, expired or invalid credentials"),
         (403, "Not allowed for this patient or scope"),
         (404, "Not found"),
+        (429, "Too many summaries queued or running, for this client or in all (with Retry-After)"),
         (503, "Model loading or no FHIR server configured"),
     )
 }
@@ -290,21 +295,28 @@ async def create_summary(
     fhir: ApiFhirDep,
     pipeline: PipelineDep,
     jobs: JobsDep,
+    admission: AdmissionDep,
 ) -> JSONResponse:
     await authorize(db, request, principal, "create", body.patient)
     svc = pipeline.services(fhir.ready())
+    place = await _take_place(admission, db, request, principal, body.patient, "job")
 
     async def run() -> dict[str, Any]:
         result = await summarize_patient(svc, body.patient, encounter_id=body.encounter, skip_unchanged=True)
         return result.to_json()
 
-    job = jobs.submit(
-        run,
-        patient_id=body.patient,
-        encounter_id=body.encounter,
-        requested_by=principal.subject,
-        describe_error=describe_failure,
-    )
+    try:
+        job = jobs.submit(
+            run,
+            patient_id=body.patient,
+            encounter_id=body.encounter,
+            requested_by=principal.subject,
+            describe_error=describe_failure,
+            place=place,
+        )
+    except BaseException:
+        place.release()
+        raise
     location = f"/api/summaries/{job.id}"
     return JSONResponse(
         {"id": job.id, "status": job.status, "links": {"self": location}},
@@ -394,13 +406,54 @@ async def stream_summary_events(
     db: DatabaseDep,
     fhir: ApiFhirDep,
     pipeline: PipelineDep,
+    admission: AdmissionDep,
 ) -> Response:
     await authorize(db, request, principal, "create", body.patient)
     svc = pipeline.services(fhir.ready())
-    return EventSourceResponse(_api_events(svc, body), ping=15)
+    place = await _take_place(admission, db, request, principal, body.patient, "api-stream")
+    # The background task covers a response whose body is never iterated (HEAD, a send that fails
+    # first); the generator's own exit covers a client that goes away mid-stream.
+    return EventSourceResponse(
+        _api_events(svc, body, place), ping=15, background=BackgroundTask(place.release)
+    )
 
 
-async def _api_events(svc: Services, body: SummaryRequest) -> AsyncIterator[dict[str, str]]:
+async def _take_place(
+    admission: WorkAdmission,
+    db: sessionmaker[Session],
+    request: Request,
+    principal: Principal,
+    patient_id: str,
+    kind: WorkKind,
+) -> Place:
+    """A place for the caller's summary, or the 429 - audited with the counts, nothing else."""
+    try:
+        return admission.admit(principal.subject, kind)
+    except TooManyRequests as exc:
+        await in_thread(
+            audit.record,
+            db,
+            actor=principal.subject,
+            action="api.create",
+            outcome="denied",
+            patient_id=patient_id,
+            detail=exc.message,
+            request_id=request.state.request_id,
+        )
+        raise
+
+
+async def _api_events(svc: Services, body: SummaryRequest, place: Place) -> AsyncIterator[dict[str, str]]:
+    try:
+        async with aclosing(_api_summary_events(svc, body)) as events:
+            async for item in events:
+                yield item
+        place.finish()
+    finally:
+        place.release()
+
+
+async def _api_summary_events(svc: Services, body: SummaryRequest) -> AsyncGenerator[dict[str, str], None]:
     try:
         async with aclosing(stream_summary(svc, body.patient, encounter_id=body.encounter)) as events:
             async for event in events:

@@ -25,8 +25,10 @@ is checked except in the marked "not checked yet" box, or act for another patien
 
 from __future__ import annotations
 
+import hashlib
 import json
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
+import re
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from contextlib import aclosing
 from dataclasses import dataclass
 from typing import Annotated, Any
@@ -37,23 +39,27 @@ from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from fastapi.templating import Jinja2Templates
 from sqlalchemy.orm import Session, sessionmaker
 from sse_starlette import EventSourceResponse
+from starlette.background import BackgroundTask
 
 from fhir_adapters.client import FhirClient
 from fhir_adapters.errors import FhirAuthError
 from fhir_adapters.write.review import ReviewConflict, ReviewError, ReviewForbidden, ReviewNotFound
 from fhir_adapters.write.send import read_draft
 from service import review as actions
-from service.api.deps import CsrfSecretDep, DatabaseDep, SettingsDep, TemplatesDep
+from service.api.deps import AdmissionDep, CsrfSecretDep, DatabaseDep, SettingsDep, TemplatesDep
 from service.api.errors import (
     BadRequest,
     Forbidden,
+    TooManyRequests,
 )
+from service.api.limits import Place, WorkAdmission, WorkKind
 from service.api.security import csrf_ok, same_origin_request
 from service.api.sessions import ReviewSession, ReviewSessionDep, SessionServicesDep
 from service.api.views import (
     DraftView,
     SourceView,
     banner_view,
+    checked_draft_view,
     cited_keys,
     draft_view,
     narrative_view,
@@ -69,6 +75,8 @@ from service.streaming import Finished, Prepared, Token, stream_summary
 
 log = structlog.get_logger(__name__)
 
+_FHIR_ID = re.compile(r"[A-Za-z0-9\-.]{1,64}")
+
 router = APIRouter(tags=["review screen"], include_in_schema=False)
 
 NOTICES = {
@@ -82,6 +90,9 @@ ERRORS = {
     "conflict": "The draft changed since you opened it (someone else may have acted on it). "
     "Review it again below.",
     "refused": "This draft cannot be changed in its current state.",
+    "not-chartbrief": "That document is not a chartbrief draft: nothing was changed.",
+    "stale": "Some statements in this draft are no longer supported by the current record: it was not "
+    "approved. Regenerate it, or reject it.",
     "no-user": "The EHR did not say who you are (no fhirUser), so chartbrief cannot record your review. "
     "Launch again with the openid and fhirUser scopes.",
 }
@@ -185,7 +196,7 @@ async def review_page(
         context["stream_url"] = f"{request.url_for('review_stream').path}?csrf_token={session.csrf}"
         context["status_text"] = "Reading the record..."
     else:
-        context.update(await _stored_draft_context(db, request, session, svc, doc))
+        context.update(await _stored_draft_context(db, request, session, svc, _clean_id(doc, "doc")))
     return templates.TemplateResponse(request, "review.html", context)
 
 
@@ -211,18 +222,20 @@ async def _stored_draft_context(
         resource=f"DocumentReference/{doc_id}",
         request_id=request.state.request_id,
     ) as entry:
-        doc, _key = await read_draft(
+        doc, key = await read_draft(
             svc.client,
             doc_id,
             identifier_system=svc.settings.writer.identifier_system,
             patient_id=session.patient_id,
         )
-        draft = draft_view(doc)
         prep = await prepare_summary(svc, session.patient_id, encounter_id=session.encounter_id)
-        entry.detail = f"version {draft.version}"
+        found = await actions.check_draft(svc, doc, key, prep.ctx)
+        draft = checked_draft_view(draft_view(doc), found.problems, found.stale)
+        # The audit trail is where someone looks for who planted what: the row says so.
+        entry.detail = f"version {draft.version}" if found.genuine else "not a chartbrief draft"
     return {
         "draft": draft,
-        "recall": recall_notice(doc),
+        "recall": recall_notice(doc) if draft.genuine else None,
         "structured": draft.structured,
         "narrative": draft.narrative,
         "sources": stored_source_views(draft.sources, prep.ctx),
@@ -250,18 +263,60 @@ async def review_stream(
     templates: TemplatesDep,
     db: DatabaseDep,
     csrf_secret: CsrfSecretDep,
+    admission: AdmissionDep,
     csrf_token: str | None = None,
 ) -> Response:
     if not csrf_ok(csrf_secret, session.data.id, csrf_token):
         await _audit(db, request, session, "summarize", "denied", None, "CSRF check failed")
         raise Forbidden("this summary was not requested from chartbrief's own page; reload the page")
-    svc = await services.open(session)
-    return EventSourceResponse(_review_events(_Page(templates, request), db, session, svc), ping=15)
+    place = await _take_place(admission, db, request, session, "summarize", None)
+    try:
+        svc = await services.open(session)
+    except BaseException:
+        place.release()
+        raise
+    events = _held(place, _review_events(_Page(templates, request), db, session, svc))
+    # The background task covers a response whose body is never iterated (HEAD, a send that fails
+    # first); the generator's own exit covers a browser that goes away mid-stream.
+    return EventSourceResponse(events, ping=15, background=BackgroundTask(place.release))
+
+
+def review_client(session: ReviewSession) -> str:
+    """The session as a client of the work bounds: a digest, since the id itself is the cookie."""
+    return "session:" + hashlib.sha256(session.data.id.encode("utf-8")).hexdigest()[:16]
+
+
+async def _take_place(
+    admission: WorkAdmission,
+    db: sessionmaker[Session],
+    request: Request,
+    session: ReviewSession,
+    action: str,
+    resource: str | None,
+) -> Place:
+    """A place for the session's model work, or the 429 - audited with the counts, nothing else."""
+    kind: WorkKind = "regenerate" if action == "regenerate" else "review-stream"
+    try:
+        return admission.admit(review_client(session), kind)
+    except TooManyRequests as exc:
+        await _audit(db, request, session, action, "denied", resource, exc.message)
+        raise
+
+
+async def _held(place: Place, events: AsyncGenerator[dict[str, str], None]) -> AsyncIterator[dict[str, str]]:
+    """`events`, with `place` given back when they end, fail, or the browser goes away."""
+    try:
+        async with aclosing(events) as inner:
+            async for item in inner:
+                yield item
+        place.finish()
+    finally:
+        place.release()
 
 
 async def _review_events(
     page: _Page, db: sessionmaker[Session], session: ReviewSession, svc: Services
-) -> AsyncIterator[dict[str, str]]:
+) -> AsyncGenerator[dict[str, str], None]:
     sent: set[str] = set()
     system = svc.settings.writer.identifier_system
     try:
@@ -279,7 +334,8 @@ async def _review_events(
                     )
                     existing = await _find_by_key(svc.client, system, prep.idempotency_key)
                     if existing is not None:
-                        for item in _existing_events(page, session, existing, prep.ctx, sent):
+                        found = await actions.check_draft(svc, existing, prep.idempotency_key, prep.ctx)
+                        for item in _existing_events(page, session, existing, found, prep.ctx, sent):
                             yield item
                         return
                     yield _sse("status", text="The model is writing the narrative...")
@@ -299,9 +355,25 @@ async def _review_events(
 
 
 def _existing_events(
-    page: _Page, session: ReviewSession, doc: Mapping[str, Any], ctx: Any, sent: set[str]
+    page: _Page,
+    session: ReviewSession,
+    doc: Mapping[str, Any],
+    found: actions.DraftCheck,
+    ctx: Any,
+    sent: set[str],
 ) -> list[dict[str, str]]:
-    draft = draft_view(doc)
+    draft = checked_draft_view(draft_view(doc), found.problems, found.stale)
+    if not draft.genuine:
+        # The writer would find this document by its identifier and take it for the summary, so
+        # nothing can be written while it is there: say so instead of showing what it holds.
+        return [
+            _sse("draft", **_draft_fragments(page, session, draft)),
+            _sse(
+                "done",
+                text=f"The chart holds {draft.reference} under this summary's identifier, but it is not "
+                "a chartbrief draft: nothing was written. Ask for it to be removed.",
+            ),
+        ]
     events = []
     if draft.narrative is not None:
         events.append(
@@ -390,6 +462,7 @@ class Step:
 
     run: Callable[[ActionCall], Awaitable[RedirectResponse]]
     required: tuple[str, ...] = ()
+    model_work: bool = False  # runs the model: takes a place within the work bounds first
 
 
 def _reviewed(action: actions.ReviewAction, notice: str) -> Step:
@@ -407,6 +480,7 @@ def _reviewed(action: actions.ReviewAction, notice: str) -> Step:
             markdown=form.markdown.replace("\r\n", "\n") if form.markdown is not None else None,
             reason=form.reason or None,
             request_id=call.request_id,
+            encounter_id=call.session.encounter_id,
         )
         return _back(form.doc_id, notice=notice)
 
@@ -434,7 +508,7 @@ STEPS: dict[actions.Action, Step] = {
     "approve": _reviewed(actions.approve, "approved"),
     "edit": _reviewed(actions.edit, "edited"),
     "reject": _reviewed(actions.reject, "rejected"),
-    "regenerate": Step(_regenerate),
+    "regenerate": Step(_regenerate, model_work=True),
 }
 
 
@@ -447,10 +521,12 @@ def _back(doc_id: str, *, notice: str | None = None, error: str | None = None) -
     return RedirectResponse(f"/review{query}", status_code=303)
 
 
-def _clean_id(value: str) -> str:
-    doc_id = value.strip().removeprefix("DocumentReference/")
-    if not doc_id or len(doc_id) > 64 or not all(c.isascii() and (c.isalnum() or c in "-.") for c in doc_id):
-        raise BadRequest("document_reference is not a valid FHIR id")
+def _clean_id(value: str, field: str = "document_reference") -> str:
+    """A DocumentReference id (optionally as `DocumentReference/<id>`), checked whole: `fullmatch`,
+    because `$` would also accept an id followed by a newline."""
+    doc_id = value.removeprefix("DocumentReference/")
+    if not _FHIR_ID.fullmatch(doc_id):
+        raise BadRequest(f"{field} is not a valid FHIR id (1-64 letters, digits, '-' or '.')")
     return doc_id
 
 
@@ -463,6 +539,7 @@ async def review_action(
     settings: SettingsDep,
     csrf_secret: CsrfSecretDep,
     db: DatabaseDep,
+    admission: AdmissionDep,
     document_reference: FormField,
     csrf_token: FormField,
     version: OptionalFormField = None,
@@ -484,12 +561,25 @@ async def review_action(
     if session.fhir_user is None:
         raise Forbidden(ERRORS["no-user"])
     form = ActionForm(doc_id=doc_id, version=version, markdown=markdown, reason=reason)
+    place = None
+    if step.model_work:
+        place = await _take_place(admission, db, request, session, action, f"DocumentReference/{doc_id}")
     try:
         svc = await services.open(session)
-        return await step.run(ActionCall(svc, session, form, db, request.state.request_id))
+        answer = await step.run(ActionCall(svc, session, form, db, request.state.request_id))
+        if place is not None:
+            place.finish()
+        return answer
     except ReviewConflict:
         return _back(doc_id, error="conflict")
     except (ReviewForbidden, ReviewNotFound):
         raise  # the one handler says 403 / 404
+    except actions.NotChartbriefDraft:
+        return _back(doc_id, error="not-chartbrief")
+    except actions.StaleDraft:
+        return _back(doc_id, error="stale")
     except ReviewError:
         return _back(doc_id, error="refused")
+    finally:
+        if place is not None:
+            place.release()
