@@ -48,6 +48,7 @@ from service.narrative import (
 )
 from service.prompts import PackedContext, build_request, load_prompt
 from service.safety import (
+    md_escape,
     neutralized_claims,
     neutralized_coded,
     neutralized_dropped,
@@ -182,7 +183,16 @@ def compose_markdown(
     (their text and reasons travel in the structured JSON attachment and the result). `notes`:
     what a prompt that reads the notes read and left unread (None for a record-wide prompt).
     """
-    lines = ["# Patient summary (AI draft)", "", AI_BANNER, "", f"Patient: {ctx.patient_summary}", ""]
+    # Every text from the record or the model goes in through md_escape: literal, one line, never
+    # markup (a note's link, image, tag, heading or table stays words on the reader's screen).
+    lines = [
+        "# Patient summary (AI draft)",
+        "",
+        AI_BANNER,
+        "",
+        f"Patient: {md_escape(ctx.patient_summary)}",
+        "",
+    ]
     lines.append(structured.to_markdown().rstrip())
     if notes is None:
         lines += ["", "## Narrative (model-written, each statement verified against its sources)", ""]
@@ -213,26 +223,27 @@ def compose_markdown(
             "or they add nothing to the coded part._",
         ]
     if omitted:
-        left = ", ".join(f"{n} {kind}" for kind, n in sorted(omitted.items()))
+        left = md_escape(", ".join(f"{n} {kind}" for kind, n in sorted(omitted.items())))
         lines += ["", f"_Not shown to the model (context window): {left}._"]
     if notes is not None and notes.total:
-        lines += ["", notes.summary_line()]
+        # "_..._" around note titles, which come from the record.
+        lines += ["", f"_{md_escape(notes.summary_line().removeprefix('_').removesuffix('._'))}._"]
     keys = sorted(structured.cited_keys() | {k for c in kept for k in c.citations}, key=_key_order)
     by_key = ctx.by_key()
     lines += ["", "## Sources", ""]
     for key in keys:
         fact = by_key.get(key)
         if fact is not None:
-            when = f", {fact.date}" if fact.date else ""
-            lines.append(f"- [{key}] {fact.source.versioned}{when}")
+            when = f", {md_escape(fact.date)}" if fact.date else ""
+            lines.append(f"- [{key}] {md_escape(fact.source.versioned)}{when}")
     return "\n".join(lines) + "\n"
 
 
 def _statement_line(claim: Claim) -> str:
     cites = ", ".join(claim.citations)
     if claim.origin == "quote":
-        return f"- \u201c{claim.text}\u201d (quoted from the note) [{cites}]"
-    return f"- {claim.text} [{cites}]"
+        return f"- \u201c{md_escape(claim.text)}\u201d (quoted from the note) [{cites}]"
+    return f"- {md_escape(claim.text)} [{cites}]"
 
 
 def _key_order(key: str) -> tuple[str, int]:

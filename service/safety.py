@@ -212,6 +212,27 @@ def neutralize(text: str) -> str:
     return text.strip()
 
 
+# ASCII punctuation that starts inline markup in CommonMark/GFM (emphasis, code, links, images,
+# autolinks and raw HTML, tables, strikethrough, entities); each may be backslash-escaped.
+_MD_INLINE = re.compile(r"([\\`*_\[\]<>#|~!&{}])")
+# What makes a line's text a list item, heading, quote or fence when it starts a line.
+_MD_LEADING = re.compile(r"^(\s*)([-+=])|^(\s*[0-9]+)([.)])")
+
+
+def md_escape(text: str) -> str:
+    r"""Text from the record or the model as literal markdown: on one line, every markup character
+    backslash-escaped, so a renderer shows it as written and never as a link, image, tag or block.
+
+    >>> md_escape("![x](https://e.example/p.png) <img src=x> **HbA1c** < 7%")
+    '\\!\\[x\\](https://e.example/p.png) \\<img src=x\\> \\*\\*HbA1c\\*\\* \\< 7%'
+    >>> md_escape("- item\n# heading"), md_escape("1. first")
+    ('\\- item \\# heading', '1\\. first')
+    """
+    one_line = " ".join(text.split())
+    escaped = _MD_INLINE.sub(r"\\\1", one_line)
+    return _MD_LEADING.sub(lambda m: f"{m[1]}\\{m[2]}" if m[2] else f"{m[3]}\\{m[4]}", escaped)
+
+
 def neutralized_claims(claims: Sequence[Claim]) -> list[Claim]:
     """Each claim with its text `neutralize`d (its citations untouched)."""
     return [replace(c, text=neutralize(c.text)) for c in claims]
@@ -228,7 +249,8 @@ def neutralized_coded(ctx: ClinicalContext) -> ClinicalContext:
     and the review screen as written. Notes keep their lines (they are quoted as data, and
     quarantined when they address the model); the raw resources the verifier reads are untouched."""
     facts = [
-        f
+        # A note's title (its type or description) is shown as a label like any coded one.
+        replace(f, display=_maybe(f.display))
         if f.kind == "note"
         else replace(f, text=neutralize(f.text), display=_maybe(f.display), value=_maybe(f.value))
         for f in ctx.facts

@@ -37,6 +37,7 @@ from service.coded import (
 )
 from service.conflicts import Conflict, find_conflicts
 from service.ranges import Flag, RangeTable, flag_observation, load_table
+from service.safety import md_escape
 
 ACTIVE_CONDITION = frozenset({"active", "recurrence", "relapse"})
 ACTIVE_MEDICATION = frozenset({"active", "on-hold"})
@@ -121,7 +122,8 @@ class Line:
         if self.parts:
             return "- " + "; ".join(part.to_markdown()[2:] for part in self.parts)
         cited = f" [{', '.join(self.citations)}]" if self.citations else ""
-        return f"- {self.text}{cited}"
+        # The text comes from the record: literal in the markdown, whatever characters it holds.
+        return f"- {md_escape(self.text)}{cited}"
 
     @classmethod
     def joined(cls, parts: list[Line]) -> Line:
@@ -174,6 +176,10 @@ class NotRead:
         return cls(str(data["resource_type"]), str(data["reason"]), int(data.get("count") or 0))
 
 
+def _keys(keys: tuple[str, ...]) -> str:
+    return f"[{', '.join(keys)}]"
+
+
 def not_read(skipped: list[Skipped]) -> tuple[NotRead, ...]:
     """What was skipped while reading, one entry per type and reason, whole types first. Pure.
 
@@ -219,7 +225,9 @@ class StructuredSummary:
         """`_Not shown (could not be used): ..._`, or None when everything read was used."""
         if not self.not_read:
             return None
-        return "_Not shown (could not be used): " + "; ".join(n.text() for n in self.not_read) + "._"
+        return (
+            "_Not shown (could not be used): " + "; ".join(md_escape(n.text()) for n in self.not_read) + "._"
+        )
 
     def to_markdown(self) -> str:
         """Each section as a `##` heading and a bullet list, the conflicts (when there are any)
@@ -243,7 +251,11 @@ class StructuredSummary:
         return "\n\n".join(blocks) + "\n"
 
     def _conflicts_block(self) -> str:
-        bullets = "\n".join(f"- Conflict: {c.text}" for c in self.conflicts)
+        bullets = "\n".join(
+            f"- Conflict: {md_escape(c.record)} {_keys(c.record_keys)}; "
+            f"{md_escape(c.note)} {_keys(c.note_keys)}."
+            for c in self.conflicts
+        )
         return f"## {CONFLICTS_TITLE}\n\n{bullets}"
 
     def to_json(self) -> dict[str, Any]:
