@@ -24,7 +24,7 @@ public client (client_id in the form). An `id_token` is verified against the ser
 JWKS documents are read through `JwksCache`: one per shared HTTP client (`jwks_cache(http)`), so
 the id_token check and `service.api.security.JwtVerifier` share one fetch of an issuer's keys. A
 set is reused for a while (5 minutes by default); a token whose `kid` it lacks makes one refetch,
-at most every 30 s per URL.
+at most every 30 s per URL; a failed fetch is not retried for 10 s (`JWKS_FAILURE_SECONDS`).
 
 Errors: one class, `SmartError`, whose message is fit for a person (it says what was wrong and
 with which endpoint or field) and never contains a token, code, verifier, secret or key.
@@ -77,6 +77,10 @@ CLOCK_SKEW_SECONDS = 60
 # A JWKS is reused this long; a token with a kid the cached set lacks refetches it, at most this often.
 JWKS_MAX_AGE_SECONDS = 300.0
 MIN_JWKS_REFETCH_SECONDS = 30.0
+# A JWKS fetch that failed is not tried again for this long: during an issuer's outage every token
+# would otherwise make its own request (a flood of tokens becomes a flood at the issuer), and each
+# caller waits out the failure anyway. Short, so a recovered issuer is used again within seconds.
+JWKS_FAILURE_SECONDS = 10.0
 EHR_JWKS = "the EHR's JWKS"
 _ASYMMETRIC = re.compile(r"(RS|PS|ES)(256|384|512)|ES256K|EdDSA|Ed25519|Ed448")
 _LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1", "[::1]"})
@@ -377,18 +381,26 @@ class JwksCache:
 
     A key set is reused for `max_age` seconds (each caller says how long); a token whose `kid`
     the cached set lacks makes one refetch (the issuer rotated its keys), at most once every
-    `min_refetch_seconds` per URL, so a flood of forged tokens cannot hammer the issuer.
-    Concurrent callers wait for one fetch. The HTTP client is the caller's: the cache holds
+    `min_refetch_seconds` per URL, so a flood of forged tokens cannot hammer the issuer. A fetch
+    that failed is remembered for `failure_seconds`: until then every caller gets the same
+    `SmartError` without a request (or, for a kid refetch, the keys already held). Concurrent
+    callers wait for one fetch. The HTTP client is the caller's: the cache holds
     public keys only, never a connection of its own.
     """
 
     def __init__(
-        self, *, min_refetch_seconds: float = MIN_JWKS_REFETCH_SECONDS, clock: Callable[[], float] = time.time
+        self,
+        *,
+        min_refetch_seconds: float = MIN_JWKS_REFETCH_SECONDS,
+        failure_seconds: float = JWKS_FAILURE_SECONDS,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         self.min_refetch_seconds = min_refetch_seconds
+        self.failure_seconds = failure_seconds
         self._clock = clock
         self._documents: dict[str, _Jwks] = {}
         self._attempted: dict[str, float] = {}
+        self._failed: dict[str, tuple[float, str]] = {}  # URL -> (when, the SmartError's message)
         self._locks: dict[str, asyncio.Lock] = {}
         self.fetches = 0  # JWKS requests sent so far (a count, for reports and tests)
 
@@ -408,14 +420,25 @@ class JwksCache:
         """The key set at `jwks_uri`, fetched when not cached or older than `max_age` seconds.
 
         `refresh` (a token named a kid the cached set lacks) fetches it again unless the last
-        attempt is under `min_refetch_seconds` old. A failed fetch is a `SmartError` naming `what`.
+        attempt is under `min_refetch_seconds` old. A failed fetch is a `SmartError` naming `what`,
+        and is answered from memory for `failure_seconds` (see the class).
         """
         at = self._clock() if now is None else now
         async with self._locks.setdefault(jwks_uri, asyncio.Lock()):
             cached = self._documents.get(jwks_uri)
             throttled = at - self._attempted.get(jwks_uri, -float("inf")) < self.min_refetch_seconds
             if cached is None or at - cached.fetched_at > max_age or (refresh and not throttled):
-                cached = await self._fetch(http, jwks_uri, what, at)
+                failed = self._failed.get(jwks_uri)
+                if failed is not None and at - failed[0] < self.failure_seconds:
+                    if refresh and cached is not None:
+                        return cached.keys
+                    raise SmartError(failed[1])
+                try:
+                    cached = await self._fetch(http, jwks_uri, what, at)
+                except SmartError as exc:
+                    self._failed[jwks_uri] = (at, str(exc))
+                    raise
+                self._failed.pop(jwks_uri, None)
             return cached.keys
 
     async def _fetch(self, http: httpx.AsyncClient, jwks_uri: str, what: str, at: float) -> _Jwks:

@@ -54,15 +54,25 @@ class DiscoveryCache:
         self._allow_http = allow_http
         self._ttl = ttl
         self._configs: dict[str, tuple[float, SmartConfiguration]] = {}
-        self._lock = asyncio.Lock()
+        # One lock per issuer (single flight per key): concurrent launches from one EHR share its
+        # fetch, and a slow EHR holds up only its own launches. Issuers are the allowed ones only.
+        self._locks: dict[str, asyncio.Lock] = {}
+
+    def _fresh(self, iss: str) -> SmartConfiguration | None:
+        cached = self._configs.get(iss)
+        if cached is not None and time.monotonic() - cached[0] < self._ttl:
+            return cached[1]
+        return None
 
     async def get(self, iss: str) -> SmartConfiguration:
-        async with self._lock:
-            cached = self._configs.get(iss)
-            if cached is not None and time.monotonic() - cached[0] < self._ttl:
-                return cached[1]
-            config = await discover(self._http, iss, allow_http=self._allow_http)
-            self._configs[iss] = (time.monotonic(), config)
+        config = self._fresh(iss)
+        if config is not None:
+            return config
+        async with self._locks.setdefault(iss, asyncio.Lock()):
+            config = self._fresh(iss)
+            if config is None:
+                config = await discover(self._http, iss, allow_http=self._allow_http)
+                self._configs[iss] = (time.monotonic(), config)
             return config
 
 
