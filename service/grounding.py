@@ -156,7 +156,7 @@ def _first_json(output: str, key: str = "claims") -> dict[str, Any] | list[Any] 
     for start in starts:
         try:
             value, _end = decoder.raw_decode(output, start)
-        except ValueError:
+        except (ValueError, RecursionError):
             continue
         if isinstance(value, dict) and key in value:
             return value
@@ -168,7 +168,7 @@ def _first_json(output: str, key: str = "claims") -> dict[str, Any] | list[Any] 
 def _is_json(output: str) -> bool:
     try:
         json.loads(output)
-    except ValueError:
+    except (ValueError, RecursionError):
         return False
     return True
 
@@ -184,7 +184,7 @@ def _claim_objects(output: str) -> list[dict[str, Any]]:
             break
         try:
             value, end = decoder.raw_decode(output, start)
-        except ValueError:
+        except (ValueError, RecursionError):
             position = start + 1
             continue
         if isinstance(value, dict) and "text" in value:
