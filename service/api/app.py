@@ -48,8 +48,8 @@ from service.api.errors import FHIR_JSON, ApiError, Unauthenticated, issue_code_
 from service.api.jobs import JobRegistry
 from service.api.limits import WorkAdmission
 from service.api.routes import api, health, launch, review
-from service.api.throttle import BodyLimit, Throttle
 from service.api.security import JwtVerifier, SecurityHeaders, frame_ancestor_origins, page_csp
+from service.api.throttle import BodyLimit, Throttle
 from service.config import Settings, web_settings_problems
 from service.db.launch import TokenCipher, purge_expired
 from service.db.store import in_thread
@@ -134,7 +134,9 @@ def create_app(
         app.include_router(module.router)
     _install_error_handlers(app, templates)
     csp = page_csp(frame_ancestor_origins(settings.smart.frame_ancestors, settings.smart.allowed_issuers))
-    app.state.throttle = Throttle.from_settings(settings.api, state_ttl_seconds=settings.smart.state_ttl_seconds)
+    app.state.throttle = Throttle.from_settings(
+        settings.api, state_ttl_seconds=settings.smart.state_ttl_seconds
+    )
     app.add_middleware(BodyLimit, max_bytes=settings.api.max_body_bytes)
     app.add_middleware(SecurityHeaders, csp=csp)
     if settings.environment == "production":

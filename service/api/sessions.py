@@ -1,10 +1,13 @@
 """The clinician's browser session: cookies, the stored launch session, and its FHIR client.
 
 Two cookies, both HttpOnly, Secure and SameSite (configurable, Lax by default), holding random
-values only:
+values only. When chartbrief is served over https (`smart.public_base_url`) their names carry the
+`__Host-` prefix, so the browser keeps them only if they are Secure, for Path=/ and without a Domain:
+no sibling host can plant one. Over plain http (development on loopback) the bare names are used.
 
-- `cb_browser` - the browser session. Set at `/launch`; the launch state is bound to it, so a
-  callback from another browser is refused, and the app session is bound to it too.
+- `cb_browser` - the browser session. Minted fresh at every `/launch` (a value the browser sends is
+  never reused); the launch state is bound to it, so a callback from another browser is refused, and
+  the app session is bound to it too.
 - `cb_session` - the app session id, set at `/callback`. The tokens it stands for stay in the
   database, encrypted (`service.db.launch`); they never reach the browser.
 
@@ -63,9 +66,25 @@ def new_browser_session() -> str:
     return secrets.token_urlsafe(32)
 
 
+def cookie_name(smart: SmartSettings, name: str) -> str:
+    """The name a cookie goes by: `__Host-` + `name` when chartbrief is served over https.
+
+    >>> cookie_name(SmartSettings(public_base_url="https://cb.example.org"), BROWSER_COOKIE)
+    '__Host-cb_browser'
+    >>> cookie_name(SmartSettings(public_base_url="http://127.0.0.1:8000"), BROWSER_COOKIE)
+    'cb_browser'
+    """
+    return f"__Host-{name}" if smart.public_base_url.startswith("https://") else name
+
+
+def read_cookie(request: Request, smart: SmartSettings, name: str) -> str | None:
+    return request.cookies.get(cookie_name(smart, name))
+
+
 def set_cookie(response: Response, smart: SmartSettings, name: str, value: str, *, max_age: int) -> None:
+    # `__Host-` requires exactly this: Secure, Path=/ and no Domain attribute.
     response.set_cookie(
-        name,
+        cookie_name(smart, name),
         value,
         max_age=max_age,
         path="/",
@@ -103,11 +122,11 @@ class ReviewSession:
 
 
 async def review_session(
-    request: Request, db: DatabaseDep, cipher: CipherDep, csrf_secret: CsrfSecretDep
+    request: Request, db: DatabaseDep, cipher: CipherDep, csrf_secret: CsrfSecretDep, settings: SettingsDep
 ) -> ReviewSession:
     """The session behind the request's cookies; `Unauthenticated` (a page saying how to launch) if none."""
-    session_id = request.cookies.get(SESSION_COOKIE)
-    browser = request.cookies.get(BROWSER_COOKIE)
+    session_id = read_cookie(request, settings.smart, SESSION_COOKIE)
+    browser = read_cookie(request, settings.smart, BROWSER_COOKIE)
     if not session_id or not browser:
         raise Unauthenticated(NO_SESSION, error="invalid_request")
     data = await in_thread(load_session, db, cipher, session_id, browser_session=browser)

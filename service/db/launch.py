@@ -201,8 +201,21 @@ def consume_state(
     return row
 
 
-def purge_expired(db: sessionmaker[Session], *, now: datetime | None = None) -> int:
-    """Delete launch states and app sessions past their expiry; returns how many rows went."""
+@dataclass(frozen=True)
+class Purged:
+    """Rows `purge_expired` deleted."""
+
+    launch_states: int
+    sessions: int
+
+    @property
+    def total(self) -> int:
+        return self.launch_states + self.sessions
+
+
+def purge_expired(db: sessionmaker[Session], *, now: datetime | None = None) -> Purged:
+    """Delete launch states that expired or were used, and app sessions (with their encrypted tokens)
+    past their expiry."""
     at = _now(now)
     with db.begin() as s:
         states = s.execute(
@@ -213,9 +226,13 @@ def purge_expired(db: sessionmaker[Session], *, now: datetime | None = None) -> 
         sessions = s.execute(
             delete(AppSession).where(AppSession.expires_at <= at).execution_options(synchronize_session=False)
         )
-        removed = sum(r.rowcount for r in (states, sessions) if isinstance(r, CursorResult))
-    _log.info("launch.purged", rows=removed)
-    return removed
+    purged = Purged(launch_states=_count(states), sessions=_count(sessions))
+    _log.info("launch.purged", launch_states=purged.launch_states, sessions=purged.sessions)
+    return purged
+
+
+def _count(result: object) -> int:
+    return result.rowcount if isinstance(result, CursorResult) else 0
 
 
 # -- app sessions --------------------------------------------------------------------------------------

@@ -94,7 +94,7 @@ async def test_ehr_launch_redirects_to_authorize_with_pkce_s256_aud_launch_and_n
         challenge = base64.urlsafe_b64encode(hashlib.sha256(row.code_verifier.encode()).digest()).rstrip(b"=")
         assert query["code_challenge"] == challenge.decode()
         assert row.code_verifier not in location
-        browser = cookie_attributes(response, "cb_browser")
+        browser = cookie_attributes(response, "__Host-cb_browser")
         assert "httponly" in browser and "secure" in browser and "samesite=lax" in browser
 
 
@@ -108,7 +108,7 @@ async def test_callback_opens_a_server_side_session_and_the_browser_never_sees_a
         response = await finish(client, callback)
         assert response.status_code == 303
         assert response.headers["location"] == "/review"
-        session_cookie = cookie_attributes(response, "cb_session")
+        session_cookie = cookie_attributes(response, "__Host-cb_session")
         assert (
             "httponly" in session_cookie and "secure" in session_cookie and "samesite=lax" in session_cookie
         )
@@ -123,7 +123,7 @@ async def test_callback_opens_a_server_side_session_and_the_browser_never_sees_a
         for readable in (access_token, id_token, *access_token.split("."), *id_token.split(".")):
             assert readable not in sealed
         assert "access_token" not in sealed and "refresh_token" not in sealed
-        raw_cookie = response.cookies["cb_session"]
+        raw_cookie = response.cookies["__Host-cb_session"]
         assert row.id == hashlib.sha256(raw_cookie.encode()).hexdigest() != raw_cookie
         visible = response.text + json.dumps(dict(response.headers))
         for token in (access_token, id_token, token_set.get("refresh_token") or access_token):

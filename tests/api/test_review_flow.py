@@ -388,8 +388,8 @@ async def test_a_short_lived_access_token_is_refreshed_and_the_new_one_stored_en
         async with running_app(app_settings(tmp_path, ehr), engine=engine) as (client, app):
             await launch_session(client, ehr, kermit)
             runtime = app.state.runtime
-            session_id = client.cookies["cb_session"]
-            browser = client.cookies["cb_browser"]
+            session_id = client.cookies["__Host-cb_session"]
+            browser = client.cookies["__Host-cb_browser"]
             before = TokenSet.from_dict(load_session(runtime.db, runtime.cipher, session_id).token_set)
             events, _doc, _version, _csrf = await stream_a_draft(client)
             after = TokenSet.from_dict(

@@ -167,7 +167,8 @@ def test_purge_removes_expired_and_used_states_and_expired_sessions(db: sessionm
     live = new_state(db, ttl_seconds=3600)
     save_session(db, cipher, **_session_fields(), ttl_seconds=10, now=T0)
     kept = save_session(db, cipher, **_session_fields(), ttl_seconds=7200, now=T0)
-    assert purge_expired(db, now=T0 + timedelta(seconds=60)) == 3
+    purged = purge_expired(db, now=T0 + timedelta(seconds=60))
+    assert (purged.launch_states, purged.sessions) == (2, 1)
     consume_state(db, live, BROWSER, now=T0 + timedelta(seconds=61))
     assert load_session(db, cipher, kept, now=T0 + timedelta(seconds=61)) is not None
 

@@ -1,6 +1,7 @@
 """`/healthz` (the process answers) and `/readyz` (the database answers and the model is loaded).
 
-Both are cheap and unauthenticated; they say nothing about patients.
+Both are cheap and unauthenticated; they say nothing about patients, and nothing about the
+deployment (model, paths, file names) beyond ready or not and why.
 """
 
 from __future__ import annotations
@@ -39,14 +40,21 @@ def _database_ok(db: sessionmaker[Session]) -> bool:
 
 @router.get("/readyz", summary="Ready to serve: database reachable and model loaded")
 async def readyz(db: DatabaseDep, model: ModelDep) -> JSONResponse:
+    # Anyone can call this: it says whether and why not, never which model, path or file.
     database = "ok" if await in_thread(_database_ok, db) else "unreachable"
     ready = database == "ok" and model.state == "loaded"
     body: dict[str, Any] = {
         "status": "ready" if ready else "not-ready",
         "checks": {"database": database, "model": model.state},
     }
-    if model.engine is not None:
-        body["model"] = {"name": model.engine.identity.name, "sha256": model.engine.identity.sha256}
-    elif model.error:
-        body["model_error"] = model.error
+    if not ready:
+        body["reason"] = _reason(database, model.state)
     return JSONResponse(body, status_code=200 if ready else 503)
+
+
+def _reason(database: str, model: str) -> str:
+    if database != "ok":
+        return "the database cannot be reached (CHARTBRIEF_DB__URL)"
+    if model == "failed":
+        return "the model could not be loaded; check the CHARTBRIEF_LLM__ settings (the service log names the error)"
+    return "the model is still loading"

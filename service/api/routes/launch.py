@@ -41,8 +41,10 @@ from service.api.sessions import (
     BROWSER_COOKIE,
     SESSION_COOKIE,
     new_browser_session,
+    read_cookie,
     set_cookie,
 )
+from service.api.throttle import Throttle, ThrottleDep
 from service.config import SmartSettings
 from service.db import audit
 from service.db.launch import StateError, consume_state, create_state, end_session, save_session
@@ -63,7 +65,7 @@ REQUIRED_RIGHTS = (
     ("Provenance", "c"),
 )
 MAX_LAUNCH_CHARS = 500
-_OAUTH_ERROR = re.compile(r"^[a-z_]{1,64}$")
+_OAUTH_ERROR = re.compile(r"[a-z_]{1,64}")
 
 
 def launch_scopes(configured: str | None, *, ehr_launch: bool) -> str:
@@ -126,21 +128,28 @@ async def launch(
     settings: SettingsDep,
     db: DatabaseDep,
     discovery: DiscoveryDep,
+    throttle: ThrottleDep,
     iss: str | None = None,
     launch: str | None = None,
 ) -> Response:
     smart = settings.smart
+    client = throttle.client(request)
+    await throttle.check(throttle.anonymous, "anonymous", client, "requests")
     try:
         target = _target_issuer(smart, iss, launch)
     except Forbidden:
-        await _refused(db, request, "iss not on the allow-list")
+        await _refused(db, request, throttle, client, "iss not on the allow-list")
         raise
+    # Each launch stores a state row: bounded per client for as long as a state can live.
+    await throttle.check(throttle.launch_states, "launch-states", client, "sign-in attempts")
     try:
         config = await discovery.get(target)
     except SmartError as exc:
         raise BadGateway(f"the EHR's SMART configuration cannot be used: {exc}") from exc
     verifier, challenge = new_pkce()
-    browser = request.cookies.get(BROWSER_COOKIE) or new_browser_session()
+    # Always a new browser session: one chosen by the caller could be a value planted in a victim's
+    # browser, binding the victim's sign-in to a session the attacker knows.
+    browser = new_browser_session()
     state = await in_thread(
         create_state,
         db,
@@ -167,8 +176,14 @@ async def launch(
     return response
 
 
-async def _refused(db: sessionmaker[Session], request: Request, detail: str) -> None:
-    """The audit row of a launch refused before anyone is known (no session, no fhirUser yet)."""
+async def _refused(
+    db: sessionmaker[Session], request: Request, throttle: Throttle, client: str, detail: str
+) -> None:
+    """The audit row of a launch refused before anyone is known (no session, no fhirUser yet); past
+    the per-client budget of such rows the refusal is only logged, so refusals cannot fill the table."""
+    if not await throttle.allow(throttle.refusal_audits, "refusal-audits", client):
+        log.warning("launch.refusal_not_audited", detail=detail)
+        return
     await in_thread(
         audit.record,
         db,
@@ -189,21 +204,24 @@ async def callback(
     discovery: DiscoveryDep,
     http: HttpDep,
     smart_client: SmartClientDep,
+    throttle: ThrottleDep,
     code: str | None = None,
     state: str | None = None,
     error: str | None = None,
 ) -> Response:
-    browser = request.cookies.get(BROWSER_COOKIE) or ""
+    client = throttle.client(request)
+    await throttle.check(throttle.anonymous, "anonymous", client, "requests")
+    browser = read_cookie(request, settings.smart, BROWSER_COOKIE) or ""
     if not state:
-        await _refused(db, request, "state missing")
+        await _refused(db, request, throttle, client, "state missing")
         raise BadRequest("the EHR's answer has no state; start the launch again from the EHR")
     try:
         row = await in_thread(consume_state, db, state, browser)
     except StateError as exc:
-        await _refused(db, request, f"state {exc.problem}")
+        await _refused(db, request, throttle, client, f"state {exc.problem}")
         raise BadRequest(str(exc)) from exc
     if error:
-        shown = error if _OAUTH_ERROR.match(error) else "an error"
+        shown = error if _OAUTH_ERROR.fullmatch(error) else "an error"
         raise Forbidden(
             f"the EHR did not authorize chartbrief ({shown}); start the launch again from the EHR"
         )
@@ -220,7 +238,7 @@ async def callback(
             code_verifier=row.code_verifier,
         )
     except SmartError as exc:
-        await _refused(db, request, "state accepted, but the token exchange failed")
+        await _refused(db, request, throttle, client, "state accepted, but the token exchange failed")
         if exc.oauth_error:
             raise Forbidden(f"the EHR refused the sign-in: {exc}") from exc
         raise BadGateway(f"the EHR's token endpoint could not be used: {exc}") from exc
@@ -241,7 +259,7 @@ async def callback(
         token_set=token_set.to_dict(),
         ttl_seconds=smart.session_ttl_seconds,
     )
-    previous = request.cookies.get(SESSION_COOKIE)
+    previous = read_cookie(request, smart, SESSION_COOKIE)
     if previous:
         # A new launch replaces the browser's old session instead of leaving it usable.
         await in_thread(end_session, db, previous)
