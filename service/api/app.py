@@ -281,7 +281,6 @@ def error_response(
         404: "Not found",
         409: "The draft changed",
         413: "This request is too large",
-        429: "Too many requests: please wait a moment",
         429: "chartbrief is busy",
         503: "Not ready yet",
     }.get(status, "Something went wrong" if status >= 500 else "This request cannot be used")

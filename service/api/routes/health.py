@@ -56,5 +56,5 @@ def _reason(database: str, model: str) -> str:
     if database != "ok":
         return "the database cannot be reached (CHARTBRIEF_DB__URL)"
     if model == "failed":
-        return "the model could not be loaded; check the CHARTBRIEF_LLM__ settings (the service log names the error)"
+        return "the model could not be loaded; check the CHARTBRIEF_LLM__ settings (the log names the error)"
     return "the model is still loading"
