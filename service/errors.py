@@ -48,9 +48,11 @@ ChartbriefError                            1   500  fhir_adapters.errors
 ├── PromptError                            4   502  service.prompts
 ├── RecallError                            2   400  service.governance.recall_rules
 ├── ReviewError                            2   400  fhir_adapters.write.review
+│   ├── NotChartbriefDraft                 2   400  fhir_adapters.write.review
 │   ├── ReviewConflict                     2   409  fhir_adapters.write.review
 │   ├── ReviewForbidden                    2   403  fhir_adapters.write.review
-│   └── ReviewNotFound                     2   404  fhir_adapters.write.review
+│   ├── ReviewNotFound                     2   404  fhir_adapters.write.review
+│   └── StaleDraft                         2   400  fhir_adapters.write.review
 ├── SandboxError                           2   400  service.dev.sandbox
 ├── SessionCipherError                     2   500  service.db.launch
 ├── SettingsError                          2   500  service.config

@@ -20,8 +20,17 @@ since the clinician opened it raises `ReviewConflict`.
 ReviewError               not a chartbrief draft, wrong state, bad verifier / text / time
 ├── ReviewNotFound        no such DocumentReference (or its Provenance is gone)
 ├── ReviewForbidden       the draft belongs to another patient than the session's
-└── ReviewConflict        the draft changed since it was opened (version mismatch, 409/412)
+├── ReviewConflict        the draft changed since it was opened (version mismatch, 409/412)
+├── StaleDraft            chartbrief's draft, but a statement's cited source version left the record
+└── NotChartbriefDraft    it carries chartbrief's identifier, but its Provenance, Device or AIAST
+                          label do not show that chartbrief wrote it (`origin_problems`)
 ```
+
+An identifier is only a claim: anyone who may create a DocumentReference can give it chartbrief's
+system. A draft is chartbrief's when `origin_problems` finds nothing wrong: the document carries the
+AIAST label; the Provenance with the id chartbrief gives it (`draft.provenance_id(key)`) is labelled,
+targets this document and has as author agent an AI-Device labelled AIAST whose model-sha256
+identifier is the model the summary was made with.
 
 Other `FhirError`s (transport, auth, 5xx) pass through unchanged. Everything here is pure: the
 checks and the builders; `approve`, `edit` and `reject` in `fhir_adapters.write.send` are the IO.
@@ -40,7 +49,9 @@ from typing import Any
 
 from fhir_adapters.errors import ChartbriefError
 from fhir_adapters.write.draft import (
+    AIAST,
     MARKDOWN,
+    MODEL_IDENTIFIER_SYSTEM,
     PARTICIPANT_AUTHOR,
     SAMPLING_EXTENSION_URL,
     for_update,
@@ -101,6 +112,16 @@ class ReviewConflict(ReviewError):
             or f"{document_reference}: the draft changed since you opened it; reload it and review again"
         )
         self.document_reference = document_reference
+
+
+class NotChartbriefDraft(ReviewError):
+    """The DocumentReference names chartbrief's identifier system, but chartbrief did not write it
+    (or it was changed since): it is never shown as a draft nor acted on."""
+
+
+class StaleDraft(ReviewError):
+    """A genuine draft with a statement whose cited source version is no longer in the record: it
+    may be rejected or regenerated, not approved as it stands."""
 
 
 # -- checks (pure) -------------------------------------------------------------------------------------
@@ -217,6 +238,80 @@ def check_version(doc: JsonObject, expected: str | None) -> None:
     """ReviewConflict when the server holds another version than the one the clinician reviewed."""
     if expected is not None and version_of(doc) != str(expected):
         raise ReviewConflict(f"DocumentReference/{doc.get('id')}")
+
+
+def labelled_aiast(resource: Mapping[str, Any]) -> bool:
+    """True when `meta.security` carries the AIAST (AI asserted) label."""
+    meta = resource.get("meta")
+    labels = meta.get("security") if isinstance(meta, dict) else None
+    return any(
+        isinstance(label, dict)
+        and label.get("system") == AIAST["system"]
+        and label.get("code") == AIAST["code"]
+        for label in labels or []
+    )
+
+
+def targets(provenance: Mapping[str, Any], doc_id: str) -> bool:
+    """True when a `target` is `DocumentReference/{doc_id}`, plain or one of its versions (the
+    server resolves the transaction's placeholder to either)."""
+    wanted = f"DocumentReference/{doc_id}"
+    for target in provenance.get("target") or []:
+        ref = target.get("reference") if isinstance(target, dict) else None
+        if not isinstance(ref, str):
+            continue
+        # An absolute reference to the same server ends the same way.
+        tail = ref.split("/_history/", 1)[0]
+        if tail == wanted or tail.endswith(f"/{wanted}"):
+            return True
+    return False
+
+
+def model_sha256_of(device: Mapping[str, Any]) -> str | None:
+    """The model file's sha256 the AI-Device names (`urn:chartbrief:model-sha256`)."""
+    for ident in device.get("identifier") or []:
+        if isinstance(ident, dict) and ident.get("system") == MODEL_IDENTIFIER_SYSTEM:
+            value = ident.get("value")
+            return value if isinstance(value, str) and value else None
+    return None
+
+
+def origin_problems(
+    doc: Mapping[str, Any],
+    provenance: Mapping[str, Any] | None,
+    device: Mapping[str, Any] | None,
+    *,
+    model_sha256: str | None,
+) -> list[str]:
+    """Why the document is not shown to be chartbrief's (empty: it is).
+
+    `provenance` is the one read by the id chartbrief gives its draft's Provenance, None when there
+    is none; `device` the resource its author agent names, None when it names none or it is gone.
+    `model_sha256` is the model the summary was made with (None: not known, any chartbrief Device).
+    """
+    problems: list[str] = []
+    doc_id = str(doc.get("id") or "")
+    if not labelled_aiast(doc):
+        problems.append("the document has no AIAST security label")
+    if provenance is None:
+        return [*problems, "it has no Provenance with the id chartbrief gives its drafts"]
+    if not labelled_aiast(provenance):
+        problems.append("its Provenance has no AIAST security label")
+    if not targets(provenance, doc_id):
+        problems.append("its Provenance is about another resource")
+    authors = [ref for ref in agents_of_type(dict(provenance), "author") if "Device/" in ref]
+    if not authors:
+        return [*problems, "its Provenance names no Device as author"]
+    if device is None:
+        return [*problems, "the Device its Provenance names is not on the server"]
+    if not labelled_aiast(device):
+        problems.append("its Device has no AIAST security label")
+    sha = model_sha256_of(device)
+    if sha is None:
+        problems.append("its Device names no model file")
+    elif model_sha256 is not None and sha != model_sha256:
+        problems.append("its Device is not the model the summary was made with")
+    return problems
 
 
 def _review_provenance_id(kind: str, doc_id: str, version: str | None) -> str:
