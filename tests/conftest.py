@@ -27,6 +27,8 @@ from service.dev.devserver import (
 )
 from service.dev.sandbox import LoadedPatient, LoadFailure, load_files
 
+pytest_plugins = ["tests.phi_scan", "pytester"]
+
 EXTERNAL_BASE_ENV = "CHARTBRIEF_TEST_FHIR_BASE"
 TEST_KNOBS = "CHARTBRIEF_TEST_"
 
