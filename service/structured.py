@@ -26,6 +26,8 @@ from typing import Any
 
 from fhir_adapters.models import ClinicalContext, Fact, Skipped
 from service.coded import (
+    KEY_LAB_CODES,
+    TREND_CODES,
     age_years_at,
     condition_group,
     direction,
@@ -42,49 +44,8 @@ from service.safety import md_escape
 ACTIVE_CONDITION = frozenset({"active", "recurrence", "relapse"})
 ACTIVE_MEDICATION = frozenset({"active", "on-hold"})
 
-# LOINC codes a clinician looks at first; shown before other labs, in this order.
-KEY_LAB_CODES: tuple[str, ...] = (
-    "4548-4",  # Hemoglobin A1c
-    "2339-0",  # Glucose [Mass/volume] in Blood
-    "2345-7",  # Glucose [Mass/volume] in Serum or Plasma
-    "2160-0",  # Creatinine [Mass/volume] in Serum or Plasma
-    "38483-4",  # Creatinine [Mass/volume] in Blood
-    "33914-3",  # eGFR (MDRD)
-    "62238-1",  # eGFR (CKD-EPI)
-    "98979-8",  # eGFR (CKD-EPI 2021)
-    "2823-3",  # Potassium
-    "6298-4",  # Potassium [Moles/volume] in Blood
-    "2951-2",  # Sodium
-    "2947-0",  # Sodium [Moles/volume] in Blood
-    "6299-2",  # Urea nitrogen [Mass/volume] in Blood
-    "3094-0",  # Urea nitrogen [Mass/volume] in Serum or Plasma
-    "718-7",  # Hemoglobin
-    "6690-2",  # Leukocytes
-    "777-3",  # Platelets
-    "18262-6",  # LDL cholesterol (direct)
-    "13457-7",  # LDL cholesterol (calculated)
-    "2093-3",  # Total cholesterol
-    "2085-9",  # HDL cholesterol
-    "2571-8",  # Triglycerides
-    "6301-6",  # INR
-    "1742-6",  # ALT
-    "1920-8",  # AST
-    "14959-1",  # Microalbumin/creatinine ratio
-)
 _KEY_LAB_RANK = {code: rank for rank, code in enumerate(KEY_LAB_CODES)}
 
-# Vitals and labs whose last values are shown with a direction, in this order.
-TREND_CODES: tuple[str, ...] = (
-    "85354-9", "55284-4",  # Blood pressure panel
-    "29463-7",  # Body weight
-    "39156-5",  # BMI
-    "4548-4",  # HbA1c
-    "2339-0", "2345-7",  # Glucose
-    "33914-3", "62238-1", "98979-8", "69405-9",  # eGFR
-    "2160-0", "38483-4",  # Creatinine
-    "18262-6", "2089-1", "13457-7",  # LDL cholesterol
-    "718-7",  # Hemoglobin
-)  # fmt: skip
 
 SYNOPSIS = "Synopsis"
 PROBLEMS = "Active problems"
