@@ -768,15 +768,21 @@ async def test_a_rotated_key_refetches_the_jwks_once_and_an_unknown_kid_not_on_e
     ],
 )
 @respx.mock
-async def test_an_unreadable_jwks_is_a_smart_error_and_no_cached_failure(
+async def test_an_unreadable_jwks_is_a_smart_error_remembered_briefly_then_read_again(
     response: Any, named: str, ehr_key: jwk.RSAKey
 ) -> None:
     respx.post(TOKEN_URL).respond(200, json=token_body(id_token=id_token(ehr_key)))
-    respx.get(JWKS_URL).mock(side_effect=[response, httpx.Response(200, json=public_jwks(ehr_key))])
+    keys = respx.get(JWKS_URL).mock(side_effect=[response, httpx.Response(200, json=public_jwks(ehr_key))])
     async with httpx.AsyncClient() as http:
         with pytest.raises(SmartError, match=named):
             await exchange(http)
+        # Within the failure window the same refusal comes from memory: an outage is not hammered.
+        with pytest.raises(SmartError, match=named):
+            await exchange(http)
+        assert keys.call_count == 1
+        jwks_cache(http).failure_seconds = 0.0  # the window has passed
         assert (await exchange(http)).fhir_user == f"{ISS}/Practitioner/dr-1"
+        assert keys.call_count == 2
 
 
 async def test_the_jwks_cache_never_accepts_hmac_or_unsigned_tokens(ehr_key: jwk.RSAKey) -> None:
