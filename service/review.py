@@ -12,6 +12,13 @@
   regenerated draft); a draft whose row has none (recorded before the column, or by another
   database) falls back to the seed named in its Provenance's sampling string (`seed_of`).
 
+A DocumentReference that carries chartbrief's identifier is not trusted for that alone: every action
+first checks, through `service.draft_origin`, that chartbrief wrote it (its Provenance, AI-Device, AIAST
+labels and summary row) and that its stored statements still hold against the record. Every action
+refuses a document that is not chartbrief's (`NotChartbriefDraft`, audited `denied`); approve and
+edit also refuse a genuine draft with a statement whose cited source version is no longer in the
+record (audited `denied`): it can still be rejected or regenerated.
+
 The FHIR client in `Services` must be the one of the clinician's session (their token, their patient);
 `db` is the database of the audit trail and monitoring. Its calls run in a worker thread (`in_thread`).
 What this module must not do: decide who may act (the API checks the session first; the patient check
@@ -34,14 +41,17 @@ from fhir_adapters.models import ModelIdentity
 from fhir_adapters.write import send as fhir_write
 from fhir_adapters.write.draft import version_of
 from fhir_adapters.write.review import (
+    NotChartbriefDraft,
     ReviewConflict,
     ReviewError,
     ReviewForbidden,
     ReviewNotFound,
+    StaleDraft,
     sampling_of,
 )
 from service.db import audit
 from service.db.store import in_thread
+from service.draft_origin import DraftCheck, check_draft, check_origin, checked, fhir_base, recheck_claims
 from service.governance import capture
 from service.governance.monitor import EditSize
 from service.llm.base import Engine, Generation, GenerationRequest
@@ -60,6 +70,8 @@ _SEED = re.compile(r"\bseed=(\d+)\b")
 
 __all__ = [
     "ACTIONS",
+    "DraftCheck",
+    "NotChartbriefDraft",
     "ReviewAction",
     "ReviewConflict",
     "ReviewError",
@@ -67,8 +79,12 @@ __all__ = [
     "ReviewNotFound",
     "ReviewOutcome",
     "ReviewRequest",
+    "StaleDraft",
     "approve",
+    "check_draft",
+    "check_origin",
     "edit",
+    "recheck_claims",
     "regenerate",
     "reject",
     "reseeded",
@@ -106,6 +122,10 @@ def _failure(exc: Exception) -> tuple[audit.Outcome, str]:
     """How a failed action is audited: refused, or failed, and a fixed phrase (never a message)."""
     if isinstance(exc, ReviewForbidden):
         return "denied", "document of another patient"
+    if isinstance(exc, NotChartbriefDraft):
+        return "denied", "not a chartbrief draft"
+    if isinstance(exc, StaleDraft):
+        return "denied", "statements no longer supported by the record"
     if isinstance(exc, ReviewConflict):
         return "error", "stale version: the draft changed since it was opened"
     if isinstance(exc, ReviewNotFound):
@@ -115,11 +135,6 @@ def _failure(exc: Exception) -> tuple[audit.Outcome, str]:
     if isinstance(exc, FhirError):
         return "error", f"FHIR server: {type(exc).__name__} {exc.status or ''}".strip()
     return "error", type(exc).__name__
-
-
-def _fhir_base(svc: Services) -> str:
-    """The server the summary rows name: the client's, else the configured one."""
-    return str(getattr(svc.client, "base_url", None) or svc.settings.fhir.base_url)
 
 
 def _monitor(
@@ -136,7 +151,7 @@ def _monitor(
     capture.record_review(
         db,
         svc.store,
-        fhir_base=_fhir_base(svc),
+        fhir_base=fhir_base(svc),
         identifier_system=svc.settings.writer.identifier_system,
         action=action,
         doc=doc,
@@ -162,6 +177,7 @@ class ReviewRequest:
     markdown: str | None = None  # edit: the clinician's text
     reason: str | None = None  # reject: kept for monitoring, never sent to the EHR or a log
     request_id: str | None = None
+    encounter_id: str | None = None  # the session's focus: the record the draft is checked against
 
 
 # The FHIR write of an action: (services, request, now as ISO 8601) -> the document as the server holds it.
@@ -223,6 +239,7 @@ class ReviewAction:
     detail: Callable[[dict[str, Any], ReviewRequest], str]
     measures_edit: bool = False  # read the AI text first, keep the edit's size (never the text)
     keeps_reason: bool = False  # the optional reason goes to the rejections table
+    needs_current: bool = False  # refused when a statement's cited source version left the record
     then: ReviewAction | None = None
 
     async def __call__(
@@ -237,6 +254,7 @@ class ReviewAction:
         markdown: str | None = None,
         reason: str | None = None,
         request_id: str | None = None,
+        encounter_id: str | None = None,
     ) -> ReviewOutcome:
         req = ReviewRequest(
             document_reference_id=document_reference_id,
@@ -246,11 +264,17 @@ class ReviewAction:
             markdown=markdown,
             reason=reason,
             request_id=request_id,
+            encounter_id=encounter_id,
         )
         return await self.run(svc, req, db=db)
 
-    async def run(self, svc: Services, req: ReviewRequest, *, db: sessionmaker[Session]) -> ReviewOutcome:
-        """The action for `req`, audited in `db` (the API's database: audit, rejections, monitoring)."""
+    async def run(
+        self, svc: Services, req: ReviewRequest, *, db: sessionmaker[Session], checked: bool = False
+    ) -> ReviewOutcome:
+        """The action for `req`, audited in `db` (the API's database: audit, rejections, monitoring).
+
+        `checked`: the draft was checked to be chartbrief's by the action this one follows (the
+        approve after an edit acts on the version the edit itself wrote)."""
         before = (
             await capture.text_before_edit(svc.client, req.document_reference_id, req.patient_id)
             if self.measures_edit
@@ -265,6 +289,8 @@ class ReviewAction:
             resource=_doc_ref(req.document_reference_id),
             request_id=req.request_id,
         ) as entry:
+            if not checked:
+                await self._check(svc, req)
             doc = await self.write(svc, req, _now_iso())
             entry.detail = self.detail(doc, req)
         result = _outcome_of(self.name, doc)
@@ -282,12 +308,30 @@ class ReviewAction:
             _monitor, svc, db, self.name, doc, patient_id=req.patient_id, actor=req.actor, size=size
         )
         if self.then is not None:
-            return await self.then.run(svc, replace(req, version=version_of(doc)), db=db)
+            return await self.then.run(svc, replace(req, version=version_of(doc)), db=db, checked=True)
         return result
+
+    async def _check(self, svc: Services, req: ReviewRequest) -> None:
+        found = await checked(
+            svc,
+            req.document_reference_id,
+            req.patient_id,
+            encounter_id=req.encounter_id,
+            action=self.name,
+            version=req.version,
+        )
+        if self.needs_current and found.stale:
+            raise StaleDraft(
+                f"{_doc_ref(req.document_reference_id)}: {len(found.stale)} statement(s) cite a source "
+                "version no longer in the record; regenerate the draft or reject it"
+            )
 
 
 approve = ReviewAction(
-    "approve", _approve_write, detail=lambda doc, _req: f"final at version {version_of(doc)}"
+    "approve",
+    _approve_write,
+    detail=lambda doc, _req: f"final at version {version_of(doc)}",
+    needs_current=True,
 )
 """The clinician `actor` (fhirUser) approves the draft they reviewed at `version`."""
 
@@ -296,6 +340,7 @@ edit = ReviewAction(
     _edit_write,
     detail=lambda doc, _req: f"saved as version {version_of(doc)}",
     measures_edit=True,
+    needs_current=True,
     then=approve,
 )
 """Save the clinician's `markdown` as a new version (a Provenance says a person changed it), then approve
@@ -375,7 +420,7 @@ async def previous_seed(svc: Services, document_reference_id: str, *, patient_id
         identifier_system=svc.settings.writer.identifier_system,
         patient_id=patient_id,
     )
-    row = await in_thread(svc.store.find, _fhir_base(svc), key)
+    row = await in_thread(svc.store.find, fhir_base(svc), key)
     if row is not None and row.seed is not None:
         return row.seed
     try:
@@ -412,6 +457,7 @@ async def regenerate(
         resource=previous,
         request_id=request_id,
     ) as entry:
+        await checked(svc, previous_doc, patient_id, encounter_id=encounter_id, action="regenerated")
         seed = await previous_seed(svc, previous_doc, patient_id=patient_id)
         result: SummaryResult | None = None
         for step in range(1, REGENERATE_ATTEMPTS + 1):

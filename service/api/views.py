@@ -88,6 +88,8 @@ class NarrativeView:
     kept: tuple[ClaimView, ...]
     dropped: tuple[DroppedView, ...]
     notes: NotesRead | None = None  # a prompt that reads the notes: which it read, and why not the rest
+    # Kept statements (their text) whose cited source version is no longer in the record.
+    stale: frozenset[str] = frozenset()
 
     @property
     def from_notes(self) -> bool:
@@ -134,18 +136,37 @@ class DraftView:
     structured: StructuredSummary | None = None
     narrative: NarrativeView | None = None
     sources: Mapping[str, str] = field(default_factory=dict)  # citation key -> Type/id/_history/v
+    # Why chartbrief does not recognise the document as its own (fixed phrases); empty: it does.
+    not_ours: tuple[str, ...] = ()
 
     @property
     def reference(self) -> str:
         return f"DocumentReference/{self.id}"
 
     @property
+    def genuine(self) -> bool:
+        """Chartbrief wrote it: its Provenance, Device and labels say so and its statements hold."""
+        return not self.not_ours
+
+    @property
+    def stale(self) -> int:
+        """How many kept statements cite a source version no longer in the record."""
+        return len(self.narrative.stale) if self.narrative is not None else 0
+
+    @property
     def reviewable(self) -> bool:
-        """Approve, edit and reject apply only to a current, unreviewed draft."""
-        return self.status == "current" and self.doc_status not in ("final", "amended")
+        """Approve, edit and reject apply only to a current, unreviewed draft chartbrief wrote."""
+        return self.genuine and self.status == "current" and self.doc_status not in ("final", "amended")
+
+    @property
+    def approvable(self) -> bool:
+        """Approve and edit also need every statement to hold against the record as it is now."""
+        return self.reviewable and not self.stale
 
     @property
     def state_label(self) -> str:
+        if not self.genuine:
+            return "Not a chartbrief draft"
         if self.status == "entered-in-error":
             return "Rejected (entered in error)"
         if self.status == "superseded":
@@ -328,6 +349,25 @@ def draft_view(doc: Mapping[str, Any]) -> DraftView:
         narrative=narrative,
         sources={str(k): str(v) for k, v in sources.items()},
     )
+
+
+def checked_draft_view(draft: DraftView, not_ours: Sequence[str], stale: Iterable[str]) -> DraftView:
+    """`draft` as `service.review.check_draft` found it. A document chartbrief did not write keeps
+    nothing of what it says (no coded part, no statements, no sources, no text): only who it is."""
+    if not_ours:
+        return replace(
+            draft,
+            not_ours=tuple(not_ours),
+            markdown="",
+            structured=None,
+            narrative=None,
+            sources={},
+            edited=False,
+        )
+    narrative = draft.narrative
+    if narrative is not None:
+        narrative = replace(narrative, stale=frozenset(stale))
+    return replace(draft, narrative=narrative)
 
 
 def stored_source_views(sources: Mapping[str, str], ctx: ClinicalContext | None) -> list[SourceView]:

@@ -106,6 +106,21 @@ def ai_provenance(doc_id: str = "doc-1", version: str = "1") -> JsonObject:
     }
 
 
+# The fake engine's model file (service.llm.fake.FAKE_IDENTITY): the Device a draft it wrote names.
+MODEL_SHA256 = "0" * 64
+
+
+def ai_device(sha256: str = MODEL_SHA256) -> JsonObject:
+    """The AI-Device the writer creates for a model file, as the server returns it."""
+    return {
+        "resourceType": "Device",
+        "id": DEVICE.split("/", 1)[1],
+        "meta": {"versionId": "1", "security": [dict(AIAST)]},
+        "identifier": [{"system": "urn:chartbrief:model-sha256", "value": sha256}],
+        "status": "active",
+    }
+
+
 class MemoryFhir:
     """A versioned FHIR store: read, update (If-Match), transaction of PUTs (all or nothing).
 

@@ -32,7 +32,7 @@ from service.governance.monitor import edit_size, iso_week, monitor_report
 from service.governance.records import ReviewOutcomeRecord, SummaryRecord, review_outcomes
 from service.llm.fake import FakeEngine
 from service.pipeline import Services
-from tests.fhir_adapters.test_review import AI_MARKDOWN, MemoryFhir, ai_provenance, draft_doc
+from tests.fhir_adapters.test_review import AI_MARKDOWN, MemoryFhir, ai_device, ai_provenance, draft_doc
 
 DR = "Practitioner/dr-1"
 BASE = "http://fhir.test/fhir"
@@ -252,7 +252,7 @@ def _drafts() -> MemoryFhir:
         prov = copy.deepcopy(ai_provenance(doc_id))
         prov["id"] = provenance_id(key)
         resources += [doc, prov]
-    return MemoryFhir(*resources)
+    return MemoryFhir(*resources, ai_device(SHA_A))
 
 
 def _summary_fields(doc_id: str, key: str, created: datetime) -> dict[str, Any]:

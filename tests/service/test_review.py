@@ -27,10 +27,19 @@ from service.governance.records import REVIEW_ACTIONS
 from service.llm.base import GenerationRequest
 from service.llm.fake import FAKE_IDENTITY, FakeEngine
 from service.pipeline import Services, SummaryResult
-from tests.fhir_adapters.test_review import KEY, MemoryFhir, ai_provenance, draft_doc
+from tests.fhir_adapters.test_review import (
+    KEY,
+    MODEL_SHA256,
+    MemoryFhir,
+    ai_device,
+    ai_provenance,
+    draft_doc,
+)
 from tests.service.test_store import fields
 
 DR = "Practitioner/dr-1"
+# What chartbrief recorded when it wrote the fixture draft: its document and its model.
+OWN_ROW = {"document_reference": "DocumentReference/doc-1", "model_sha256": MODEL_SHA256}
 
 
 @pytest.fixture
@@ -42,7 +51,7 @@ def store(tmp_path: Path) -> Iterator[SqlSummaryStore]:
 
 @pytest.fixture
 def fhir() -> MemoryFhir:
-    return MemoryFhir(draft_doc(), ai_provenance())
+    return MemoryFhir(draft_doc(), ai_provenance(), ai_device())
 
 
 def services(fhir: MemoryFhir, store: SummaryStore, engine: FakeEngine | None = None) -> Services:
@@ -202,7 +211,7 @@ async def test_the_previous_seed_is_the_seed_recorded_on_the_drafts_summary_row(
     fhir: MemoryFhir, store: SqlSummaryStore
 ) -> None:
     svc = services(fhir, store)
-    store.record(fields(key=KEY, seed=50))
+    store.record(fields(key=KEY, seed=50, **OWN_ROW))
     _sampling(fhir, "temperature=0.7 top_p=1.0 n_ctx=2048")  # names no seed
     assert await review.previous_seed(svc, "doc-1", patient_id="p1") == 50
     _sampling(fhir, "temperature=0.7 seed=51")
@@ -261,7 +270,7 @@ class _Summaries:
 async def test_regenerate_samples_one_above_the_stored_seed(
     fhir: MemoryFhir, store: SqlSummaryStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    store.record(fields(key=KEY, seed=50))
+    store.record(fields(key=KEY, seed=50, **OWN_ROW))
     _sampling(fhir, "temperature=0.0 top_p=1.0 n_ctx=2048")  # the string names no seed
     summaries = _Summaries(True)
     monkeypatch.setattr(review, "summarize_patient", summaries)
@@ -278,7 +287,7 @@ async def test_regenerate_samples_one_above_the_stored_seed(
 async def test_regenerate_tries_the_next_seed_when_the_new_key_already_exists(
     fhir: MemoryFhir, store: SqlSummaryStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    store.record(fields(key=KEY, seed=50))
+    store.record(fields(key=KEY, seed=50, **OWN_ROW))
     summaries = _Summaries(False, True)
     monkeypatch.setattr(review, "summarize_patient", summaries)
 
