@@ -93,7 +93,7 @@ def ensure_supported(content_type: str | None) -> tuple[str, str]:
         raise UnsupportedContent(f"unsupported contentType {media}")
     try:
         info = codecs.lookup(charset or "utf-8")
-    except LookupError as exc:
+    except (LookupError, ValueError) as exc:  # ValueError: a name with a NUL in it
         raise UnsupportedContent(f"unknown charset {charset}") from exc
     # Python also names bytes-to-bytes transforms codecs (zlib, base64, hex): bytes.decode raises
     # LookupError on them, and a note would be inflated or mangled rather than read.
@@ -115,10 +115,18 @@ def decode_text(content: bytes, content_type: str | None) -> str:
     Traceback (most recent call last):
     ...
     fhir_adapters.text.UnsupportedContent: unsupported contentType application/pdf
+    >>> decode_text(b"abc", "text/plain; charset=idna")
+    Traceback (most recent call last):
+    ...
+    fhir_adapters.text.UnsupportedContent: charset idna cannot decode this attachment
     """
     media, encoding = ensure_supported(content_type)
-    # A few undecodable bytes should not cost the whole note; they become U+FFFD.
-    text = content.decode(encoding, errors="replace")
+    # A few undecodable bytes should not cost the whole note; they become U+FFFD. A codec meant for
+    # something else (idna, punycode: host names) refuses the "replace" handler or the input itself.
+    try:
+        text = content.decode(encoding, errors="replace")
+    except (UnicodeError, ValueError, TypeError) as exc:
+        raise UnsupportedContent(f"charset {encoding} cannot decode this attachment") from exc
     if media in (HTML, "application/xhtml+xml"):
         text = html_to_text(text)
     return tidy_text(text)

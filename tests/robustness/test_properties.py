@@ -188,11 +188,6 @@ def _decodes_or_refuses(content: bytes, content_type: str | None) -> None:
         assert isinstance(text, str)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="decode_text lets UnicodeError out for charset=idna (errors=replace unsupported by that codec); "
-    "the fix belongs to fhir_adapters/text.py (weakness 6)",
-)
 @given(
     content=st.one_of(st.binary(max_size=400), st.text(max_size=100).map(str.encode)),
     content_type=content_types(),
