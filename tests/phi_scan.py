@@ -167,7 +167,7 @@ def _record_text(record: logging.LogRecord) -> str:
     return "\n".join(parts)
 
 
-@dataclass
+@dataclass(eq=False)  # pluggy keeps plugins in sets: identity hashing
 class PhiScanPlugin:
     scanner: PhiScanner
     lines: int = 0
