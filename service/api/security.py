@@ -160,7 +160,8 @@ def same_origin_request(origin_header: str | None, public_base_url: str) -> bool
 
 # -- scopes --------------------------------------------------------------------------------------
 
-_SCOPE = re.compile(r"^(patient|user|system)/([A-Za-z]+|\*)\.([a-z*]+)$")
+# Checked with fullmatch: `$` would also accept a scope followed by a newline.
+_SCOPE = re.compile(r"(patient|user|system)/([A-Za-z]+|\*)\.([a-z*]+)")
 _V1 = {"read": "rs", "write": "cud", "*": "cruds"}
 
 
@@ -185,7 +186,7 @@ def parse_scope(scope: str) -> ScopeGrant | None:
     >>> parse_scope("launch") is None, parse_scope("patient/Observation.rs?category=x") is None
     (True, True)
     """
-    match = _SCOPE.match(scope)
+    match = _SCOPE.fullmatch(scope)
     if match is None:
         return None
     context, resource, permissions = match.groups()

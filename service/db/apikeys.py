@@ -30,8 +30,9 @@ SECRET_TAG = "cbk_"  # noqa: S105 - a public marker, not a secret: it lets scann
 SECRET_BYTES = 32
 PREFIX_CHARS = 8
 MAX_SECRET_CHARS = 200
-_SCOPE = re.compile(r"^[A-Za-z0-9/._*:-]{1,100}$")
-_FHIR_ID = re.compile(r"^[A-Za-z0-9\-.]{1,64}$")
+# Both checked with fullmatch: `$` would also accept a value followed by a newline.
+_SCOPE = re.compile(r"[A-Za-z0-9/._*:-]{1,100}")
+_FHIR_ID = re.compile(r"[A-Za-z0-9\-.]{1,64}")
 
 
 def hash_secret(secret: str) -> str:
@@ -51,7 +52,7 @@ def check_scopes(scopes: Iterable[str]) -> list[str]:
     """
     out: list[str] = []
     for scope in scopes:
-        if not isinstance(scope, str) or not _SCOPE.match(scope):
+        if not isinstance(scope, str) or not _SCOPE.fullmatch(scope):
             raise ValueError(f"scope {scope!r} is not valid: use letters, digits and / . _ * : -")
         if scope not in out:
             out.append(scope)
@@ -73,7 +74,7 @@ def create(
     if not name or len(name) > 100 or not name.isprintable():
         raise ValueError("API key name must be 1-100 printable characters")
     checked = check_scopes(scopes)
-    if patient_id is not None and not _FHIR_ID.match(patient_id):
+    if patient_id is not None and not _FHIR_ID.fullmatch(patient_id):
         raise ValueError(f"patient_id {patient_id!r} is not a valid FHIR id")
     secret = SECRET_TAG + secrets.token_urlsafe(SECRET_BYTES)
     row = ApiKey(

@@ -102,6 +102,7 @@ def test_parse_scope_ignores_non_resource_scopes() -> None:
     assert parse_scope("openid") is None
     assert parse_scope("fhirUser") is None
     assert parse_scope("patient/Patient.") is None
+    assert parse_scope("patient/Observation.rs\n") is None  # checked whole: `$` allowed a trailing newline
 
 
 def test_api_key_scopes_count_as_system_level_rights() -> None:

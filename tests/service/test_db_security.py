@@ -299,6 +299,8 @@ def test_a_revoked_key_no_longer_verifies(db: sessionmaker[Session]) -> None:
         ("svc", [], None, "at least one scope"),
         ("svc", ["has space"], None, "scope 'has space'"),
         ("svc", ["a"], "../p1", "patient_id"),
+        ("svc", ["summaries.read\n"], None, "scope 'summaries.read"),  # `$` matched before a newline
+        ("svc", ["a"], "p1\n", "patient_id"),
     ],
 )
 def test_api_key_creation_names_the_bad_field(
