@@ -1,0 +1,124 @@
+"""`chartbrief batch run` through the fault proxy: every fault ends the run with a clear outcome,
+every selected patient succeeded or failed with a reason, a second run without the fault leaves
+every patient summarized, and the server never holds a partial or duplicate summary.
+
+The batch runs in this process (SQLite, a scripted engine), over a few small loaded patients.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+from click.testing import CliRunner, Result
+
+from service.cli.main import cli
+from service.dev.sandbox import LoadedPatient
+from service.llm.fake import FakeEngine
+from tests.robustness.faults.conftest import assert_whole_and_unique
+from tests.robustness.faults.helpers import FAST_FHIR, set_env, touch_record, within_deadline
+from tests.robustness.faults.proxy import Fault, FaultProxy
+
+pytestmark = pytest.mark.integration
+
+PATIENTS = (
+    "Luigi_Wiegand_e27d88b0-c5e5-4042-ad49-184f6a900ee3.json",
+    "Kermit_Trantow_f1a650a5-737e-4fd7-828e-03c3348b9524.json",
+    "Pasquale620_Kuhn96_792a51c0-a2a4-ee26-c23c-7cb24f8a0e35.json",
+)
+FAST_BATCH = {
+    "CHARTBRIEF_BATCH__RETRY_WAIT_SECONDS": "0.1",
+    "CHARTBRIEF_BATCH__RETRY_WAIT_MAX_SECONDS": "0.2",
+    "CHARTBRIEF_BATCH__HEARTBEAT_SECONDS": "1",
+}
+EXIT_OK, EXIT_BATCH_FAILURES = 0, 5
+
+
+def _engine(outputs: int = 40) -> FakeEngine:
+    engine = FakeEngine()
+    for _ in range(outputs):
+        engine.enqueue('{"claims": []}')
+    return engine
+
+
+def batch_run(proxy: FaultProxy, patients_file: Path) -> Result:
+    runner = CliRunner()
+    return within_deadline(
+        "chartbrief batch run",
+        lambda: runner.invoke(
+            cli,
+            ["batch", "run", "--patients", str(patients_file), "--json", "--fhir-base", proxy.base_url],
+            obj={"engine": _engine()},
+        ),
+    )
+
+
+def report_of(result: Result) -> dict[str, Any]:
+    """The --json report of a run whose log lines share its stdout."""
+    lines = result.stdout.splitlines()
+    return dict(json.loads("\n".join(lines[lines.index("{") :])))
+
+
+def assert_clear_batch_outcome(result: Result, patient_ids: list[str]) -> dict[str, Any]:
+    """Exit 0 (all done) or 5 (some failed), never a traceback; each patient done or failed with a reason."""
+    assert result.exit_code in (EXIT_OK, EXIT_BATCH_FAILURES), (
+        f"exit {result.exit_code} {result.exception!r}\n{result.output[-2000:]}"
+    )
+    assert "Traceback" not in result.output
+    report = report_of(result)
+    assert report["open"] == 0, f"patients left open: {report}"
+    failed = {f["patient"]: f["reason"] for f in report["failures"]}
+    assert all(reason for reason in failed.values()), f"a failure without a reason: {failed}"
+    assert report["selected"] == len(patient_ids)
+    assert report["summarized"] + report["skipped_unchanged"] + report["failed"] == len(patient_ids), report
+    assert set(failed) <= set(patient_ids)
+    assert (result.exit_code == EXIT_BATCH_FAILURES) == bool(failed)
+    return report
+
+
+@pytest.fixture
+def patients(
+    loaded_patients: dict[str, LoadedPatient],
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+    fhir_base: str,
+) -> tuple[list[str], Path]:
+    set_env(monkeypatch, {**FAST_FHIR, **FAST_BATCH, "CHARTBRIEF_DB__URL": f"sqlite:///{tmp_path}/cb.db"})
+    ids = [loaded_patients[name].id for name in PATIENTS]
+    for pid in ids:
+        touch_record(fhir_base, pid)
+    listing = tmp_path / "patients.txt"
+    listing.write_text("\n".join(ids) + "\n")
+    return ids, listing
+
+
+BATCH_FAULTS: dict[str, list[Fault]] = {
+    "503 burst": [Fault("503", method="GET", skip=2, times=3)],
+    "reset": [Fault("reset", method="GET", skip=3, times=2)],
+    "429 storm": [Fault("429", method="GET", skip=1, times=4, seconds=1)],
+    "stops mid-run": [Fault("stop", skip=12)],
+    "answer lost after a transaction": [Fault("drop_after_forward", method="POST", times=1)],
+}
+
+
+@pytest.mark.parametrize("faults", BATCH_FAULTS.values(), ids=BATCH_FAULTS.keys())
+def test_a_fault_mid_batch_ends_clearly_and_the_next_run_summarizes_everyone(
+    proxy: FaultProxy, patients: tuple[list[str], Path], fhir_base: str, faults: list[Fault]
+) -> None:
+    ids, listing = patients
+    proxy.arm(*faults)
+    first = batch_run(proxy, listing)
+    assert sum(proxy.injected.values()) >= 1, "the fault was not injected"
+    assert_clear_batch_outcome(first, ids)
+    for pid in ids:
+        assert_whole_and_unique(fhir_base, pid)
+    proxy.clear()
+    again = batch_run(proxy, listing)
+    report = assert_clear_batch_outcome(again, ids)
+    assert again.exit_code == EXIT_OK, again.output[-2000:]
+    assert report["failed"] == 0
+    for pid in ids:
+        docs = assert_whole_and_unique(fhir_base, pid)
+        assert [d for d in docs if d["status"] == "current"], f"Patient/{pid}: no current summary"
