@@ -179,3 +179,88 @@ def _wait_for_write(proxy: FaultProxy, fault: Fault) -> None:
 def _wait_for_summary(fhir_base: str, patient_id: str, before: int) -> None:
     while len(chartbrief_documents(fhir_base, patient_id)) <= before:
         time.sleep(0.1)
+
+
+def test_a_transaction_held_past_the_kill_lands_after_the_restarted_serve_wrote_and_duplicates_nothing(
+    proxy: FaultProxy,
+    env: dict[str, str],
+    tmp_path: Path,
+    patient: str,
+    fhir_base: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    forwarded = _count_forwarded_posts(proxy, monkeypatch)
+    key = create_key(env, "faults")
+    fault = Fault("hold", method="POST", times=1)
+    proxy.arm(fault)
+    try:
+        with running(env, tmp_path) as (url, pid):
+            auth = {"Authorization": f"Bearer {key}"}
+            accepted = httpx.post(f"{url}/api/summaries", json={"patient": patient}, headers=auth, timeout=30)
+            assert accepted.status_code == 202, accepted.text
+            within_deadline("the write-back reaching the proxy", lambda: _wait_for_write(proxy, fault))
+            kill9(pid)
+        # The killed serve's transaction is still in flight while the restarted one writes the
+        # same summary; it reaches the server last.
+        with running(env, tmp_path) as (url, _):
+            job = summarize_to_the_end(url, key, patient)
+        assert job["status"] == "succeeded", job
+        written = forwarded["POST"]
+        proxy.release.set()
+        within_deadline(
+            "the held transaction landing", lambda: _wait_until(lambda: forwarded["POST"] > written)
+        )
+        docs = assert_whole_and_unique(fhir_base, patient)
+        assert [d for d in docs if d["status"] == "current"], "no current summary after the late transaction"
+    finally:
+        proxy.release.set()
+
+
+def _count_forwarded_posts(proxy: FaultProxy, monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
+    """How many requests per method the proxy has had answered by the server, from now on."""
+    counts: dict[str, int] = {"POST": 0}
+    original = proxy._forward
+
+    async def forward(request: Any) -> Any:
+        try:
+            return await original(request)
+        finally:
+            counts[request.method] = counts.get(request.method, 0) + 1
+
+    monkeypatch.setattr(proxy, "_forward", forward)
+    return counts
+
+
+def _wait_until(condition: Any) -> None:
+    while not condition():
+        time.sleep(0.05)
+
+
+SERVE_FAULTS: dict[str, list[Fault]] = {
+    "503 burst on reads": [Fault("503", method="GET", times=3)],
+    "503 burst on the transaction": [Fault("503", method="POST", times=2)],
+    "503 on every request": [Fault("503", times=None)],
+    "server stops mid-request": [Fault("stop", skip=3)],
+    "server stops at the transaction": [Fault("stop", method="POST")],
+}
+
+
+@pytest.mark.parametrize("faults", SERVE_FAULTS.values(), ids=SERVE_FAULTS.keys())
+def test_a_serve_job_under_a_fhir_fault_ends_with_a_clear_outcome_never_a_500(
+    proxy: FaultProxy, env: dict[str, str], tmp_path: Path, patient: str, fhir_base: str, faults: list[Fault]
+) -> None:
+    key = create_key(env, "faults")
+    with running(env, tmp_path) as (url, _):
+        proxy.arm(*faults)
+        job = summarize_to_the_end(url, key, patient)
+        assert sum(proxy.injected.values()) >= 1, "the fault was not injected"
+        assert job["status"] in ("succeeded", "failed"), job
+        if job["status"] == "failed":
+            assert job["error"], "a failed job without a message"
+            assert not job["error"].startswith("unexpected failure"), job["error"]
+        proxy.clear()
+        assert_whole_and_unique(fhir_base, patient)
+        again = summarize_to_the_end(url, key, patient)
+    assert again["status"] == "succeeded", again
+    docs = assert_whole_and_unique(fhir_base, patient)
+    assert [d for d in docs if d["status"] == "current"], "no current summary once the fault is gone"
