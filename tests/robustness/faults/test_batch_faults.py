@@ -7,10 +7,14 @@ The batch runs in this process (SQLite, a scripted engine), over a few small loa
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
+import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import psycopg
 import pytest
 from click.testing import CliRunner, Result
 
@@ -18,7 +22,13 @@ from service.cli.main import cli
 from service.dev.sandbox import LoadedPatient
 from service.llm.fake import FakeEngine
 from tests.robustness.faults.conftest import assert_whole_and_unique
-from tests.robustness.faults.helpers import FAST_FHIR, set_env, touch_record, within_deadline
+from tests.robustness.faults.helpers import (
+    DEADLINE_SECONDS,
+    FAST_FHIR,
+    set_env,
+    touch_record,
+    within_deadline,
+)
 from tests.robustness.faults.proxy import Fault, FaultProxy
 
 pytestmark = pytest.mark.integration
@@ -62,19 +72,24 @@ def report_of(result: Result) -> dict[str, Any]:
 
 
 def assert_clear_batch_outcome(result: Result, patient_ids: list[str]) -> dict[str, Any]:
-    """Exit 0 (all done) or 5 (some failed), never a traceback; each patient done or failed with a reason."""
+    """Exit 0 (all done) or 5 (some failed), never a traceback; the report accounts for everyone."""
     assert result.exit_code in (EXIT_OK, EXIT_BATCH_FAILURES), (
         f"exit {result.exit_code} {result.exception!r}\n{result.output[-2000:]}"
     )
     assert "Traceback" not in result.output
-    report = report_of(result)
+    report = assert_everyone_accounted_for(report_of(result), patient_ids)
+    assert (result.exit_code == EXIT_BATCH_FAILURES) == bool(report["failed"])
+    return report
+
+
+def assert_everyone_accounted_for(report: dict[str, Any], patient_ids: list[str]) -> dict[str, Any]:
+    """Every selected patient summarized, unchanged, or failed with a reason; none left open."""
     assert report["open"] == 0, f"patients left open: {report}"
     failed = {f["patient"]: f["reason"] for f in report["failures"]}
     assert all(reason for reason in failed.values()), f"a failure without a reason: {failed}"
     assert report["selected"] == len(patient_ids)
     assert report["summarized"] + report["skipped_unchanged"] + report["failed"] == len(patient_ids), report
     assert set(failed) <= set(patient_ids)
-    assert (result.exit_code == EXIT_BATCH_FAILURES) == bool(failed)
     return report
 
 
@@ -122,3 +137,99 @@ def test_a_fault_mid_batch_ends_clearly_and_the_next_run_summarizes_everyone(
     for pid in ids:
         docs = assert_whole_and_unique(fhir_base, pid)
         assert [d for d in docs if d["status"] == "current"], f"Patient/{pid}: no current summary"
+
+
+# -- the database connection dropped mid-batch (PostgreSQL, the queue and one worker) ---------------
+
+PG_ADMIN = "postgresql://postgres@127.0.0.1:5432/postgres"
+
+
+@pytest.fixture
+def pg_database() -> Iterator[str]:
+    """A database of its own, so terminating its backends touches no other test's connections."""
+    try:
+        admin = psycopg.connect(PG_ADMIN, connect_timeout=3, autocommit=True)
+    except psycopg.OperationalError as exc:
+        reason = f"no PostgreSQL reachable at 127.0.0.1:5432 ({type(exc).__name__})"
+        print(f"SKIPPED: {reason}")  # noqa: T201 - the reason must show in the test output
+        pytest.skip(reason)
+    name = f"cb_faults_{uuid.uuid4().hex[:10]}"
+    with admin:
+        admin.execute(f'CREATE DATABASE "{name}"')
+        try:
+            yield name
+        finally:
+            admin.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
+
+
+def terminate_backends(database: str) -> int:
+    with psycopg.connect(f"postgresql://postgres@127.0.0.1:5432/{database}", autocommit=True) as conn:
+        rows = conn.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+            "WHERE datname = current_database() AND pid <> pg_backend_pid()"
+        ).fetchall()
+    return sum(bool(r[0]) for r in rows)
+
+
+def _invoke(args: list[str]) -> Result:
+    return CliRunner().invoke(cli, args, obj={"engine": _engine()})
+
+
+def test_the_database_dropped_mid_batch_loses_no_patient_and_duplicates_none(
+    proxy: FaultProxy,
+    patients: tuple[list[str], Path],
+    fhir_base: str,
+    pg_database: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    ids, listing = patients
+    db_url = f"postgresql+psycopg://postgres@127.0.0.1:5432/{pg_database}"
+    set_env(monkeypatch, {"CHARTBRIEF_DB__URL": db_url, "CHARTBRIEF_BATCH__POLL_SECONDS": "0.5"})
+    deferred = within_deadline(
+        "chartbrief batch run --no-wait",
+        lambda: _invoke(
+            ["batch", "run", "--patients", str(listing), "--no-wait", "--fhir-base", proxy.base_url]
+        ),
+    )
+    assert deferred.exit_code == 0, deferred.output[-2000:]
+    proxy.arm(Fault("hold", method="GET", path=f"Patient/{ids[1]}", times=1))
+    pool = concurrent.futures.ThreadPoolExecutor(max_workers=1)
+    try:
+        worker = pool.submit(_invoke, ["batch", "worker", "--burst", "--concurrency", "1"])
+        assert proxy.held.wait(DEADLINE_SECONDS), "the worker never reached the held read"
+        assert terminate_backends(pg_database) >= 1, "no backend of the batch to terminate"
+        proxy.clear()
+        first = worker.result(timeout=DEADLINE_SECONDS)
+    finally:
+        proxy.clear()
+        pool.shutdown(wait=False)
+    assert "Traceback" not in first.output, first.output[-3000:]
+    assert first.exit_code == 0 or isinstance(first.exception, SystemExit), (
+        f"the worker crashed: {first.exception!r}\n{first.output[-3000:]}"
+    )
+    assert_everyone_accounted_for(_report(1), ids)
+    for pid in ids:
+        assert_whole_and_unique(fhir_base, pid)
+    # Whatever the drop cost, a second run without it leaves every patient summarized, once.
+    again = within_deadline(
+        "chartbrief batch run --no-wait",
+        lambda: _invoke(
+            ["batch", "run", "--patients", str(listing), "--no-wait", "--fhir-base", proxy.base_url]
+        ),
+    )
+    assert again.exit_code == 0, again.output[-2000:]
+    second = within_deadline("chartbrief batch worker", lambda: _invoke(["batch", "worker", "--burst"]))
+    assert second.exit_code == 0, second.output[-3000:]
+    report = assert_everyone_accounted_for(_report(2), ids)
+    assert report["failed"] == 0, report["failures"]
+    for pid in ids:
+        docs = assert_whole_and_unique(fhir_base, pid)
+        assert [d for d in docs if d["status"] == "current"], f"Patient/{pid}: no current summary"
+
+
+def _report(run_id: int) -> dict[str, Any]:
+    result = within_deadline(
+        "chartbrief batch report", lambda: _invoke(["batch", "report", str(run_id), "--json"])
+    )
+    assert result.exit_code == 0, result.output[-2000:]
+    return report_of(result)
