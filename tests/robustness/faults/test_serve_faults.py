@@ -255,6 +255,7 @@ def test_a_serve_job_under_a_fhir_fault_ends_with_a_clear_outcome_never_a_500(
         job = summarize_to_the_end(url, key, patient)
         assert sum(proxy.injected.values()) >= 1, "the fault was not injected"
         assert job["status"] in ("succeeded", "failed"), job
+        print(f"job under the fault: {job['status']} {job['error'] or ''}")
         if job["status"] == "failed":
             assert job["error"], "a failed job without a message"
             assert not job["error"].startswith("unexpected failure"), job["error"]
@@ -264,3 +265,38 @@ def test_a_serve_job_under_a_fhir_fault_ends_with_a_clear_outcome_never_a_500(
     assert again["status"] == "succeeded", again
     docs = assert_whole_and_unique(fhir_base, patient)
     assert [d for d in docs if d["status"] == "current"], "no current summary once the fault is gone"
+
+
+def test_a_serve_stream_whose_fhir_server_stops_mid_request_ends_with_an_error_event_never_a_500(
+    proxy: FaultProxy, env: dict[str, str], tmp_path: Path, patient: str, fhir_base: str
+) -> None:
+    key = create_key(env, "faults")
+    with running(env, tmp_path) as (url, _):
+        proxy.arm(Fault("stop", skip=3))
+
+        def events() -> list[tuple[str, str]]:
+            auth = {"Authorization": f"Bearer {key}"}
+            got: list[tuple[str, str]] = []
+            name = ""
+            with (
+                httpx.Client(base_url=url, timeout=30) as http,
+                http.stream(
+                    "POST", "/api/summaries/stream", json={"patient": patient}, headers=auth
+                ) as response,
+            ):
+                assert response.status_code == 200, response.read()
+                for line in response.iter_lines():
+                    if line.startswith("event:"):
+                        name = line.removeprefix("event:").strip()
+                    elif line.startswith("data:") and name:
+                        got.append((name, line.removeprefix("data:").strip()))
+            return got
+
+        got = within_deadline("the stream under a stopped FHIR server", events)
+        assert proxy.injected["stop"] >= 1, "the fault was not injected"
+        assert [n for n, _ in got][-1:] == ["error"], [n for n, _ in got]
+        outcome = json.loads(got[-1][1])
+        assert outcome["resourceType"] == "OperationOutcome"
+        assert outcome["issue"][0]["diagnostics"], outcome
+        proxy.clear()
+    assert_whole_and_unique(fhir_base, patient)
