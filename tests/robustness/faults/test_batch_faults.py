@@ -113,7 +113,8 @@ BATCH_FAULTS: dict[str, list[Fault]] = {
     "503 burst": [Fault("503", method="GET", skip=2, times=3)],
     "reset": [Fault("reset", method="GET", skip=3, times=2)],
     "429 storm": [Fault("429", method="GET", skip=1, times=4, seconds=1)],
-    "stops mid-run": [Fault("stop", skip=12)],
+    # Past the selection and the first patients' reads: some summarized, the rest cut off.
+    "stops mid-run": [Fault("stop", skip=40)],
     "answer lost after a transaction": [Fault("drop_after_forward", method="POST", times=1)],
 }
 
