@@ -2,7 +2,12 @@
 every selected patient succeeded or failed with a reason, a second run without the fault leaves
 every patient summarized, and the server never holds a partial or duplicate summary.
 
-The batch runs in this process (SQLite, a scripted engine), over a few small loaded patients.
+The batch runs in this process with a scripted engine over a few small loaded patients: on SQLite
+(the local runner), and on PostgreSQL (`--no-wait`, then an in-process `batch worker --burst`) in a
+database of its own whose backends are all terminated while a patient's read is held. Without
+`pool_pre_ping` on the repository's engine that drop shows as a logged traceback; with it, the
+worker reconnects and no patient is lost or summarized twice. The PostgreSQL test is skipped, with
+the reason printed, only when no server answers at 127.0.0.1:5432.
 """
 
 from __future__ import annotations
