@@ -85,7 +85,7 @@ REJECTED_DESCRIPTION = "AI-generated draft summary (chartbrief), rejected by a c
 # Who may review: the SMART fhirUser of a clinician, relative (`Practitioner/1`) or absolute.
 REVIEWER_TYPES = ("Practitioner", "PractitionerRole")
 _REVIEWER = re.compile(r"^(?:https?://[^\s]+/)?(Practitioner|PractitionerRole)/[A-Za-z0-9\-.]{1,64}$")
-_FHIR_ID = re.compile(r"^[A-Za-z0-9\-.]{1,64}$")
+_FHIR_ID = re.compile(r"[A-Za-z0-9\-.]{1,64}")
 # The clinician's text is stored as one attachment; far larger than any summary means a mistake.
 MAX_MARKDOWN_CHARS = 100_000
 REVIEW_PROVENANCE_HEX = 40
@@ -160,10 +160,14 @@ def check_id(value: str, field: str = "document_reference_id") -> str:
 
     >>> check_id("DocumentReference/abc-1")
     'abc-1'
+    >>> check_id("abc-1\\n")
+    Traceback (most recent call last):
+    ...
+    fhir_adapters.write.review.ReviewError: document_reference_id 'abc-1\\n' is not a valid FHIR id
     """
     if isinstance(value, str) and value.startswith("DocumentReference/"):
         value = value.split("/", 1)[1]
-    if not isinstance(value, str) or not _FHIR_ID.match(value):
+    if not isinstance(value, str) or not _FHIR_ID.fullmatch(value):
         raise ReviewError(f"{field} {value!r} is not a valid FHIR id")
     return value
 

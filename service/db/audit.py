@@ -38,7 +38,7 @@ Outcome = Literal["ok", "denied", "error"]
 OUTCOMES: frozenset[str] = frozenset(get_args(Outcome))
 MAX_DETAIL_CHARS = 200
 MAX_REASON_CHARS = 4000
-_ACTION = re.compile(r"^[a-z][a-z0-9._-]{0,49}$")
+_ACTION = re.compile(r"[a-z][a-z0-9._-]{0,49}")
 
 
 @dataclass(frozen=True)
@@ -97,7 +97,7 @@ def record(
     """Append one audit row and return its id."""
     if outcome not in OUTCOMES:
         raise ValueError(f"audit outcome must be one of {sorted(OUTCOMES)}, got {outcome!r}")
-    if not _ACTION.match(action):
+    if not _ACTION.fullmatch(action):
         raise ValueError(f"audit action must be a short lowercase word (e.g. 'approve'), got {action!r}")
     if not actor or not actor.strip():
         raise ValueError("audit actor is empty: name who acted (fhirUser, apikey:<id> or system)")
