@@ -23,6 +23,20 @@ from fhir_adapters.errors import (
 )
 
 
+def body_failure(exc: httpx.HTTPError, url: httpx.URL) -> FhirError:
+    """What a failure while reading a body from `url` is: a lost connection (retryable) or an
+    unreadable body (a broken encoding, a protocol error)."""
+    if isinstance(exc, httpx.TransportError):
+        return FhirTransportError(
+            f"connection to {url.host} lost ({type(exc).__name__}) while reading GET {url.path}",
+            url=url_without_query(url),
+        )
+    return FhirUnexpectedResponse(
+        f"unreadable body from {url.host} ({type(exc).__name__}) for GET {url.path}",
+        url=url_without_query(url),
+    )
+
+
 async def read_capped(response: httpx.Response, limit: int) -> None:
     """Read the body into `response` (so `.content` and `.json()` work), stopping past `limit`."""
     url = response.request.url
@@ -37,16 +51,8 @@ async def read_capped(response: httpx.Response, limit: int) -> None:
                 body += chunk
                 if len(body) > limit:
                     break
-    except httpx.TransportError as exc:
-        raise FhirTransportError(
-            f"connection to {url.host} lost ({type(exc).__name__}) while reading GET {url.path}",
-            url=url_without_query(url),
-        ) from exc
     except httpx.HTTPError as exc:
-        raise FhirUnexpectedResponse(
-            f"unreadable body from {url.host} ({type(exc).__name__}) for GET {url.path}",
-            url=url_without_query(url),
-        ) from exc
+        raise body_failure(exc, url) from exc
     finally:
         await response.aclose()
     if declared > limit or len(body) > limit:

@@ -35,6 +35,7 @@ from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, sto
 
 from fhir_adapters.auth import TokenProvider
 from fhir_adapters.client.bodies import (
+    body_failure,
     decode_binary,
     error_outcome,
     has_body,
@@ -296,16 +297,8 @@ class FhirClient:
         try:
             async for chunk in response.aiter_bytes():
                 yield chunk
-        except httpx.TransportError as exc:
-            raise FhirTransportError(
-                f"connection to {target.host} lost ({type(exc).__name__}) while reading GET {target.path}",
-                url=url_without_query(target),
-            ) from exc
         except httpx.HTTPError as exc:
-            raise FhirUnexpectedResponse(
-                f"unreadable body from {target.host} ({type(exc).__name__}) for GET {target.path}",
-                url=url_without_query(target),
-            ) from exc
+            raise body_failure(exc, target) from exc
         finally:
             await response.aclose()
 
