@@ -29,7 +29,6 @@ from fastapi.responses import JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
 from sqlalchemy.exc import SQLAlchemyError
-from starlette.datastructures import MutableHeaders
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -138,9 +137,7 @@ def create_app(
         settings.api, state_ttl_seconds=settings.smart.state_ttl_seconds
     )
     app.add_middleware(BodyLimit, max_bytes=settings.api.max_body_bytes)
-    app.add_middleware(SecurityHeaders, csp=csp)
-    if settings.environment == "production":
-        app.add_middleware(StrictTransportSecurity)
+    app.add_middleware(SecurityHeaders, csp=csp, hsts=settings.environment == "production")
     app.add_middleware(RequestLog)
     return app
 
@@ -156,27 +153,6 @@ async def _purge_every(runtime: Runtime, seconds: int) -> None:
         else:
             log.info("api.purged", launch_states=purged.launch_states, sessions=purged.sessions)
         await asyncio.sleep(seconds)
-
-
-class StrictTransportSecurity:
-    """Production answers tell browsers to reach chartbrief over https only, for a year (RFC 6797)."""
-
-    VALUE = "max-age=31536000; includeSubDomains"
-
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-
-        async def send_with_hsts(message: Message) -> None:
-            if message["type"] == "http.response.start":
-                MutableHeaders(scope=message)["Strict-Transport-Security"] = self.VALUE
-            await send(message)
-
-        await self.app(scope, receive, send_with_hsts)
 
 
 def _service_client(settings: Settings, http: httpx.AsyncClient) -> FhirClient | None:

@@ -95,9 +95,13 @@ class SecurityHeaders:
     untouched apart from their headers.
     """
 
-    def __init__(self, app: ASGIApp, *, csp: str) -> None:
+    # Production answers tell browsers to reach chartbrief over https only, for a year (RFC 6797).
+    HSTS = "max-age=31536000; includeSubDomains"
+
+    def __init__(self, app: ASGIApp, *, csp: str, hsts: bool = False) -> None:
         self.app = app
         self.csp = csp
+        self.hsts = hsts
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -112,6 +116,8 @@ class SecurityHeaders:
                 # same-origin, not no-referrer: with no-referrer browsers send `Origin: null` on
                 # form posts, and the Origin check of the review actions needs the real one.
                 headers["Referrer-Policy"] = "same-origin"
+                if self.hsts:
+                    headers["Strict-Transport-Security"] = self.HSTS
                 if "cache-control" not in headers and not path.startswith("/static/"):
                     # Pages and API answers carry patient data: never keep them in a shared cache.
                     headers["Cache-Control"] = "no-store"
