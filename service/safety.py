@@ -216,7 +216,7 @@ def neutralize(text: str) -> str:
 # autolinks and raw HTML, tables, strikethrough, entities); each may be backslash-escaped.
 _MD_INLINE = re.compile(r"([\\`*_\[\]<>#|~!&{}])")
 # What makes a line's text a list item, heading, quote or fence when it starts a line.
-_MD_LEADING = re.compile(r"^(\s*)([-+=])|^(\s*[0-9]+)([.)])")
+_MD_LEADING = re.compile(r"^(\s*)([-+=])|^(\s*[0-9]+)([.)])(?=\s|$)")
 
 
 def md_escape(text: str) -> str:
@@ -231,6 +231,19 @@ def md_escape(text: str) -> str:
     one_line = " ".join(text.split())
     escaped = _MD_INLINE.sub(r"\\\1", one_line)
     return _MD_LEADING.sub(lambda m: f"{m[1]}\\{m[2]}" if m[2] else f"{m[3]}\\{m[4]}", escaped)
+
+
+_MD_ESCAPED = re.compile(r"\\([!-/:-@\[-`{-~])")
+
+
+def md_unescape(markdown: str) -> str:
+    r"""Markdown's backslash escapes removed: the text as a renderer shows it (`md_escape` undone).
+
+    >>> text = "24 HR metoprolol 100 MG [Toprol] ![x](y) - 1. a_b"
+    >>> md_unescape(md_escape(text)) == text
+    True
+    """
+    return _MD_ESCAPED.sub(r"\1", markdown)
 
 
 def neutralized_claims(claims: Sequence[Claim]) -> list[Claim]:

@@ -23,6 +23,7 @@ from fhir_adapters.models import ClinicalContext, PatientRecord
 from fhir_adapters.normalize import codeable_text, coding_key, medication_name, parse_day
 from service.coded import condition_group
 from service.pipeline import SummaryResult
+from service.safety import md_unescape
 from service.verify.terms import coded_terms, statement_terms
 
 JsonObject = dict[str, Any]
@@ -244,7 +245,7 @@ def key_fact_coverage(
 ) -> tuple[KeyFact, ...]:
     """Each active allergy, medication and problem, found when its name appears in the markdown
     (case and spacing aside). One entry per kind and name: two orders of one drug are one fact."""
-    written = _plain(markdown)
+    written = _plain(md_unescape(markdown))  # as the reader sees it, escapes rendered
     seen: dict[tuple[str, str], KeyFact] = {}
     for kind, name, reference in active_key_facts(record, names):
         key = (kind, _plain(name) if name else reference)
@@ -283,7 +284,7 @@ def measure_patient(
 ) -> PatientEvaluation:
     """The figures of one summary. Pure."""
     keys = frozenset(f.key for f in ctx.facts)
-    coded = coded_terms(f"{ctx.patient_summary}\n{result.structured.to_markdown()}", keys)
+    coded = coded_terms(md_unescape(f"{ctx.patient_summary}\n{result.structured.to_markdown()}"), keys)
     gender = record.patient.get("gender")
     age = age_in_years(_text(record.patient.get("birthDate")), as_of_date(record.patient, ctx))
     conflicts = result.structured.to_json().get("conflicts", [])
