@@ -206,6 +206,7 @@ async def test_a_session_for_one_patient_cannot_act_on_another_patients_draft(
     assert (row.outcome, row.resource) == ("denied", f"DocumentReference/{doc['id']}")
 
 
+@pytest.mark.own_sampling  # other tests regenerate drafts of this patient too (API bounds)
 async def test_regenerate_writes_a_fresh_draft_with_the_next_seed_that_supersedes_the_old_one(
     svc: Services, loaded_patients: dict[str, LoadedPatient]
 ) -> None:
