@@ -11,8 +11,11 @@ sequential ones ten.
 
 It runs its own asyncio loop in a daemon thread (`with DelayProxy(base) as proxy:`), so sync code
 and other event loops can point at `proxy.base_url`; it counts the requests it answered, and the
-most it had in flight at once. What it must not do: listen on anything but the loopback address,
-change a request, or change a body except for those URLs.
+most it had in flight at once. `DelayProxyProcess` runs the same proxy in a child process (its
+counters read over `/__delay_proxy__/stats`), so that its work does not slow the client measured.
+
+What it must not do: listen on anything but the loopback address, change a request, or change a
+body except for those URLs.
 
     python -m bench.delay_proxy http://127.0.0.1:8080/fhir --delay-ms 50
 """
@@ -22,10 +25,15 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import json
 import re
+import signal
+import subprocess
+import sys
 import threading
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from types import TracebackType
 
 import httpx
@@ -49,6 +57,8 @@ HOP_BY_HOP = frozenset(
     }
 )
 URL_HEADERS = ("location", "content-location")
+# Answered by the proxy itself, for the process that started it: no FHIR path starts with it.
+CONTROL_PATH = "/__delay_proxy__"
 MAX_HEADER_BYTES = 64 * 1024
 REASONS = {200: "OK", 201: "Created", 400: "Bad Request", 404: "Not Found", 502: "Bad Gateway"}
 
@@ -88,7 +98,8 @@ def rewrite_urls(body: bytes, upstream_base: str, proxy_base: str) -> bytes:
             continue
         # The base ends where a path, query, fragment, string or the body ends.
         pattern = re.escape(old_bytes) + rb'(?=[/?#"\\\s<]|$)'
-        body = re.sub(pattern, new.encode().replace(b"\\", b"\\\\"), body)
+        replacement = new.encode()
+        body = re.sub(pattern, lambda _match, new=replacement: new, body)
     return body
 
 
@@ -243,7 +254,10 @@ class DelayProxy:
                 request = await _read_request(reader)
                 if request is None:
                     return
-                status, headers, body = await self._answer(request)
+                if request.target.startswith(CONTROL_PATH):
+                    status, headers, body = self._control(request)
+                else:
+                    status, headers, body = await self._answer(request)
                 await _write_response(writer, status, headers, body, keep_alive=request.keep_alive)
                 if not request.keep_alive:
                     return
@@ -256,6 +270,19 @@ class DelayProxy:
                 self._connections.discard(task)
             with contextlib.suppress(Exception):
                 writer.close()
+
+    def _control(self, request: _Request) -> tuple[int, list[tuple[str, str]], bytes]:
+        """The counters for a `DelayProxyProcess` in another process (not forwarded, not counted)."""
+        if request.method == "POST" and request.target == f"{CONTROL_PATH}/reset":
+            self.reset()
+        elif request.method != "GET" or request.target != f"{CONTROL_PATH}/stats":
+            return 404, [("Content-Type", "text/plain")], b"unknown control request"
+        stats = {
+            "requests": self.requests,
+            "max_in_flight": self.max_in_flight,
+            "delayed_seconds": self.delayed_seconds,
+        }
+        return 200, [("Content-Type", "application/json")], json.dumps(stats).encode()
 
     async def _answer(self, request: _Request) -> tuple[int, list[tuple[str, str]], bytes]:
         with self._lock:
@@ -304,6 +331,116 @@ class DelayProxy:
                 value = rewrite_urls(value.encode(), self.upstream, proxy_base).decode()
             out.append((key, value))
         return response.status_code, out, rewrite_urls(response.content, self.upstream, proxy_base)
+
+
+class DelayProxyProcess:
+    """`DelayProxy` in a child process (`python -m bench.delay_proxy`), with the same counters.
+
+    A benchmark that times a client in this process measures it without the proxy's own CPU work
+    (forwarding, rewriting) competing for this process's interpreter, as a real network would not.
+    """
+
+    def __init__(
+        self, upstream: str, *, delay: float = DEFAULT_DELAY_SECONDS, startup_timeout: float = 20.0
+    ) -> None:
+        if delay < 0:
+            raise ValueError(f"delay must be at least 0 seconds, got {delay}")
+        origin_and_path(upstream)
+        self.upstream = upstream.rstrip("/")
+        self.delay = delay
+        self.startup_timeout = startup_timeout
+        self._base_url: str | None = None
+        self._process: subprocess.Popen[str] | None = None
+        self._control: httpx.Client | None = None
+
+    @property
+    def base_url(self) -> str:
+        if self._base_url is None:
+            raise ProxyError("the delay proxy is not running")
+        return self._base_url
+
+    def _stats(self) -> dict[str, float]:
+        if self._control is None:
+            raise ProxyError("the delay proxy is not running")
+        response = self._control.get(f"{CONTROL_PATH}/stats")
+        response.raise_for_status()
+        stats: dict[str, float] = response.json()
+        return stats
+
+    @property
+    def requests(self) -> int:
+        return int(self._stats()["requests"])
+
+    @property
+    def max_in_flight(self) -> int:
+        return int(self._stats()["max_in_flight"])
+
+    @property
+    def delayed_seconds(self) -> float:
+        return float(self._stats()["delayed_seconds"])
+
+    def reset(self) -> None:
+        if self._control is None:
+            raise ProxyError("the delay proxy is not running")
+        self._control.post(f"{CONTROL_PATH}/reset").raise_for_status()
+
+    def start(self) -> str:
+        if self._process is not None:
+            return self.base_url
+        command = [
+            sys.executable,
+            "-m",
+            "bench.delay_proxy",
+            self.upstream,
+            "--delay-ms",
+            str(self.delay * 1000),
+        ]
+        # The repository root, so that `bench` is importable whatever the working directory.
+        root = str(Path(__file__).resolve().parents[1])
+        self._process = subprocess.Popen(  # noqa: S603 - this interpreter, arguments built here
+            command, cwd=root, stdout=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True
+        )
+        first_line: list[str] = []
+        stdout = self._process.stdout
+        reader = threading.Thread(
+            target=lambda: first_line.append(stdout.readline() if stdout else ""), daemon=True
+        )
+        reader.start()
+        reader.join(self.startup_timeout)
+        line = first_line[0].strip() if first_line else ""
+        if not line.startswith("http://"):
+            self.stop()
+            raise ProxyError(f"the delay proxy process did not start (first line {line!r})")
+        self._base_url = line.split()[0]
+        origin, _ = origin_and_path(self._base_url)
+        self._control = httpx.Client(base_url=origin, timeout=10)
+        return self._base_url
+
+    def stop(self) -> None:
+        if self._control is not None:
+            self._control.close()
+            self._control = None
+        process = self._process
+        if process is not None:
+            process.terminate()
+            try:
+                process.wait(10)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait(10)
+            if process.stdout is not None:
+                process.stdout.close()
+        self._process = None
+        self._base_url = None
+
+    def __enter__(self) -> DelayProxyProcess:
+        self.start()
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.stop()
 
 
 async def _read_request(reader: asyncio.StreamReader) -> _Request | None:
@@ -371,11 +508,15 @@ def main() -> None:
     parser.add_argument("upstream", help="the FHIR base to forward to, e.g. http://127.0.0.1:8080/fhir")
     parser.add_argument("--delay-ms", type=float, default=DEFAULT_DELAY_SECONDS * 1000)
     args = parser.parse_args()
+    stop = threading.Event()
+    # SIGTERM (DelayProxyProcess.stop) ends it like Ctrl-C does.
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
     with DelayProxy(args.upstream, delay=args.delay_ms / 1000) as proxy:
-        print(f"{proxy.base_url} -> {proxy.upstream} (+{args.delay_ms:g} ms a request); Ctrl-C stops it")
+        # The first line is the proxy's base URL: DelayProxyProcess reads it.
+        print(f"{proxy.base_url} -> {proxy.upstream} (+{args.delay_ms:g} ms a request)", flush=True)
         with contextlib.suppress(KeyboardInterrupt):
-            threading.Event().wait()
-        print(f"{proxy.requests} requests answered")
+            while not stop.wait(0.5):
+                pass
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ resource. chartbrief sends its searches side by side (`fhir.max_concurrency`); f
 its API is used, one search and one page after another. Both parse what they read into models
 (chartbrief validates with fhir.resources, fhirclient builds its own model objects).
 
-Each is timed directly against the server and through `DelayProxy`, which adds 50 ms to every
+Each is timed directly against the server and through `DelayProxyProcess`, which adds 50 ms to every
 request as an EHR across a network would; the proxy counts the requests. The ratio is fhirclient's
 seconds over chartbrief's. Both must have read the same resources: the counts per type are
 compared, and any difference is a note and a figure of the section, never hidden.
@@ -24,7 +24,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from bench.delay_proxy import DelayProxy
+from bench.delay_proxy import DelayProxyProcess
 from bench.performance.common import Bar, BenchContext, Section, amedian_seconds, median_seconds, ratio
 from fhir_adapters.auth.scopes import SEARCHED_TYPES
 from fhir_adapters.client import FhirClient
@@ -109,7 +109,8 @@ async def chartbrief_fetch(
 
 def fhirclient_fetch(base: str, patient_id: str, settings: FhirSettings) -> Received:
     """The same record with SMART's fhirclient: `Model.read`, `Model.where(...).perform_resources_iter`
-    (which follows every next link), one request after another."""
+    (which follows every next link), one request after another. It works on fhirclient's model
+    objects as a user of the library would (nothing is turned back into JSON)."""
     from fhirclient import client as smart_client
     from fhirclient.models import patient as patient_model
 
@@ -118,43 +119,72 @@ def fhirclient_fetch(base: str, patient_id: str, settings: FhirSettings) -> Rece
     received = Received()
     patient_model.Patient.read(patient_id, server)
     received.counts["Patient"] += 1
-    found: dict[str, list[dict[str, Any]]] = {}
+    found: dict[str, list[Any]] = {}
     for rtype in SEARCHED_TYPES:
         model = _model_class(rtype)
         params = dict(search_params(rtype, patient_id)) | {"_count": str(settings.page_size)}
         limit = settings.observation_limit if rtype == "Observation" else None
-        items: list[dict[str, Any]] = []
+        items: list[Any] = []
         for resource in model.where(struct=params).perform_resources_iter(server):
             if resource.resource_type != rtype:
                 continue
-            items.append(resource.as_json())
+            items.append(resource)
             if limit is not None and len(items) >= limit:
                 break  # the iterator is lazy: no further page is requested
         found[rtype] = items
         received.counts[rtype] += len(items)
     medication = _model_class("Medication")
-    for mid in medication_ids(found.get("MedicationRequest", [])):
+    for mid in medication_ids(_medication_references(found.get("MedicationRequest", []))):
         medication.read(mid, server)
         received.counts["Medication"] += 1
-    for url in attachment_urls(found.get("DocumentReference", []), found.get("DiagnosticReport", [])):
+    for url in attachment_urls(
+        _attachment_views(found.get("DocumentReference", []), found.get("DiagnosticReport", []))
+    ):
         server.request_data(url)
         received.counts["Binary"] += 1
     return received
 
 
-def attachment_urls(document_references: list[dict[str, Any]], reports: list[dict[str, Any]]) -> list[str]:
+def _medication_references(requests: list[Any]) -> list[dict[str, Any]]:
+    """The `medicationReference` of fhirclient MedicationRequests, as `medication_ids` reads them."""
+    return [
+        {"medicationReference": {"reference": r.medicationReference.reference}}
+        for r in requests
+        if r.medicationReference is not None
+    ]
+
+
+def _attachment_views(documents: list[Any], reports: list[Any]) -> list[dict[str, Any]]:
+    """What `attachment_urls` needs of fhirclient DocumentReferences and DiagnosticReports."""
+
+    def attachment(a: Any) -> dict[str, Any]:
+        return {"url": a.url, "data": a.data, "contentType": a.contentType}
+
+    views: list[dict[str, Any]] = []
+    for d in documents:
+        content = [{"attachment": attachment(c.attachment)} for c in d.content or [] if c.attachment]
+        views.append(
+            {"resourceType": "DocumentReference", "id": d.id, "status": d.status, "content": content}
+        )
+    for r in reports:
+        forms = [attachment(a) for a in r.presentedForm or []]
+        views.append({"resourceType": "DiagnosticReport", "id": r.id, "presentedForm": forms})
+    return views
+
+
+def attachment_urls(owners: list[dict[str, Any]]) -> list[str]:
     """The attachment URLs chartbrief reads: attachments without inline data, of a type it can decode,
-    of documents not entered in error.
+    of documents not entered in error (DocumentReferences and DiagnosticReports, as JSON).
 
     >>> doc = {"resourceType": "DocumentReference", "id": "d", "status": "current",
     ...        "content": [{"attachment": {"url": "Binary/1", "contentType": "text/plain"}},
     ...                    {"attachment": {"data": "aGk=", "contentType": "text/plain"}}]}
-    >>> attachment_urls([doc], [])
+    >>> attachment_urls([doc, doc | {"id": "e", "status": "entered-in-error"}])
     ['Binary/1']
     """
-    documents = [d for d in document_references if d.get("status") != "entered-in-error"]
+    kept = [o for o in owners if o.get("status") != "entered-in-error"]
     urls: list[str] = []
-    for item in [*note_attachments(documents), *note_attachments(reports)]:
+    for item in note_attachments(kept):
         attachment = item.attachment
         if attachment.get("data") or not attachment.get("url"):
             continue
@@ -224,7 +254,8 @@ def run(ctx: BenchContext) -> Section:
 
     cb_direct = time_chartbrief(base)
     fc_direct = time_fhirclient(base)
-    with DelayProxy(base, delay=delay) as proxy:
+    # In a child process: its forwarding must not compete with the client measured for this interpreter.
+    with DelayProxyProcess(base, delay=delay) as proxy:
         proxy.reset()
         cb_proxied = time_chartbrief(proxy.base_url)
         cb_requests, cb_in_flight, cb_slept = proxy.requests, proxy.max_in_flight, proxy.delayed_seconds
@@ -233,6 +264,7 @@ def run(ctx: BenchContext) -> Section:
         fc_requests, fc_in_flight, fc_slept = proxy.requests, proxy.max_in_flight, proxy.delayed_seconds
 
     ours_counts, theirs_counts = ours.as_dict(), theirs.as_dict()
+    cb_per_fetch, fc_per_fetch = cb_requests // repetitions, fc_requests // repetitions
     differences = count_differences(ours_counts, theirs_counts)
     delay_ms = round(delay * 1000, 3)
     section.ratios = {
@@ -252,8 +284,8 @@ def run(ctx: BenchContext) -> Section:
         "chartbrief_proxied_s": round(cb_proxied, 4),
         "fhirclient_proxied_s": round(fc_proxied, 4),
         # Per fetch: the proxy counted every repetition.
-        "chartbrief_requests": cb_requests // repetitions,
-        "fhirclient_requests": fc_requests // repetitions,
+        "chartbrief_requests": cb_per_fetch,
+        "fhirclient_requests": fc_per_fetch,
         "chartbrief_max_in_flight": cb_in_flight,
         "fhirclient_max_in_flight": fc_in_flight,
         "chartbrief_delay_slept_s": round(cb_slept / repetitions, 4),
@@ -274,14 +306,14 @@ def run(ctx: BenchContext) -> Section:
             "chartbrief",
             f"+{delay_ms:g} ms",
             cb_proxied,
-            cb_requests // repetitions,
+            cb_per_fetch,
             sum(ours_counts.values()),
         ),
         _row(
             "fhirclient",
             f"+{delay_ms:g} ms",
             fc_proxied,
-            fc_requests // repetitions,
+            fc_per_fetch,
             sum(theirs_counts.values()),
         ),
     ]
@@ -297,7 +329,7 @@ def run(ctx: BenchContext) -> Section:
         f"Both read with _count={settings.page_size}, the first {settings.observation_limit} Observations "
         f"(newest first); chartbrief sends up to {settings.max_concurrency} requests at once "
         f"(at most {cb_in_flight} seen), fhirclient one at a time.",
-        f"Requests per fetch: chartbrief {cb_requests // repetitions}, fhirclient {fc_requests // repetitions}.",
+        f"Requests per fetch: chartbrief {cb_per_fetch}, fhirclient {fc_per_fetch}.",
     ]
     if differences:
         section.notes.append(
