@@ -19,15 +19,20 @@ What it must not do: log or report anything of the record but resource types, co
 from __future__ import annotations
 
 import asyncio
+import statistics
+import time
 from collections import Counter
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
+import httpx
+
 from bench.delay_proxy import DelayProxyProcess
 from bench.performance.common import Bar, BenchContext, Section, amedian_seconds, median_seconds, ratio
 from fhir_adapters.auth.scopes import SEARCHED_TYPES
 from fhir_adapters.client import FhirClient
+from fhir_adapters.client.search import next_link
 from fhir_adapters.fetch import SearchParams, fetch_record, medication_ids, note_attachments, search_params
 from fhir_adapters.models import PatientRecord
 from fhir_adapters.text import UnsupportedContent, ensure_supported
@@ -145,6 +150,73 @@ def fhirclient_fetch(base: str, patient_id: str, settings: FhirSettings) -> Rece
     return received
 
 
+def plain_fetch(base: str, patient_id: str, settings: FhirSettings) -> Received:
+    """The same requests as `fhirclient_fetch`, one after another, with nothing done to the answers but
+    `json.loads` (to find the next link): the time the server and the transfer take, which no client
+    can go below by sending its requests one at a time."""
+    received = Received()
+    with httpx.Client(timeout=settings.timeout_seconds, headers={"Accept": "application/fhir+json"}) as http:
+        http.get(f"{base}/Patient/{patient_id}").raise_for_status()
+        received.counts["Patient"] += 1
+        found: dict[str, list[dict[str, Any]]] = {}
+        for rtype in SEARCHED_TYPES:
+            limit = settings.observation_limit if rtype == "Observation" else None
+            items: list[dict[str, Any]] = []
+            url: str | None = f"{base}/{rtype}"
+            params: dict[str, str] | None = dict(search_params(rtype, patient_id)) | {
+                "_count": str(settings.page_size)
+            }
+            while url is not None and (limit is None or len(items) < limit):
+                response = http.get(url, params=params)
+                response.raise_for_status()
+                bundle = response.json()
+                items.extend(
+                    e["resource"]
+                    for e in bundle.get("entry") or []
+                    if isinstance(e.get("resource"), dict) and e["resource"].get("resourceType") == rtype
+                )
+                url, params = next_link(bundle), None
+            found[rtype] = items[:limit] if limit is not None else items
+            received.counts[rtype] += len(found[rtype])
+        for mid in medication_ids(found.get("MedicationRequest", [])):
+            http.get(f"{base}/Medication/{mid}").raise_for_status()
+            received.counts["Medication"] += 1
+        for link in attachment_urls(
+            [*found.get("DocumentReference", []), *found.get("DiagnosticReport", [])]
+        ):
+            http.get(link if "://" in link else f"{base}/{link}").raise_for_status()
+            received.counts["Binary"] += 1
+    return received
+
+
+def first_pages(base: str, patient_id: str, settings: FhirSettings) -> tuple[float, float]:
+    """Seconds for the first page of every search: one after another, then all at once. Equal times
+    mean the server answers concurrent requests one at a time, and concurrency hides only the
+    network's part of a fetch, never the server's."""
+    requests = [
+        (f"{base}/{rtype}", dict(search_params(rtype, patient_id)) | {"_count": str(settings.page_size)})
+        for rtype in SEARCHED_TYPES
+    ]
+
+    async def measure() -> tuple[float, float]:
+        limits = httpx.Limits(max_connections=len(requests))
+        async with httpx.AsyncClient(timeout=settings.timeout_seconds, limits=limits) as http:
+            # Open every connection first, so that neither figure includes connecting.
+            await asyncio.gather(*(http.get(f"{base}/metadata") for _ in requests))
+            started = time.perf_counter()
+            for url, params in requests:
+                (await http.get(url, params=params)).raise_for_status()
+            sequential = time.perf_counter() - started
+            started = time.perf_counter()
+            answers = await asyncio.gather(*(http.get(url, params=params) for url, params in requests))
+            concurrent = time.perf_counter() - started
+            for answer in answers:
+                answer.raise_for_status()
+            return sequential, concurrent
+
+    return asyncio.run(measure())
+
+
 def _medication_references(requests: list[Any]) -> list[dict[str, Any]]:
     """The `medicationReference` of fhirclient MedicationRequests, as `medication_ids` reads them."""
     return [
@@ -254,6 +326,11 @@ def run(ctx: BenchContext) -> Section:
 
     cb_direct = time_chartbrief(base)
     fc_direct = time_fhirclient(base)
+    plain = plain_fetch(base, patient_id, settings)
+    plain_direct, _ = median_seconds(repetitions, lambda: plain_fetch(base, patient_id, settings))
+    pages = [first_pages(base, patient_id, settings) for _ in range(repetitions)]
+    pages_sequential = statistics.median(p[0] for p in pages)
+    pages_concurrent = statistics.median(p[1] for p in pages)
     # In a child process: its forwarding must not compete with the client measured for this interpreter.
     with DelayProxyProcess(base, delay=delay) as proxy:
         proxy.reset()
@@ -284,6 +361,11 @@ def run(ctx: BenchContext) -> Section:
         "chartbrief_proxied_s": round(cb_proxied, 4),
         "fhirclient_proxied_s": round(fc_proxied, 4),
         # Per fetch: the proxy counted every repetition.
+        # The same requests with no client work: the server's and the transfer's share of the times.
+        "plain_sequential_direct_s": round(plain_direct, 4),
+        "plain_counts_match": plain.as_dict() == theirs_counts,
+        "first_pages_sequential_s": round(pages_sequential, 4),
+        "first_pages_concurrent_s": round(pages_concurrent, 4),
         "chartbrief_requests": cb_per_fetch,
         "fhirclient_requests": fc_per_fetch,
         "chartbrief_max_in_flight": cb_in_flight,
@@ -330,6 +412,15 @@ def run(ctx: BenchContext) -> Section:
         f"(newest first); chartbrief sends up to {settings.max_concurrency} requests at once "
         f"(at most {cb_in_flight} seen), fhirclient one at a time.",
         f"Requests per fetch: chartbrief {cb_per_fetch}, fhirclient {fc_per_fetch}.",
+        f"The same requests sent one by one with no parsing but json.loads take {plain_direct:.3f} s "
+        "directly: the server's and the transfer's part of both clients' times.",
+        f"The {len(SEARCHED_TYPES)} searches' first pages take {pages_sequential:.3f} s one after another"
+        f" and {pages_concurrent:.3f} s all at once, directly: "
+        + (
+            "the server answers concurrent requests one at a time, so concurrency hides only the delay."
+            if pages_concurrent > 0.7 * pages_sequential
+            else "the server answers concurrent requests in parallel."
+        ),
     ]
     if differences:
         section.notes.append(

@@ -149,6 +149,8 @@ def test_fetch_section_reads_the_same_record_with_both_clients(
     assert figures["count_differences"] == {}
     assert figures["chartbrief_counts"] == figures["fhirclient_counts"]
     assert figures["chartbrief_counts"]["Patient"] == 1
+    assert figures["plain_counts_match"] is True
+    assert figures["first_pages_sequential_s"] > 0 and figures["first_pages_concurrent_s"] > 0
     assert figures["chartbrief_resources"] == figures["fhirclient_resources"] > 1
     for rtype, kept in figures["chartbrief_kept"].items():
         assert kept <= figures["chartbrief_counts"][rtype], rtype
