@@ -41,9 +41,12 @@ test: setup .browser-installed typecheck
 typecheck: setup
 	$(VENV)/bin/mypy
 
-# The nightly batch's figures (first run, nothing changed, 2 changed) in one run: .bench/batch.json
-bench: setup bench-load
-	$(PY) bench/batch.py --report .bench/batch.json
+# Every performance comparison side by side in one run (packing, engine overhead, decode, prefix
+# reuse, fetch, batch, footprint, GPU), medians of 3: bench/results/<timestamp>.json/.md/.png.
+# Then the load benchmark below. docs/PERFORMANCE.md explains each figure.
+bench: setup
+	$(PY) -m bench.performance --repetitions 3
+	$(PY) bench/load.py --report .bench/load.json
 
 # Concurrent API summaries and review sessions against a real `chartbrief serve`, with the stand-in
 # model server and with the default model: latency, 429s, 5xx (must be 0), RSS. .bench/load.json
