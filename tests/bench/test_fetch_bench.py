@@ -8,12 +8,14 @@ client is, is the benchmark's to report, not this test's to judge.
 
 from __future__ import annotations
 
+import doctest
 import json
 import threading
 
 import httpx
 import pytest
 
+from bench import delay_proxy
 from bench.delay_proxy import CONTROL_PATH, DelayProxy, DelayProxyProcess, rewrite_urls
 from bench.performance import fetch
 from bench.performance.common import BenchContext
@@ -26,6 +28,13 @@ PROXY = "http://127.0.0.1:9999/fhir"
 # ---------------------------------------------------------------------------
 # URL rewriting (no server)
 # ---------------------------------------------------------------------------
+
+
+def test_the_bench_modules_doctests_pass() -> None:
+    # bench/ is not among pytest's doctest paths: its examples are run here.
+    for module in (delay_proxy, fetch):
+        result = doctest.testmod(module)
+        assert result.attempted > 0 and result.failed == 0, module.__name__
 
 
 def test_rewrite_moves_next_links_and_full_urls_under_the_proxy() -> None:
