@@ -360,12 +360,12 @@ def run(ctx: BenchContext) -> Section:
         "fhirclient_direct_s": round(fc_direct, 4),
         "chartbrief_proxied_s": round(cb_proxied, 4),
         "fhirclient_proxied_s": round(fc_proxied, 4),
-        # Per fetch: the proxy counted every repetition.
         # The same requests with no client work: the server's and the transfer's share of the times.
         "plain_sequential_direct_s": round(plain_direct, 4),
         "plain_counts_match": plain.as_dict() == theirs_counts,
         "first_pages_sequential_s": round(pages_sequential, 4),
         "first_pages_concurrent_s": round(pages_concurrent, 4),
+        # Per fetch: the proxy counted every repetition.
         "chartbrief_requests": cb_per_fetch,
         "fhirclient_requests": fc_per_fetch,
         "chartbrief_max_in_flight": cb_in_flight,
