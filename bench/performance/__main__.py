@@ -35,6 +35,7 @@ from service.dev.devserver import LOAD_TIMEOUT_SECONDS, LocalFhirServer, synthea
 from service.dev.sandbox import LoadedPatient, load_files
 from service.logging import configure_logging
 
+TINY_LLM = {"n_ctx": 768, "max_tokens": 24}
 SECTIONS = ("packing", "overhead", "decode", "prefix", "fetch", "batch", "footprint", "gpu")
 SMALLEST = "Luigi_Wiegand_e27d88b0-c5e5-4042-ad49-184f6a900ee3.json"
 # Its record-wide prompt is about 2,000 tokens: long enough to weigh, short enough to repeat.
@@ -143,6 +144,8 @@ def main(argv: list[str] | None = None) -> int:
             overhead_patient=by_file.get(MID_SIZED, patients[0]),
         )
         settings = Settings(fhir={"base_url": server.base_url})  # type: ignore[arg-type]
+        if args.tiny:  # short prompts and answers: the smoke run proves the code, not the speed
+            settings = settings.model_copy(update={"llm": settings.llm.model_copy(update=TINY_LLM)})
         run = runners(settings)
         for key in SECTIONS:
             if key not in chosen:

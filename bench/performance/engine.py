@@ -246,6 +246,11 @@ async def _run(ctx: BenchContext, settings: Settings) -> list[Section]:
         n_gpu_layers=base.n_gpu_layers, seed=base.seed, verbose=False,
     )  # fmt: skip
     try:
+        # Page every model's weights in and start its threads before anything is timed.
+        warm = GenerationRequest(messages=[{"role": "user", "content": "Say hello."}], max_tokens=4)
+        for e in (stock, fast, one_thread):
+            await e.generate(warm)
+        raw.create_chat_completion(**chat_params(warm))
         patient = ctx.patients[0] if ctx.tiny else ctx.overhead_patient
         request = with_max_tokens(await rendered_request(ctx, settings, stock, patient.id), max_tokens)
         assert request.json_schema is not None
