@@ -34,7 +34,6 @@ from service.cli.common import (
 )
 from service.config import LlmSettings, Settings
 from service.eval import run as evalrun
-from service.eval.report import build_report, machine, write_report
 from service.fhir import fhir_client
 from service.llm import create_engine
 from service.llm.base import Engine, Generation, GenerationRequest
@@ -142,6 +141,10 @@ async def run_eval(
     async with _open_source(configurations[0].settings, bundles, wanted, patients_file) as (source, client):
         with _progress(configurations[0].settings, len(source.patient_ids())) as on_progress:
             runs = await evalrun.evaluate(source, configurations, factory, client, on_progress=on_progress)
+    # deferred: the report draws its plots with matplotlib, whose import (~0.7 s) every other
+    # command would otherwise pay at start, the nightly batch's nothing-changed run among them
+    from service.eval.report import build_report, machine, write_report
+
     report = build_report(runs, source=source.description, machine=machine())
     json_path, html_path = write_report(report, out)
     log.info("eval.report", patients=len(runs[0].patients), configurations=len(runs))
