@@ -29,6 +29,7 @@ import sys
 import threading
 import time
 from collections.abc import Coroutine
+from pathlib import Path
 from typing import Any, TypeVar
 
 from bench.batch import touch
@@ -209,3 +210,43 @@ def run(ctx: BenchContext) -> Section:
             f"(target {UNCHANGED_TARGET:.0%}); process start and imports alone take {startup:.2f} s"
         )
     return section
+
+
+def standalone(section_run: Any, argv: list[str] | None = None) -> None:
+    """Run one section on its own (`python -m bench.performance.batch [--tiny]`): a local FHIR
+    server with every fixture loaded (`--tiny`: the smallest), the section's JSON on stdout."""
+    import argparse
+    import tempfile
+
+    from fhir_adapters.client import FhirClient
+    from service.dev.devserver import LOAD_TIMEOUT_SECONDS, LocalFhirServer, synthea_files
+    from service.dev.sandbox import LoadedPatient, load_files
+    from service.logging import configure_logging
+
+    parser = argparse.ArgumentParser(description=section_run.__module__)
+    parser.add_argument("--tiny", action="store_true", help="the smallest fixture, one repetition")
+    parser.add_argument("--repetitions", type=int, default=3)
+    args = parser.parse_args(argv)
+    configure_logging(level="WARNING")
+    files = sorted(synthea_files(), key=lambda p: p.stat().st_size)[: 1 if args.tiny else None]
+    with LocalFhirServer() as server, tempfile.TemporaryDirectory() as tmp:
+
+        async def load() -> list[LoadedPatient]:
+            async with FhirClient(server.base_url, timeout=LOAD_TIMEOUT_SECONDS) as client:
+                return await load_files(client, files)
+
+        patients = asyncio.run(load())
+        ctx = BenchContext(
+            fhir_base=server.base_url,
+            patients=patients,
+            largest=max(patients, key=lambda p: p.resources),
+            repetitions=args.repetitions,
+            tiny=args.tiny,
+            work_dir=Path(tmp),
+        )
+        section: Section = section_run(ctx)
+    print(json.dumps(section.to_json(), indent=2))  # noqa: T201 - the command's output
+
+
+if __name__ == "__main__":
+    standalone(run)

@@ -290,3 +290,9 @@ def run(ctx: BenchContext) -> Section:
     if ctx.tiny:
         section.notes.append(f"tiny run: one start, the summary capped at {TINY_MAX_TOKENS} tokens")
     return section
+
+
+if __name__ == "__main__":
+    from bench.performance.batch import standalone
+
+    standalone(run)
