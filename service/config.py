@@ -155,6 +155,34 @@ class LlmSettings(BaseModel):
     request_timeout_seconds: float = Field(
         default=300.0, gt=0, le=3600, description="Seconds one generation on a model server may take."
     )
+    grammar_sampling: Literal["grammar-second", "full-vocabulary"] = Field(
+        default="grammar-second",
+        description=(
+            "How a JSON schema constrains in-process decoding. grammar-second: the sampler picks a token "
+            "freely and the grammar checks only that token, masking the whole vocabulary only when it "
+            "rejects it (llama.cpp's own common sampler; the same greedy output, several times faster). "
+            "full-vocabulary: llama-cpp-python's stock sampler, which masks the whole vocabulary before "
+            "every token."
+        ),
+    )
+    prompt_cache_mib: int = Field(
+        default=256,
+        ge=0,
+        le=65536,
+        description=(
+            "MiB of memory for the evaluated fixed prefix (chat template opening and system message) of "
+            "each prompt template, kept so an in-process model reads each once per process even when "
+            "templates alternate; least recently used first out. 0 = none kept."
+        ),
+    )
+    reuse_previous_prompt: bool = Field(
+        default=True,
+        description=(
+            "Let an in-process model reuse what a prompt shares with the previous call's (llama.cpp's "
+            "prefix match). false = the context is cleared before every call; with prompt_cache_mib 0 "
+            "nothing is reused (for benchmarks)."
+        ),
+    )
 
 
 class NarrativeSettings(BaseModel):
