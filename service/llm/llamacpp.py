@@ -288,7 +288,8 @@ class LlamaCppEngine:
         messages = cast(list[dict[str, str]], kwargs.get("messages", []))
         first = messages[0] if messages else {}
         system = first.get("content") if first.get("role") == "system" else None
-        self._llama.fixed_text = system.encode("utf-8") if system else None
+        # stripped: chat templates may trim the system message
+        self._llama.fixed_text = system.strip().encode("utf-8") if system and system.strip() else None
         if not self._reuse_previous_prompt:
             self._llama.clear_context()
 

@@ -12,8 +12,9 @@ then runs several times slower than free decoding. llama.cpp's own common sample
 
 For greedy decoding the result is the token the full-vocabulary path picks: the argmax of the
 masked logits is the unmasked argmax whenever the grammar allows that token. For temperature > 0
-a rejection draws a second random number, as in llama.cpp, so sampled text may differ from the
-stock path's (it is still drawn from the grammar-masked distribution).
+every token still satisfies the grammar, but an allowed first draw is kept and a rejection draws
+again from the masked distribution, as in llama.cpp, so sampled text may differ from the stock
+path's (whose single draw is from the masked distribution).
 
 `GrammarSecondSampler` owns one native grammar sampler and frees it on `close()` (or when it is
 collected), so thousands of calls leak nothing. It never logs: counts go to `DecodeStats`.
