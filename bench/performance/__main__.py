@@ -56,7 +56,8 @@ def gpu_section(ctx: BenchContext, settings: Settings) -> list[Section]:
             Section(
                 "gpu",
                 "GPU",
-                skipped="this llama-cpp-python build has no GPU offload (llama_supports_gpu_offload() is false); "
+                skipped="this llama-cpp-python build has no GPU offload (llama_supports_gpu_offload() is "
+                "false); "
                 "build the image with the CUDA argument and run on a CUDA machine (docs/PERFORMANCE.md)",
             )
         ]

@@ -101,7 +101,8 @@ def run(ctx: BenchContext, engine: Engine, settings: Settings, fixtures: Path = 
     found_packed = sum(r["packed_key_facts"] for r in rows)
     found_fit = sum(r["naive_in_window_key_facts"] for r in rows)
     found_whole = sum(r["naive_key_facts"] for r in rows)
-    section = Section("packing", f"Context packing ({PROMPT}, {len(rows)} fixture patient{'s' if len(rows) != 1 else ''})")
+    plural = "s" if len(rows) != 1 else ""
+    section = Section("packing", f"Context packing ({PROMPT}, {len(rows)} fixture patient{plural})")
     section.ratios = {
         "packing_token_ratio": ratio(naive, packed, 2),
         "packing_token_ratio_median_patient": round(statistics.median(r["token_ratio"] for r in rows), 2),

@@ -90,7 +90,8 @@ def plot(section: Section, path: Path) -> bool:
     labels = [b.label for b in section.bars][::-1]
     values = [b.value for b in section.bars][::-1]
     bars = ax.barh(labels, values, color="#3b6ea5")
-    ax.bar_label(bars, labels=[f"{v:,.0f}" if abs(v) >= 100 else f"{v:.3g}" for v in values], padding=3, fontsize=8)
+    shown = [f"{v:,.0f}" if abs(v) >= 100 else f"{v:.3g}" for v in values]
+    ax.bar_label(bars, labels=shown, padding=3, fontsize=8)
     units = {b.unit for b in section.bars}
     ax.set_xlabel(", ".join(sorted(units)))
     ax.set_title(section.title, fontsize=10)
