@@ -280,7 +280,7 @@ class BundleFolder:
         return BundleSource.from_bundle(read_bundle(self.file_of(patient_id)))
 
     async def read_record(
-        self, patient_id: str, *, observation_limit: int = 200, max_concurrency: int = 6
+        self, patient_id: str, *, observation_limit: int = 200, max_concurrency: int = 10
     ) -> PatientRecord:
         """The patient's record, built by `fetch_record` from its bundle as from a server."""
         return await fetch_record(

@@ -68,7 +68,7 @@ async def fetch_record(
     *,
     encounter_id: str | None = None,
     observation_limit: int = 200,
-    max_concurrency: int = 6,
+    max_concurrency: int = 10,
 ) -> PatientRecord:
     """Read everything the summary may use about one patient (see the module docstring)."""
     if max_concurrency < 1:

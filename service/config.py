@@ -60,7 +60,12 @@ class FhirSettings(BaseModel):
     )
     backoff_initial_seconds: float = Field(default=0.5, gt=0, le=30, description="First retry wait.")
     backoff_max_seconds: float = Field(default=8.0, gt=0, le=300, description="Cap on one retry wait.")
-    max_concurrency: int = Field(default=6, ge=1, le=64, description="Parallel requests for one patient.")
+    max_concurrency: int = Field(
+        default=10,
+        ge=1,
+        le=64,
+        description="Parallel requests for one patient (10: each of the nine searches starts at once).",
+    )
     bearer_token: str | None = Field(
         default=None, description="Static bearer token for servers that need one (never logged)."
     )
