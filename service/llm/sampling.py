@@ -7,7 +7,8 @@ then runs several times slower than free decoding. llama.cpp's own common sample
 
 1. the chain *without* the grammar picks a token from the model's logits (greedy: the argmax);
 2. the grammar judges only that token (a one-element candidate array);
-3. only when it is rejected, the grammar masks the full candidate array and the chain picks again;
+3. only when it is rejected, the grammar masks the full candidate array and the chain picks again
+   (greedy: the grammar first masks only the 256 highest logits, which settles most rejections);
 4. the chosen token is accepted into the grammar and into the chain.
 
 For greedy decoding the result is the token the full-vocabulary path picks: the argmax of the
@@ -35,6 +36,10 @@ from llama_cpp.llama_grammar import LlamaGrammar
 
 from service.llm.base import EngineError
 
+# A rejected greedy token is replaced by the best allowed one among this many highest logits when
+# that is certain to be the best allowed one overall (it usually is), before masking everything.
+TOP_FIRST = 256
+
 _TOKEN_DATA = np.dtype([("id", np.intc), ("logit", np.float32), ("p", np.float32)])
 
 
@@ -44,7 +49,8 @@ class DecodeStats:
 
     tokens: int = 0  # tokens sampled under a grammar by the grammar-second sampler
     grammar_checks: int = 0  # single-token grammar checks
-    fallbacks: int = 0  # checks that rejected the token, so the grammar masked the whole vocabulary
+    fallbacks: int = 0  # checks that rejected the token
+    full_masks: int = 0  # fallbacks that masked the whole vocabulary (not settled among the top logits)
     prompt_tokens_evaluated: int = 0  # prompt tokens the model actually read (after any reuse)
     prompt_tokens_reused: int = 0  # prompt tokens taken from the context or a kept prefix instead
     prefix_restores: int = 0  # calls that started from a kept template prefix
@@ -70,12 +76,14 @@ class Candidates:
             sorted=False,
         )
 
-    def fill(self, logits: npt.NDArray[np.float32]) -> Any:
-        """The array holding every token with its logit, in id order; a pointer for llama.cpp."""
-        self.view["id"] = self._ids
-        self.view["logit"] = logits
-        self.view["p"] = 0.0
-        self.array.size = self.n_vocab
+    def fill(self, logits: npt.NDArray[np.float32], ids: npt.NDArray[np.intc] | None = None) -> Any:
+        """The array holding every token with its logit in id order, or only the tokens `ids` (with
+        `logits` theirs); a pointer for llama.cpp."""
+        n = self.n_vocab if ids is None else len(ids)
+        self.view["id"][:n] = self._ids if ids is None else ids
+        self.view["logit"][:n] = logits
+        self.view["p"][:n] = 0.0
+        self.array.size = n
         self.array.selected = -1
         self.array.sorted = False
         return ctypes.byref(self.array)
@@ -124,7 +132,11 @@ class GrammarSecondSampler:
         self._stats.grammar_checks += 1
         if not self._allows(token):
             self._stats.fallbacks += 1
-            token = self._pick(logits, masked=True)
+            best = self._best_allowed_of_top(logits) if self._greedy else None
+            if best is None:
+                self._stats.full_masks += 1
+                best = self._pick(logits, masked=True)
+            token = best
         llama_cpp.llama_sampler_accept(self._grammar, token)
         self._chain.accept(token)
         self._stats.tokens += 1
@@ -138,6 +150,29 @@ class GrammarSecondSampler:
         self._one_array.sorted = False
         llama_cpp.llama_sampler_apply(self._grammar, ctypes.byref(self._one_array))
         return not math.isinf(self._one.logit)
+
+    def _best_allowed_of_top(self, logits: npt.NDArray[np.float32]) -> int | None:
+        """Greedy only: the masked argmax found among the `TOP_FIRST` highest logits, when it is
+        certain to be the masked argmax over the whole vocabulary; None when it is not.
+
+        The grammar judges each candidate on its own, so masking a subset marks the same tokens as
+        masking everything. The best allowed token of the subset is the whole vocabulary's when its
+        logit is above every logit left out (the subset holds all tokens above its lowest logit);
+        among equal logits the lowest id wins, as with `np.argmax` and llama.cpp's greedy sampler.
+        """
+        if len(logits) <= TOP_FIRST:
+            return None
+        top = np.argpartition(logits, -TOP_FIRST)[-TOP_FIRST:].astype(np.intc)
+        top_logits = logits[top]
+        llama_cpp.llama_sampler_apply(self._grammar, self._candidates.fill(top_logits, top))
+        masked = self._candidates.view["logit"][:TOP_FIRST]
+        allowed = ~np.isinf(masked)
+        if not allowed.any():
+            return None
+        best = masked[allowed].max()
+        if not best > top_logits.min():
+            return None  # a token left out may have the same logit (and a lower id)
+        return int(top[allowed & (masked == best)].min())
 
     def _pick(self, logits: npt.NDArray[np.float32], *, masked: bool) -> int:
         """The chain's pick over the full candidate array, grammar-masked first when `masked`."""

@@ -79,16 +79,34 @@ def test_a_rejected_token_falls_back_to_the_best_token_the_grammar_allows(vocab_
     stats = DecodeStats()
     sampler = _sampler(vocab_model, 'root ::= "yes" | "no"', stats)
     try:
-        # "maybe" is the model's favourite but not allowed; "no" is the best allowed one
-        assert sampler.choose(_logits(vocab_model, ["maybe", "the", "no", "yes"])) == _token(
-            vocab_model, "no"
-        )
-        # the fallback's token was accepted into the grammar: now only the end may follow "no"
+        # "maybe" is the model's favourite but not allowed; "no" is the best allowed one, and the
+        # highest logits settle it (every token left out has a lower logit)
+        chosen = sampler.choose(_logits(vocab_model, ["maybe", "the", "no", "yes"]))
+        assert chosen == _token(vocab_model, "no")
+        assert (stats.fallbacks, stats.full_masks) == (1, 0)
+        # the fallback's token was accepted into the grammar: now only the end may follow "no".
+        # The end tokens' logits tie with thousands of others, so the whole vocabulary is masked.
         ending = sampler.choose(_logits(vocab_model, ["yes", "no"]))
         assert llama_cpp.llama_vocab_is_eog(vocab_model._model.vocab, ending)
+        assert (stats.fallbacks, stats.full_masks) == (2, 1)
     finally:
         sampler.close()
-    assert (stats.tokens, stats.grammar_checks, stats.fallbacks) == (2, 2, 2)
+    assert (stats.tokens, stats.grammar_checks) == (2, 2)
+
+
+def test_among_equal_logits_the_fallback_takes_the_lowest_id_like_the_stock_greedy_sampler(
+    vocab_model: Llama,
+) -> None:
+    stats = DecodeStats()
+    sampler = _sampler(vocab_model, 'root ::= "yes" | "no"', stats)
+    yes, no = _token(vocab_model, "yes"), _token(vocab_model, "no")
+    logits = _logits(vocab_model, ["maybe"])
+    logits[yes] = logits[no] = 50.0
+    try:
+        assert sampler.choose(logits) == min(yes, no)
+    finally:
+        sampler.close()
+    assert (stats.fallbacks, stats.full_masks) == (1, 0)
 
 
 def _rss_mib() -> float:
