@@ -15,7 +15,7 @@ import statistics
 import tempfile
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -131,23 +131,12 @@ class _NoStore:
 
 
 def with_max_tokens(request: GenerationRequest, max_tokens: int) -> GenerationRequest:
-    return GenerationRequest(
-        messages=request.messages,
-        max_tokens=max_tokens,
-        stop=request.stop,
-        json_schema=request.json_schema,
-        temperature=request.temperature,
-        top_p=request.top_p,
-        seed=request.seed,
-    )
+    return replace(request, max_tokens=max_tokens)
 
 
 def free(request: GenerationRequest) -> GenerationRequest:
     """The same request without its grammar, and without stops so it decodes as long as asked."""
-    return GenerationRequest(
-        messages=request.messages, max_tokens=request.max_tokens, stop=[], json_schema=None,
-        temperature=request.temperature, top_p=request.top_p, seed=request.seed,
-    )  # fmt: skip
+    return replace(request, stop=[], json_schema=None)
 
 
 # --- the API in-process --------------------------------------------------------------------------
