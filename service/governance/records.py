@@ -143,3 +143,39 @@ def summaries(db: sessionmaker[Session]) -> list[SummaryRecord]:
             )
             for r in rows
         ]
+
+
+CDS_OUTCOMES: dict[str, str] = {"accepted": "cds_accepted", "overridden": "cds_overridden"}
+
+
+def record_cds_feedback(
+    db: sessionmaker[Session],
+    *,
+    outcome: str,
+    summary_id: str | None,
+    who: str,
+    reasons: list[str] | None = None,
+    at: datetime | None = None,
+) -> int:
+    """Append a CDS Hooks card outcome (accepted / overridden, with the override reason codes)
+    next to the review outcomes; the summary row names the document and the patient."""
+    action = CDS_OUTCOMES.get(outcome)
+    if action is None:
+        raise ValueError(f"feedback outcome must be one of {sorted(CDS_OUTCOMES)}, got {outcome!r}")
+    with db.begin() as s:
+        summary = s.get(SummaryRow, summary_id) if summary_id else None
+        tail = f" reasons={','.join(r for r in reasons if r)}" if reasons else ""
+        row = ReviewOutcomeRow(
+            at=at or datetime.now(UTC),
+            action=action,
+            document_reference=(summary.document_reference or "") if summary else "",
+            patient_id=summary.patient_id if summary else "",
+            who=(who + tail)[:500],
+            summary_id=summary.id if summary else None,
+            draft_created_at=None,
+        )
+        s.add(row)
+        s.flush()
+        row_id = int(row.id)
+    _log.info("cds_feedback.recorded", outcome=outcome, summary_id=row.summary_id)
+    return row_id
