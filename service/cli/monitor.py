@@ -81,6 +81,13 @@ def render(report: dict[str, Any]) -> str:
             console.print(f"  {item['count']:>3}  {item['reason']}")
         if group["rejections_without_reason"]:
             console.print(f"  {group['rejections_without_reason']:>3}  (no reason given)")
+    for group in report.get("cds_feedback") or []:
+        reasons = ", ".join(f"{r['reason']} {r['count']}" for r in group["override_reasons"])
+        console.print(
+            f"CDS cards, {group['model_name']} {group['model_sha256'][:12]} {group['prompt']}: "
+            f"{group['accepted']} accepted, {group['overridden']} overridden"
+            + (f" (override reasons: {reasons})" if reasons else "")
+        )
     return out.getvalue()
 
 

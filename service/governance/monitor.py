@@ -294,7 +294,10 @@ def monitor_report(
     since: datetime | None = None,
 ) -> dict[str, Any]:
     """The whole report: `overall`, `by_model_prompt`, `by_week` (each group with the same figures)."""
-    drafts = _drafts(summary_rows, outcomes, rejections, since)
+    summary_rows = list(summary_rows)
+    outcomes = list(outcomes)
+    card_outcomes = [o for o in outcomes if o.action in CDS_ACTIONS]
+    drafts = _drafts(summary_rows, [o for o in outcomes if o.action not in CDS_ACTIONS], rejections, since)
     overall = _Bucket()
     groups: dict[tuple[str, str, str], _Bucket] = defaultdict(_Bucket)
     weeks: dict[tuple[str, str, str, str], _Bucket] = defaultdict(_Bucket)
@@ -313,7 +316,46 @@ def monitor_report(
             {"week": week, "model_sha256": sha, "model_name": name, "prompt": prompt, **bucket.to_json()}
             for (week, sha, name, prompt), bucket in sorted(weeks.items())
         ],
+        "cds_feedback": cds_feedback(summary_rows, card_outcomes, since),
     }
+
+
+CDS_ACTIONS = {"cds_accepted": "accepted", "cds_overridden": "overridden"}
+
+
+def cds_feedback(
+    summary_rows: Iterable[SummaryRecord], outcomes: Iterable[ReviewOutcomeRecord], since: datetime | None
+) -> list[dict[str, Any]]:
+    """CDS Hooks card outcomes per model and prompt (a card names its summary row), with the
+    override reason codes counted."""
+    rows = {r.id: r for r in summary_rows}
+    groups: dict[tuple[str, str, str], dict[str, Any]] = {}
+    for outcome in outcomes:
+        if since is not None and outcome.at < since:
+            continue
+        row = rows.get(outcome.summary_id or "")
+        key = (row.model_sha256, row.model_name, f"{row.prompt_id}/{row.prompt_version}") if row else (
+            UNKNOWN, UNKNOWN, UNKNOWN
+        )
+        group = groups.setdefault(key, {"accepted": 0, "overridden": 0, "reasons": defaultdict(int)})
+        group[CDS_ACTIONS[outcome.action]] += 1
+        _, _, codes = outcome.who.partition(" reasons=")
+        for code in filter(None, codes.split(",")):
+            group["reasons"][code] += 1
+    return [
+        {
+            "model_sha256": sha,
+            "model_name": name,
+            "prompt": prompt,
+            "accepted": g["accepted"],
+            "overridden": g["overridden"],
+            "override_reasons": [
+                {"reason": code, "count": n}
+                for code, n in sorted(g["reasons"].items(), key=lambda i: (-i[1], i[0]))
+            ],
+        }
+        for (sha, name, prompt), g in sorted(groups.items())
+    ]
 
 
 # -- the terminal view -------------------------------------------------------------------------------

@@ -35,6 +35,7 @@ class ReviewOutcomeRecord:
     words_changed: int | None
     chars_changed: int | None
     draft_words: int | None
+    who: str = ""  # for CDS card feedback: `cds:<iss> reasons=<codes>`
 
 
 @dataclass(frozen=True)
@@ -118,6 +119,7 @@ def review_outcomes(db: sessionmaker[Session]) -> list[ReviewOutcomeRecord]:
                 words_changed=r.words_changed,
                 chars_changed=r.chars_changed,
                 draft_words=r.draft_words,
+                who=r.who,
             )
             for r in rows
         ]

@@ -251,3 +251,70 @@ async def test_feedback_is_recorded_with_the_review_outcomes(ehr: TestEhr, tmp_p
     assert ok.status_code == 200 and bad.status_code == 400 and unsigned.status_code == 401
     assert [r.action for r in rows] == ["cds_accepted", "cds_overridden"]
     assert "not-relevant" in rows[1].who
+
+
+def summary_fields(fhir_base: str) -> dict[str, Any]:
+    return {
+        "fhir_base": fhir_base,
+        "patient_id": "p1",
+        "encounter_id": None,
+        "idempotency_key": "k1",
+        "inputs": [],
+        "prompt_id": "summary",
+        "prompt_version": "v2",
+        "prompt_sha256": "c" * 64,
+        "model_name": "model-a",
+        "model_file": "model-a.gguf",
+        "model_sha256": "a" * 64,
+        "sampling": "temperature=0.0",
+        "outcome": "written",
+        "document_reference": "DocumentReference/d1",
+    }
+
+
+async def test_a_card_names_its_summary_so_feedback_is_counted_per_model_and_prompt_by_monitor(
+    ehr: TestEhr, tmp_path: Path
+) -> None:
+    from service.cli.monitor import render
+    from service.db.audit import rejections
+    from service.governance.monitor import monitor_report
+    from service.governance.records import review_outcomes, summaries
+
+    server = "http://127.0.0.1:9/fhir"
+    async with running_app(settings_for(tmp_path, ehr)) as (client, app):
+        runtime = app.state.runtime
+        row_id = runtime.store.record(summary_fields(server))
+        response = await call(client, hook(prefetch=prefetch(doc()), fhirServer=server), signed(ehr))
+        card_id = response.json()["cards"][0]["uuid"]
+        assert card_id.startswith(f"{row_id}.")
+        body = {
+            "feedback": [
+                {"card": card_id, "outcome": "accepted", "outcomeTimestamp": "2026-01-01T10:00:00Z"},
+                {
+                    "card": card_id,
+                    "outcome": "overridden",
+                    "outcomeTimestamp": "2026-01-01T10:01:00Z",
+                    "overrideReasons": [{"reason": {"code": "already-known", "system": "urn:x"}}],
+                },
+            ]
+        }
+        ok = await client.post(
+            "/cds-services/chartbrief-summary/feedback",
+            json=body,
+            headers={"Authorization": f"Bearer {signed(ehr)}"},
+        )
+        assert ok.status_code == 200
+        report = monitor_report(
+            summaries(runtime.db), review_outcomes(runtime.db), rejections(runtime.db)
+        )
+    (group,) = report["cds_feedback"]
+    assert (group["model_name"], group["prompt"], group["accepted"], group["overridden"]) == (
+        "model-a",
+        "summary/v2",
+        1,
+        1,
+    )
+    assert group["override_reasons"] == [{"reason": "already-known", "count": 1}]
+    # Card outcomes are not review outcomes: the draft itself is still pending review.
+    assert report["overall"]["pending"] == 1
+    assert "1 accepted, 1 overridden (override reasons: already-known 1)" in render(report)

@@ -334,7 +334,7 @@ async def test_monitor_json_reports_what_the_review_actions_recorded(store: SqlS
     result = CliRunner().invoke(cli, ["monitor", "--json", "--db-url", url])
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
-    assert set(report) == {"since", "overall", "by_model_prompt", "by_week"}
+    assert set(report) == {"since", "overall", "by_model_prompt", "by_week", "cds_feedback"}
     (g,) = report["by_model_prompt"]
     assert (g["model_sha256"], g["model_name"], g["prompt"]) == (SHA_A, "model-a", "summary/v1")
     assert {k: g[k] for k in ("summaries", "approved", "edited", "rejected", "pending")} == {
