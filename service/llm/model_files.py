@@ -25,6 +25,7 @@ import structlog
 from fhir_adapters.models import ModelIdentity
 from service.config import LlmSettings
 from service.llm.base import EngineError
+from service.llm.catalogue import active_model_path, models_dir
 
 log = structlog.get_logger(__name__)
 
@@ -92,8 +93,11 @@ def _package_file(package: str, name: str) -> Path | None:
 
 
 def resolve_model_path(settings: LlmSettings) -> Path:
-    """The configured GGUF path (or the default model), checked to be a readable GGUF file."""
-    path = settings.model_path if settings.model_path is not None else default_model_path()
+    """The GGUF to run, checked to be a readable GGUF file: `CHARTBRIEF_LLM__MODEL_PATH` when set, else
+    the model `chartbrief models use` made active (the registry in the model cache), else the default."""
+    path = settings.model_path
+    if path is None:
+        path = active_model_path(models_dir(settings.models_dir)) or default_model_path()
     path = path.expanduser()
     try:
         with path.open("rb") as fh:
