@@ -112,3 +112,18 @@ async def test_a_slow_fhir_server_never_holds_the_card_past_its_budget(
     assert took < 1.2, f"the card took {took:.2f} s with a 0.4 s budget"
     (card,) = response.json()["cards"]
     assert card["summary"] in ("No chartbrief summary yet", "A chartbrief summary is being prepared")
+
+
+async def test_a_patient_without_a_summary_gets_one_queued_and_a_card_saying_so(
+    ehr: TestEhr, tmp_path: Path, fhir_base: str, loaded_patients: dict[str, LoadedPatient]
+) -> None:
+    patient = next(p.id for name, p in sorted(loaded_patients.items()) if name != SMALL)
+    base = settings_for(tmp_path, ehr)
+    settings = base.model_copy(update={"fhir": base.fhir.model_copy(update={"base_url": fhir_base})})
+    async with running_app(settings) as (client, app):
+        response = await call(client, hook(patient, fhirServer=fhir_base), signed(ehr))
+        jobs = list(app.state.runtime.jobs._jobs.values())
+    assert response.status_code == 200
+    (card,) = response.json()["cards"]
+    assert card["summary"] == "A chartbrief summary is being prepared"
+    assert [(j.patient_id, j.requested_by) for j in jobs] == [(patient, f"cds:{ehr.base_url}")]
