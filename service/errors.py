@@ -44,6 +44,7 @@ ChartbriefError                            1   500  fhir_adapters.errors
 │       ├── FhirRateLimited                3   502  fhir_adapters.errors
 │       ├── FhirServerError                3   502  fhir_adapters.errors
 │       └── FhirTransportError             3   502  fhir_adapters.errors
+├── HookRequestError                       2   400  service.cds.cards
 ├── LocalFhirServerError                   3   503  service.dev.devserver
 ├── PromptError                            4   502  service.prompts
 ├── RecallError                            2   400  service.governance.recall_rules
@@ -94,6 +95,7 @@ from fhir_adapters.text import UnsupportedContent
 from fhir_adapters.write.draft import DraftError
 from fhir_adapters.write.review import ReviewConflict, ReviewError, ReviewForbidden, ReviewNotFound
 from service.batch.request import BatchError
+from service.cds.cards import HookRequestError
 from service.config import SettingsError
 from service.db.launch import SessionCipherError, StateError
 from service.dev.devserver import LocalFhirServerError
@@ -235,6 +237,7 @@ FAULTS: dict[type[BaseException], Fault] = {
     ),
     EngineError: Fault(EXIT_MODEL, 502, "exception", _model_failed),
     EvalInputError: _BAD_INPUT,
+    HookRequestError: _BAD_INPUT,
     FhirError: Fault(EXIT_SERVER, 502, "exception", _fhir_failed),
     FhirPermanentError: Fault(EXIT_BAD_INPUT, 502, "exception", _fhir_failed),
     FhirAuthError: Fault(EXIT_BAD_INPUT, 403, "forbidden", _fhir_refused),

@@ -18,7 +18,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from fhir_adapters.models import ClinicalContext, Fact
+from fhir_adapters.models import ClinicalContext, Fact, ModelIdentity
 from service.grounding import Claim, DroppedClaim
 from service.narrative import NotesRead
 from service.structured import StructuredSummary
@@ -436,3 +436,14 @@ def _codings(concept: object) -> list[Mapping[str, Any]]:
     if not isinstance(concept, dict):
         return []
     return [c for c in concept.get("coding") or [] if isinstance(c, dict)]
+
+
+def model_line(identity: ModelIdentity | None) -> str | None:
+    """The model the service runs, for the review screen's footer: name, quantization, sha256 prefix.
+
+    >>> model_line(ModelIdentity("SmolLM2-135M-Instruct", "x.gguf", "1a2b3c4d5e6f" + "0" * 52, "Q4_1", "rt"))
+    'SmolLM2-135M-Instruct Q4_1 · sha256 1a2b3c4d5e6f'
+    """
+    if identity is None:
+        return None
+    return f"{identity.name} {identity.quantization} · sha256 {identity.sha256[:12]}"

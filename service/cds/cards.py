@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Literal
 
+from fhir_adapters.errors import ChartbriefError
 from service.structured import CONFLICTS_TITLE, FLAGGED, SYNOPSIS
 
 SERVICE_ID = "chartbrief-summary"
@@ -32,7 +33,7 @@ FHIR_ID = re.compile(r"[A-Za-z0-9\-.]{1,64}")
 State = Literal["approved", "draft", "stale"]
 
 
-class HookRequestError(ValueError):
+class HookRequestError(ChartbriefError, ValueError):
     """A hook request the spec answers with 400 (malformed) or 412 (missing prefetch/authorization)."""
 
     def __init__(self, message: str, status: int = 400) -> None:

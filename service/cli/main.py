@@ -11,6 +11,7 @@ from service.cli.common import ChartbriefGroup
 from service.cli.db import db
 from service.cli.eval import eval_group
 from service.cli.keys import keys
+from service.cli.models import models
 from service.cli.monitor import monitor
 from service.cli.recall import recall
 from service.cli.sandbox import sandbox
@@ -34,6 +35,7 @@ cli.add_command(db)
 cli.add_command(eval_group)
 cli.add_command(monitor)
 cli.add_command(recall)
+cli.add_command(models)
 
 
 def main() -> None:

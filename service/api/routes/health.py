@@ -1,7 +1,8 @@
 """`/healthz` (the process answers) and `/readyz` (the database answers and the model is loaded).
 
 Both are cheap and unauthenticated; they say nothing about patients, and nothing about the
-deployment (model, paths, file names) beyond ready or not and why.
+deployment beyond ready or not, why, and which model answers (name, quantization, sha256 prefix; never a
+path or a file name).
 """
 
 from __future__ import annotations
@@ -40,13 +41,22 @@ def _database_ok(db: sessionmaker[Session]) -> bool:
 
 @router.get("/readyz", summary="Ready to serve: database reachable and model loaded")
 async def readyz(db: DatabaseDep, model: ModelDep) -> JSONResponse:
-    # Anyone can call this: it says whether and why not, never which model, path or file.
+    # Anyone can call this: it says whether and why not, and the model's name, quantization and sha256
+    # prefix (which model answers), never a path or a file name.
     database = "ok" if await in_thread(_database_ok, db) else "unreachable"
     ready = database == "ok" and model.state == "loaded"
     body: dict[str, Any] = {
         "status": "ready" if ready else "not-ready",
         "checks": {"database": database, "model": model.state},
     }
+    if model.engine is not None:
+        # Which model answers (name, quantization, sha256 prefix), never its path or file name.
+        identity = model.engine.identity
+        body["model"] = {
+            "name": identity.name,
+            "quantization": identity.quantization,
+            "sha256": identity.sha256[:12],
+        }
     if not ready:
         body["reason"] = _reason(database, model.state)
     return JSONResponse(body, status_code=200 if ready else 503)

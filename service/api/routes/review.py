@@ -46,7 +46,7 @@ from fhir_adapters.errors import FhirAuthError
 from fhir_adapters.write.review import ReviewConflict, ReviewError, ReviewForbidden, ReviewNotFound
 from fhir_adapters.write.send import read_draft
 from service import review as actions
-from service.api.deps import AdmissionDep, CsrfSecretDep, DatabaseDep, SettingsDep, TemplatesDep
+from service.api.deps import AdmissionDep, CsrfSecretDep, DatabaseDep, ModelDep, SettingsDep, TemplatesDep
 from service.api.errors import (
     BadRequest,
     Forbidden,
@@ -62,6 +62,7 @@ from service.api.views import (
     checked_draft_view,
     cited_keys,
     draft_view,
+    model_line,
     narrative_view,
     source_views,
     stored_source_views,
@@ -171,6 +172,7 @@ async def review_page(
     services: SessionServicesDep,
     templates: TemplatesDep,
     db: DatabaseDep,
+    model: ModelDep,
     doc: str | None = None,
     notice: str | None = None,
     error: str | None = None,
@@ -188,6 +190,7 @@ async def review_page(
         "narrative": None,
         "sources": [],
         "status_text": "",
+        "model_line": model_line(model.engine.identity if model.engine is not None else None),
     }
     if session.fhir_user is None:
         context["error"] = ERRORS["no-user"]
