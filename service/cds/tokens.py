@@ -9,8 +9,8 @@ A CDS client (the EHR) signs a short-lived JWT per request with its own key and 
 - `jti` is present and has not been seen before (seen ids are kept until their `exp`).
 
 The keys come from the process's one JWKS cache (`fhir_adapters.auth.oauth.jwks_cache`).
-The seen-`jti` memory is this process's: with several processes behind a balancer, a replay
-sent to another process is caught only by the short token lifetime (`max_token_age_seconds`).
+The seen-`jti` memory of the web service is chartbrief's database (`StoredJti`), so every process
+behind a balancer refuses a replay; `SeenJti` keeps them in this process only.
 
 What it must not do: log or echo a token, accept `none` or HMAC-signed tokens, fetch keys from
 a URL the configuration does not name, or read a claim before the signature is checked.
@@ -18,30 +18,72 @@ a URL the configuration does not name, or read a claim before the signature is c
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from datetime import UTC, datetime
+from typing import Any, Protocol
 
 import httpx
 import structlog
 from joserfc import jws
 from joserfc.errors import InvalidKeyIdError, JoseError
+from sqlalchemy import delete
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session, sessionmaker
 
 from fhir_adapters.auth.oauth import JwksCache, SmartError, asymmetric_algorithms, jwks_cache
 from service.api.errors import Unauthenticated, Unavailable
+from service.db.models import CdsTokenId
+from service.db.store import in_thread
 
 log = structlog.get_logger(__name__)
 
 
+class JtiMemory(Protocol):
+    async def first_use(self, issuer: str, jti: str, exp: float, now: float) -> bool:
+        """True (and remembered) the first time `issuer`'s `jti` shows up before its expiry."""
+        ...
+
+
+class StoredJti:
+    """Token ids already used, in chartbrief's database until their `exp`: one memory for every process.
+
+    The insert of the id is the check: a second insert of the same id breaks the primary key.
+    """
+
+    def __init__(self, db: sessionmaker[Session]) -> None:
+        self.db = db
+
+    async def first_use(self, issuer: str, jti: str, exp: float, now: float) -> bool:
+        return await in_thread(self._first_use, issuer, jti, exp, now)
+
+    def _first_use(self, issuer: str, jti: str, exp: float, now: float) -> bool:
+        key = hashlib.sha256(f"{issuer}\n{jti}".encode()).hexdigest()
+        with self.db.begin() as session:
+            session.execute(
+                delete(CdsTokenId)
+                .where(CdsTokenId.expires_at <= datetime.fromtimestamp(now, UTC))
+                .execution_options(synchronize_session=False)
+            )
+        try:
+            with self.db.begin() as session:
+                session.add(CdsTokenId(key=key, expires_at=datetime.fromtimestamp(exp, UTC)))
+        except IntegrityError:
+            return False
+        return True
+
+
 class SeenJti:
-    """Token ids already used, each remembered until its `exp` (bounded: the oldest go first)."""
+    """Token ids already used, each remembered until its `exp` in this process (bounded: the oldest
+    go first)."""
 
     def __init__(self, limit: int = 100_000) -> None:
         self.limit = limit
         self._seen: dict[tuple[str, str], float] = {}
 
-    def first_use(self, issuer: str, jti: str, exp: float, now: float) -> bool:
+    async def first_use(self, issuer: str, jti: str, exp: float, now: float) -> bool:
         """True (and remembered) the first time `issuer`'s `jti` shows up before its expiry."""
         if len(self._seen) >= self.limit:
             self._seen = {k: v for k, v in self._seen.items() if v > now}
@@ -68,7 +110,7 @@ class CdsTokenVerifier:
         cache_seconds: int = 300,
         clock: Callable[[], float] = time.time,
         jwks: JwksCache | None = None,
-        seen: SeenJti | None = None,
+        seen: JtiMemory | None = None,
     ) -> None:
         self._http = http
         self.issuers = dict(issuers)
@@ -80,7 +122,7 @@ class CdsTokenVerifier:
         self.cache_seconds = cache_seconds
         self._clock = clock
         self.jwks = jwks if jwks is not None else jwks_cache(http)
-        self.seen = seen if seen is not None else SeenJti()
+        self.seen: JtiMemory = seen if seen is not None else SeenJti()
 
     async def verify(self, token: str | None, audience: str) -> dict[str, Any]:
         """The token's claims once every rule holds, else `Unauthenticated` naming the rule."""
@@ -119,8 +161,11 @@ class CdsTokenVerifier:
             raise Unauthenticated(
                 "the token's signature does not check out against its issuer's keys"
             ) from exc
-        claims = dict(decoded.claims)
-        return self._check_claims(claims, audience, now)
+        claims = self._check_claims(dict(decoded.claims), audience, now)
+        expires = float(claims["exp"]) + self.leeway
+        if not await self.seen.first_use(str(claims["iss"]), claims["jti"], expires, now):
+            raise Unauthenticated("the token's jti was already used (a replay)")
+        return claims
 
     def _check_claims(self, claims: dict[str, Any], audience: str, now: float) -> dict[str, Any]:
         aud = claims.get("aud")
@@ -140,6 +185,4 @@ class CdsTokenVerifier:
             raise Unauthenticated("the token is older than cds.max_token_age_seconds")
         if not isinstance(jti, str) or not jti:
             raise Unauthenticated("the token has no jti")
-        if not self.seen.first_use(str(claims["iss"]), jti, float(exp) + self.leeway, now):
-            raise Unauthenticated("the token's jti was already used (a replay)")
         return claims

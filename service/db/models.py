@@ -84,6 +84,16 @@ class LaunchState(Base):
     used_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
 
 
+class CdsTokenId(Base):
+    """A CDS client's JWT id already used, kept until the token expires: a replay is refused by every
+    process that shares this database."""
+
+    __tablename__ = "cds_token_ids"
+
+    key: Mapped[str] = mapped_column(String(64), primary_key=True)  # sha256 of issuer and jti
+    expires_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), index=True)
+
+
 class AppSession(Base):
     """A clinician's session after a SMART launch; tokens stay here, encrypted, never in the browser."""
 

@@ -156,6 +156,19 @@ async def test_a_replayed_jti_is_refused(ehr: TestEhr, tmp_path: Path) -> None:
     assert again.status_code == 401 and "replay" in again.json()["error"]
 
 
+async def test_a_jti_replayed_to_another_process_of_the_same_database_is_refused(
+    ehr: TestEhr, tmp_path: Path
+) -> None:
+    token, settings = signed(ehr), settings_for(tmp_path, ehr)
+    async with running_app(settings) as (client, _):
+        first = await call(client, hook(prefetch=prefetch(doc())), token)
+    async with running_app(settings) as (client, _):  # a second process: nothing shared but the database
+        again = await call(client, hook(prefetch=prefetch(doc())), token)
+        fresh = await call(client, hook(prefetch=prefetch(doc())), signed(ehr))
+    assert first.status_code == 200 and fresh.status_code == 200
+    assert again.status_code == 401 and "replay" in again.json()["error"]
+
+
 @pytest.mark.parametrize(
     ("body", "status", "field"),
     [

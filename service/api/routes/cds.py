@@ -43,7 +43,7 @@ from service.cds.cards import (
     state_of,
     summary_card,
 )
-from service.cds.tokens import CdsTokenVerifier, SeenJti
+from service.cds.tokens import CdsTokenVerifier, StoredJti
 from service.db.store import in_thread
 from service.fhir import fhir_client
 from service.governance.records import CDS_OUTCOMES, record_cds_feedback
@@ -67,7 +67,7 @@ async def _caller(request: Request) -> dict[str, Any]:
     runtime = get_runtime(request)
     state = request.app.state
     if getattr(state, "cds_seen_jti", None) is None:
-        state.cds_seen_jti = SeenJti()
+        state.cds_seen_jti = StoredJti(runtime.db)
     verifier = CdsTokenVerifier(
         runtime.http,
         issuers={c.issuer: c.jwks_url for c in runtime.settings.cds.clients},
