@@ -3,8 +3,10 @@ the OperationDefinition and CapabilityStatement (validated as R4B resources), an
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 from fhir.resources.R4B import get_fhir_model_class
 
@@ -17,7 +19,11 @@ from service.api.operation import (
     parse_parameters,
     parse_query,
 )
+from service.config import Settings
 from service.errors import BadRequest
+from tests.api.conftest import APP_BASE, NO_FHIR, app_settings, running_app
+from tests.api.test_api import bearer
+from tests.smart_ehr.server import TestEhr
 
 BASE = "https://cb.example"
 
@@ -142,3 +148,81 @@ def test_bad_get_parameters_are_refused_naming_them(items: list[tuple[str, str]]
     with pytest.raises(BadRequest) as caught:
         parse_query(items)
     assert names in caught.value.message
+
+
+# -- the routes, before any FHIR server is reached ----------------------------------------------------
+
+READ = "patient/DocumentReference.rs"
+WRITE = "patient/DocumentReference.c"
+SUMMARIZE = "/fhir/Patient/{}/$summarize"
+
+
+def operation_settings(tmp_path: Path, ehr: TestEhr, fhir: str = NO_FHIR) -> Settings:
+    api = {"jwt_issuer": ehr.base_url, "jwks_url": ehr.jwks_url}
+    return app_settings(tmp_path, ehr, api=api, fhir={"base_url": fhir})
+
+
+def outcome(response: httpx.Response, status: int) -> dict[str, Any]:
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"].startswith("application/fhir+json")
+    body = response.json()
+    get_fhir_model_class("OperationOutcome").model_validate(body)
+    issue: dict[str, Any] = body["issue"][0]
+    return issue
+
+
+async def test_metadata_and_the_definition_are_served_as_fhir_json(ehr: TestEhr, tmp_path: Path) -> None:
+    async with running_app(operation_settings(tmp_path, ehr)) as (client, _app):
+        metadata = await client.get("/fhir/metadata")
+        definition = await client.get("/fhir/OperationDefinition/chartbrief-summarize")
+    for response in (metadata, definition):
+        assert response.status_code == 200
+        assert response.headers["content-type"].startswith("application/fhir+json")
+    statement = get_fhir_model_class("CapabilityStatement").model_validate(metadata.json())
+    operation = statement.rest[0].resource[0].operation[0]
+    assert operation.definition == definition.json()["url"] == definition_url(APP_BASE)
+    get_fhir_model_class("OperationDefinition").model_validate(definition.json())
+
+
+async def test_an_unauthenticated_call_is_401_with_an_operation_outcome(ehr: TestEhr, tmp_path: Path) -> None:
+    async with running_app(operation_settings(tmp_path, ehr)) as (client, _app):
+        post = await client.post(SUMMARIZE.format("p1"), json=parameters())
+        get = await client.get(SUMMARIZE.format("p1"))
+    for response in (post, get):
+        assert outcome(response, 401)["code"] == "login"
+        assert response.headers["www-authenticate"].startswith("Bearer")
+
+
+async def test_a_token_for_another_patient_is_403(ehr: TestEhr, tmp_path: Path) -> None:
+    token = ehr.issue_token(patient="patient-a", scope=f"{READ} {WRITE}", audience=APP_BASE)
+    async with running_app(operation_settings(tmp_path, ehr)) as (client, _app):
+        post = await client.post(SUMMARIZE.format("patient-b"), json=parameters(), headers=bearer(token))
+        get = await client.get(SUMMARIZE.format("patient-b"), headers=bearer(token))
+    for response in (post, get):
+        issue = outcome(response, 403)
+        assert issue["code"] == "forbidden" and "another patient" in issue["diagnostics"]
+
+
+async def test_bad_parameters_are_400_naming_them(ehr: TestEhr, tmp_path: Path) -> None:
+    token = ehr.issue_token(patient="p1", scope=f"{READ} {WRITE}", audience=APP_BASE)
+    path = SUMMARIZE.format("p1")
+    async with running_app(operation_settings(tmp_path, ehr)) as (client, _app):
+        unknown = await client.post(
+            path, json=parameters({"name": "colour", "valueString": "red"}), headers=bearer(token)
+        )
+        unknown_get = await client.get(path, params={"colour": "red"}, headers=bearer(token))
+        writing_get = await client.get(path, params={"_dryRun": "false"}, headers=bearer(token))
+        not_json = await client.post(path, content=b"{", headers=bearer(token))
+        no_prompt = await client.post(
+            path,
+            json=parameters({"name": "promptVersion", "valueString": "summary/v99"}),
+            headers=bearer(token),
+        )
+        bad_id = await client.get(SUMMARIZE.format("p!1"), headers=bearer(token))
+    assert "'colour'" in outcome(unknown, 400)["diagnostics"]
+    assert "'colour'" in outcome(unknown_get, 400)["diagnostics"]
+    assert "cannot be false on GET" in outcome(writing_get, 400)["diagnostics"]
+    assert "not JSON" in outcome(not_json, 400)["diagnostics"]
+    assert "'promptVersion'" in outcome(no_prompt, 400)["diagnostics"]
+    assert "summary/v99" in outcome(no_prompt, 400)["diagnostics"]
+    assert "patient id" in outcome(bad_id, 400)["diagnostics"]

@@ -1,0 +1,222 @@
+"""The FHIR operation face: `Patient/{id}/$summarize`, for FHIR clients that speak operations.
+
+```
+POST /fhir/Patient/{id}/$summarize           Parameters body -> Bundle (collection)
+GET  /fhir/Patient/{id}/$summarize?...        always a dry run -> Bundle (collection)
+GET  /fhir/metadata                           the CapabilityStatement
+GET  /fhir/OperationDefinition/chartbrief-summarize
+```
+
+The parameters are `service.api.operation`'s one table. The answer is a collection Bundle with the
+DocumentReference, the Device and the Provenance: on a real run as the FHIR server holds them after
+the write (read back, with their ids and versions), on a dry run as they would be written (built by
+the writer's pure builders, nothing sent). A retried POST writes nothing new: the summary of the same
+inputs, prompt and model is found by its idempotency key and returned as it stands.
+
+Who may call, and for which patient, is exactly the REST API's rule (`routes.api.authorize`, with
+the `create` interaction: making a summary, even unwritten, runs the model on the patient's
+record), and the same admission bounds apply (429 with Retry-After). Errors are OperationOutcome.
+
+What it must not do: have a second way to authenticate, write anything on a GET or a dry run, or
+log anything but ids and counts.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from datetime import UTC, datetime
+from typing import Any
+
+import structlog
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse
+from sqlalchemy.orm import Session, sessionmaker
+
+from fhir_adapters.client import FhirClient
+from fhir_adapters.errors import FhirNotFound
+from fhir_adapters.write.draft import build_transaction
+from service.api.deps import AdmissionDep, ApiFhirDep, DatabaseDep, Pipeline, PipelineDep, get_settings
+from service.api.errors import FHIR_JSON, BadRequest, NotFound
+from service.api.limits import WorkAdmission
+from service.api.operation import (
+    OPERATION_ID,
+    SummarizeRequest,
+    capability_statement,
+    operation_definition,
+    parse_parameters,
+    parse_query,
+)
+from service.api.routes.api import ERROR_RESPONSES, PrincipalDep, _is_fhir_id, _take_place, authorize
+from service.api.security import Principal
+from service.fhir import write_options
+from service.pipeline import Services, SummaryResult, summarize_patient
+from service.prompts import PromptError, load_prompt
+
+log = structlog.get_logger(__name__)
+
+router = APIRouter(prefix="/fhir", tags=["fhir"])
+
+VERSION = "0.1.0"
+# The order of the resources in the answer (and of the entries a transaction writes them with).
+ANSWER_TYPES = ("DocumentReference", "Device", "Provenance")
+
+
+def _fhir(body: dict[str, Any], status: int = 200) -> JSONResponse:
+    return JSONResponse(body, status_code=status, media_type=FHIR_JSON)
+
+
+@router.get("/metadata", summary="The CapabilityStatement of the FHIR operation face")
+async def metadata(request: Request) -> JSONResponse:
+    base = get_settings(request).smart.public_base_url
+    today = datetime.now(UTC).date().isoformat()
+    return _fhir(capability_statement(base, date=today, version=VERSION))
+
+
+@router.get(f"/OperationDefinition/{OPERATION_ID}", summary="The $summarize OperationDefinition")
+async def definition(request: Request) -> JSONResponse:
+    return _fhir(operation_definition(get_settings(request).smart.public_base_url))
+
+
+@router.post(
+    "/Patient/{patient_id}/$summarize",
+    responses=ERROR_RESPONSES,
+    summary="Summarize a patient (FHIR operation)",
+)
+async def summarize_post(
+    patient_id: str,
+    request: Request,
+    principal: PrincipalDep,
+    db: DatabaseDep,
+    fhir: ApiFhirDep,
+    pipeline: PipelineDep,
+    admission: AdmissionDep,
+) -> JSONResponse:
+    patient = _patient(patient_id)
+    raw = await request.body()
+    if raw.strip():
+        try:
+            body: object = json.loads(raw)
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise BadRequest("the request body is not JSON (a FHIR Parameters resource)") from exc
+        operation = parse_parameters(body)
+    else:
+        operation = SummarizeRequest()
+    await authorize(db, request, principal, "create", patient)
+    return await _summarize(request, principal, db, fhir.ready(), pipeline, admission, patient, operation)
+
+
+@router.get(
+    "/Patient/{patient_id}/$summarize",
+    responses=ERROR_RESPONSES,
+    summary="Summarize a patient without writing (FHIR operation, always a dry run)",
+)
+async def summarize_get(
+    patient_id: str,
+    request: Request,
+    principal: PrincipalDep,
+    db: DatabaseDep,
+    fhir: ApiFhirDep,
+    pipeline: PipelineDep,
+    admission: AdmissionDep,
+) -> JSONResponse:
+    patient = _patient(patient_id)
+    operation = parse_query(request.query_params.multi_items())
+    await authorize(db, request, principal, "create", patient)
+    return await _summarize(request, principal, db, fhir.ready(), pipeline, admission, patient, operation)
+
+
+def _patient(patient_id: str) -> str:
+    if not _is_fhir_id(patient_id):
+        raise BadRequest("patient id is not a valid FHIR id ([A-Za-z0-9-.]{1,64})")
+    return patient_id
+
+
+async def _summarize(
+    request: Request,
+    principal: Principal,
+    db: sessionmaker[Session],
+    client: FhirClient,
+    pipeline: Pipeline,
+    admission: WorkAdmission,
+    patient: str,
+    operation: SummarizeRequest,
+) -> JSONResponse:
+    svc = pipeline.services(client)
+    if operation.prompt_version is not None:
+        svc = _with_prompt(svc, operation.prompt_version)
+    try:
+        await client.read("Patient", patient)
+    except FhirNotFound as exc:
+        raise NotFound(f"Patient/{patient} is not on the FHIR server") from exc
+    place = await _take_place(admission, db, request, principal, patient, "api-stream")
+    try:
+        try:
+            result = await summarize_patient(
+                svc,
+                patient,
+                encounter_id=operation.encounter,
+                dry_run=operation.dry_run,
+                skip_unchanged=not operation.dry_run,
+            )
+        except FhirNotFound as exc:
+            if operation.encounter is None:
+                raise
+            raise NotFound(f"Encounter/{operation.encounter} is not on the FHIR server") from exc
+        bundle = await (_would_write(svc, result) if operation.dry_run else _written(client, result))
+        place.finish()
+    finally:
+        place.release()
+    log.info(
+        "fhir.summarized",
+        dry_run=operation.dry_run,
+        unchanged=result.unchanged,
+        entries=len(bundle["entry"]),
+    )
+    return _fhir(bundle)
+
+
+def _with_prompt(svc: Services, spec: str) -> Services:
+    """`svc` writing with the prompt `spec`, or `BadRequest` when this service has no such prompt."""
+    settings = svc.settings
+    try:
+        load_prompt(spec, settings.prompts_dir)
+    except PromptError as exc:
+        raise BadRequest(f"parameter 'promptVersion': this service has no prompt {spec!r}") from exc
+    return replace(svc, settings=settings.model_copy(update={"prompt": spec}))
+
+
+def _collection(entries: list[dict[str, Any]]) -> dict[str, Any]:
+    return {
+        "resourceType": "Bundle",
+        "type": "collection",
+        "timestamp": datetime.now(UTC).isoformat(timespec="seconds"),
+        "entry": entries,
+    }
+
+
+async def _would_write(svc: Services, result: SummaryResult) -> dict[str, Any]:
+    """The resources as the write would send them (the transaction's own builders), nothing sent."""
+    if result.draft is None:
+        raise RuntimeError("the pipeline returned no draft for a dry run")
+    transaction = build_transaction(result.draft, write_options(svc.settings.writer), previous=None)
+    entries: list[dict[str, Any]] = []
+    for entry in transaction["entry"]:
+        resource = entry["resource"]
+        full_url = entry.get("fullUrl") or f"{svc.client.base_url}/{entry['request']['url']}"
+        entries.append({"fullUrl": full_url, "resource": resource})
+    entries.sort(key=lambda e: ANSWER_TYPES.index(e["resource"]["resourceType"]))
+    return _collection(entries)
+
+
+async def _written(client: FhirClient, result: SummaryResult) -> dict[str, Any]:
+    """The written resources as the FHIR server holds them now: ids and versions are the server's."""
+    write = result.write
+    if write is None:
+        raise RuntimeError("the pipeline returned no write result for a real run")
+    entries: list[dict[str, Any]] = []
+    for reference in (write.document_reference, write.device, write.provenance):
+        rtype, _, rid = reference.partition("/")
+        resource = await client.read(rtype, rid)
+        entries.append({"fullUrl": f"{client.base_url}/{rtype}/{rid}", "resource": resource})
+    return _collection(entries)
