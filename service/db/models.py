@@ -161,6 +161,8 @@ class ReviewOutcomeRow(Base):
     words_changed: Mapped[int | None] = mapped_column(Integer, nullable=True)  # edit only
     chars_changed: Mapped[int | None] = mapped_column(Integer, nullable=True)  # edit only
     draft_words: Mapped[int | None] = mapped_column(Integer, nullable=True)  # edit only: the AI text's size
+    # CDS card feedback only: the override reason codes the EHR sent (codes, never a user comment)
+    override_reasons: Mapped[list[str] | None] = mapped_column(JSON, nullable=True)
 
 
 class ApiKey(Base):

@@ -339,8 +339,7 @@ def cds_feedback(
         )
         group = groups.setdefault(key, {"accepted": 0, "overridden": 0, "reasons": defaultdict(int)})
         group[CDS_ACTIONS[outcome.action]] += 1
-        _, _, codes = outcome.who.partition(" reasons=")
-        for code in filter(None, codes.split(",")):
+        for code in outcome.override_reasons:
             group["reasons"][code] += 1
     return [
         {

@@ -35,7 +35,8 @@ class ReviewOutcomeRecord:
     words_changed: int | None
     chars_changed: int | None
     draft_words: int | None
-    who: str = ""  # for CDS card feedback: `cds:<iss> reasons=<codes>`
+    who: str = ""  # for CDS card feedback: `cds:<iss>`
+    override_reasons: tuple[str, ...] = ()  # CDS card feedback: the override reason codes
 
 
 @dataclass(frozen=True)
@@ -120,6 +121,7 @@ def review_outcomes(db: sessionmaker[Session]) -> list[ReviewOutcomeRecord]:
                 chars_changed=r.chars_changed,
                 draft_words=r.draft_words,
                 who=r.who,
+                override_reasons=tuple(r.override_reasons or ()),
             )
             for r in rows
         ]
@@ -166,13 +168,13 @@ def record_cds_feedback(
         raise ValueError(f"feedback outcome must be one of {sorted(CDS_OUTCOMES)}, got {outcome!r}")
     with db.begin() as s:
         summary = s.get(SummaryRow, summary_id) if summary_id else None
-        tail = f" reasons={','.join(r for r in reasons if r)}" if reasons else ""
         row = ReviewOutcomeRow(
             at=at or datetime.now(UTC),
             action=action,
             document_reference=(summary.document_reference or "") if summary else "",
             patient_id=summary.patient_id if summary else "",
-            who=(who + tail)[:500],
+            who=who[:500],
+            override_reasons=[r[:200] for r in reasons or () if r] or None,
             summary_id=summary.id if summary else None,
             draft_created_at=None,
         )

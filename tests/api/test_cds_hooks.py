@@ -244,7 +244,7 @@ async def test_feedback_is_recorded_with_the_review_outcomes(ehr: TestEhr, tmp_p
                     "card": "none.def",
                     "outcome": "overridden",
                     "outcomeTimestamp": "2026-01-01T10:00:00Z",
-                    "overrideReasons": [{"reason": {"code": "not-relevant", "system": "urn:x"}}],
+                    "overrideReason": {"reason": {"code": "not-relevant", "system": "urn:x"}, "userComment": "free text"},
                 },
             ]
         }
@@ -263,7 +263,8 @@ async def test_feedback_is_recorded_with_the_review_outcomes(ehr: TestEhr, tmp_p
             rows = list(s.scalars(select(ReviewOutcomeRow).order_by(ReviewOutcomeRow.id)).all())
     assert ok.status_code == 200 and bad.status_code == 400 and unsigned.status_code == 401
     assert [r.action for r in rows] == ["cds_accepted", "cds_overridden"]
-    assert "not-relevant" in rows[1].who
+    assert rows[1].override_reasons == ["not-relevant"] and rows[1].who.startswith("cds:")
+    assert "free text" not in repr([(r.who, r.override_reasons) for r in rows])  # the user comment is not kept
 
 
 def summary_fields(fhir_base: str) -> dict[str, Any]:
@@ -307,7 +308,7 @@ async def test_a_card_names_its_summary_so_feedback_is_counted_per_model_and_pro
                     "card": card_id,
                     "outcome": "overridden",
                     "outcomeTimestamp": "2026-01-01T10:01:00Z",
-                    "overrideReasons": [{"reason": {"code": "already-known", "system": "urn:x"}}],
+                    "overrideReason": {"reason": {"code": "already-known", "system": "urn:x"}},
                 },
             ]
         }

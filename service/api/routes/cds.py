@@ -258,12 +258,7 @@ async def feedback(request: Request) -> JSONResponse:
             return _error(400, f"feedback[{n}] needs card (a uuid) and outcome accepted or overridden")
     for item in items:
         summary_id = item["card"].split(".")[0]
-        raw = item.get("overrideReasons")
-        reasons = (
-            [str((r.get("reason") or {}).get("code") or "") for r in raw if isinstance(r, dict)]
-            if isinstance(raw, list)
-            else []
-        )
+        reasons = override_reason_codes(item)
         await in_thread(
             record_cds_feedback,
             runtime.db,
@@ -273,3 +268,23 @@ async def feedback(request: Request) -> JSONResponse:
             who=f"cds:{claims['iss']}",
         )
     return JSONResponse({}, status_code=200)
+
+
+def override_reason_codes(item: dict[str, Any]) -> list[str]:
+    """The reason codes of a feedback item's `overrideReason` (CDS Hooks 2.0: one object with a
+    `reason` Coding; a list is taken too). Its `userComment` is free text and is never kept.
+
+    >>> override_reason_codes({"overrideReason": {"reason": {"code": "already-known"}, "userComment": "x"}})
+    ['already-known']
+    >>> override_reason_codes({"outcome": "accepted"})
+    []
+    """
+    raw = item.get("overrideReason", item.get("overrideReasons"))
+    given = raw if isinstance(raw, list) else [raw]
+    codes = []
+    for reason in given:
+        coding = reason.get("reason") if isinstance(reason, dict) else None
+        code = coding.get("code") if isinstance(coding, dict) else None
+        if isinstance(code, str) and code:
+            codes.append(code)
+    return codes

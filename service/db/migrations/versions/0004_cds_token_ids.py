@@ -1,4 +1,5 @@
-"""the CDS clients' JWT ids already used, so a replay is refused by every process
+"""the CDS clients' JWT ids already used (a replay is refused by every process), and the override
+reason codes of CDS card feedback
 
 Revision ID: 0004
 Revises: 0003
@@ -25,9 +26,13 @@ def upgrade() -> None:
     )
     with op.batch_alter_table("cds_token_ids", schema=None) as batch_op:
         batch_op.create_index(batch_op.f("ix_cds_token_ids_expires_at"), ["expires_at"], unique=False)
+    with op.batch_alter_table("review_outcomes", schema=None) as batch_op:
+        batch_op.add_column(sa.Column("override_reasons", sa.JSON(), nullable=True))
 
 
 def downgrade() -> None:
+    with op.batch_alter_table("review_outcomes", schema=None) as batch_op:
+        batch_op.drop_column("override_reasons")
     with op.batch_alter_table("cds_token_ids", schema=None) as batch_op:
         batch_op.drop_index(batch_op.f("ix_cds_token_ids_expires_at"))
     op.drop_table("cds_token_ids")
