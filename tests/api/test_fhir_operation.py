@@ -226,3 +226,34 @@ async def test_bad_parameters_are_400_naming_them(ehr: TestEhr, tmp_path: Path) 
     assert "'promptVersion'" in outcome(no_prompt, 400)["diagnostics"]
     assert "summary/v99" in outcome(no_prompt, 400)["diagnostics"]
     assert "patient id" in outcome(bad_id, 400)["diagnostics"]
+
+
+async def test_a_full_work_bound_is_429_with_retry_after_and_frees_nothing_it_did_not_take(
+    ehr: TestEhr, tmp_path: Path
+) -> None:
+    token = ehr.issue_token(patient="p1", scope=f"{READ} {WRITE}", audience=APP_BASE, subject="svc-busy")
+    settings = operation_settings(tmp_path, ehr)
+    settings = settings.model_copy(
+        update={"api": settings.api.model_copy(update={"max_queued_work_per_client": 1})}
+    )
+    async with running_app(settings) as (client, app):
+        admission = app.state.runtime.admission
+        held = admission.admit("svc-busy", "job")  # this client's one place, taken by other work
+        refused = await client.get(SUMMARIZE.format("p1"), headers=bearer(token))
+        assert admission.in_flight_for("svc-busy") == 1
+        held.release()
+    issue = outcome(refused, 429)
+    assert issue["code"] == "throttled"
+    assert int(refused.headers["retry-after"]) >= 1
+
+
+async def test_an_unreachable_fhir_server_is_an_outcome_and_gives_the_place_back(
+    ehr: TestEhr, tmp_path: Path
+) -> None:
+    token = ehr.issue_token(patient="p1", scope=f"{READ} {WRITE}", audience=APP_BASE, subject="svc-down")
+    async with running_app(operation_settings(tmp_path, ehr)) as (client, app):
+        response = await client.get(SUMMARIZE.format("p1"), headers=bearer(token))
+        assert app.state.runtime.admission.in_flight_for("svc-down") == 0
+    assert response.status_code >= 500
+    assert response.headers["content-type"].startswith("application/fhir+json")
+    assert response.json()["resourceType"] == "OperationOutcome"

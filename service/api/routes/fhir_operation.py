@@ -145,12 +145,13 @@ async def _summarize(
     svc = pipeline.services(client)
     if operation.prompt_version is not None:
         svc = _with_prompt(svc, operation.prompt_version)
-    try:
-        await client.read("Patient", patient)
-    except FhirNotFound as exc:
-        raise NotFound(f"Patient/{patient} is not on the FHIR server") from exc
+    # A place before anything is fetched, like every other model work (`service.api.limits`).
     place = await _take_place(admission, db, request, principal, patient, "api-stream")
     try:
+        try:
+            await client.read("Patient", patient)
+        except FhirNotFound as exc:
+            raise NotFound(f"Patient/{patient} is not on the FHIR server") from exc
         try:
             result = await summarize_patient(
                 svc,
