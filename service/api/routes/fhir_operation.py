@@ -164,7 +164,7 @@ async def _summarize(
             if operation.encounter is None:
                 raise
             raise NotFound(f"Encounter/{operation.encounter} is not on the FHIR server") from exc
-        bundle = await (_would_write(svc, result) if operation.dry_run else _written(client, result))
+        bundle = _would_write(svc, result) if operation.dry_run else await _written(client, result)
         place.finish()
     finally:
         place.release()
@@ -196,7 +196,7 @@ def _collection(entries: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
-async def _would_write(svc: Services, result: SummaryResult) -> dict[str, Any]:
+def _would_write(svc: Services, result: SummaryResult) -> dict[str, Any]:
     """The resources as the write would send them (the transaction's own builders), nothing sent."""
     if result.draft is None:
         raise RuntimeError("the pipeline returned no draft for a dry run")
