@@ -38,7 +38,7 @@ async def measure(base: str, tmp: Path, requests: int) -> None:
         await client.create(summary_document(patient.id))
     auth = {"access_token": "bench-token", "token_type": "Bearer"}
     with TestEhr(NO_FHIR, redirect_uris=[REDIRECT_URI]) as ehr:
-        settings = settings_for(tmp, ehr)
+        settings = settings_for(tmp, ehr, fhir_servers=(base,))
         async with running_app(settings) as (client, _):
             await call(
                 client, hook(patient.id, fhirServer=base, fhirAuthorization=auth), signed(ehr)

@@ -24,9 +24,11 @@ AUD = f"{APP_BASE}/cds-services/chartbrief-summary"
 SYSTEM = "urn:chartbrief:summary"
 
 
-def settings_for(tmp_path: Path, ehr: TestEhr, **extra: Any) -> Any:
+def settings_for(tmp_path: Path, ehr: TestEhr, *, fhir_servers: tuple[str, ...] = (), **extra: Any) -> Any:
+    """`fhir_servers`: FHIR servers a hook may name as its fhirServer, besides the test EHR."""
     cds = {"clients": [{"issuer": ehr.base_url, "jwks_url": ehr.jwks_url}], **extra}
-    return app_settings(tmp_path, ehr, cds=cds, writer={"identifier_system": SYSTEM})
+    smart = {"allowed_issuers": [ehr.base_url, *fhir_servers]}
+    return app_settings(tmp_path, ehr, cds=cds, writer={"identifier_system": SYSTEM}, smart=smart)
 
 
 def signed(ehr: TestEhr, key: Any = None, **claims: Any) -> str:

@@ -65,16 +65,22 @@ async def test_without_prefetch_the_card_is_read_from_the_fhir_server_with_the_e
             "subject": "cds",
         },
     )
-    async with running_app(settings_for(tmp_path, ehr)) as (client, _):
+    async with running_app(settings_for(tmp_path, ehr, fhir_servers=(fhir_base,))) as (client, _):
         response = await call(client, body, signed(ehr))
+        foreign = await call(client, {**body, "fhirServer": "http://127.0.0.1:9/fhir"}, signed(ehr))
     assert response.status_code == 200
+    # The EHR's token is sent to no FHIR server the deployment does not name.
+    assert foreign.status_code == 400 and "fhirServer" in foreign.json()["error"]
     (card,) = response.json()["cards"]
     assert card["summary"] == "Adult, no active problems"
     assert "**State:** draft" in card["detail"]
 
 
 class _Slow(BaseHTTPRequestHandler):
+    authorizations: list[str | None] = []  # noqa: RUF012 - what each request carried, for the test
+
     def do_GET(self) -> None:  # noqa: N802 - the http.server name
+        self.authorizations.append(self.headers.get("Authorization"))
         time.sleep(3)
         self.send_response(200)
         self.send_header("Content-Type", "application/fhir+json")
@@ -104,12 +110,15 @@ async def test_a_slow_fhir_server_never_holds_the_card_past_its_budget(
         fhirServer=slow_fhir,
         fhirAuthorization={"access_token": "ehr-token", "token_type": "Bearer"},
     )
-    async with running_app(settings_for(tmp_path, ehr, budget_seconds=0.4)) as (client, _):
+    _Slow.authorizations.clear()
+    settings = settings_for(tmp_path, ehr, fhir_servers=(slow_fhir,), budget_seconds=0.4)
+    async with running_app(settings) as (client, _):
         started = time.perf_counter()
         response = await call(client, body, signed(ehr))
         took = time.perf_counter() - started
     assert response.status_code == 200
     assert took < 1.2, f"the card took {took:.2f} s with a 0.4 s budget"
+    assert _Slow.authorizations and set(_Slow.authorizations) == {"Bearer ehr-token"}  # the EHR's own token
     (card,) = response.json()["cards"]
     assert card["summary"] in ("No chartbrief summary yet", "A chartbrief summary is being prepared")
 

@@ -44,6 +44,7 @@ from service.cds.cards import (
     summary_card,
 )
 from service.cds.tokens import CdsTokenVerifier, StoredJti
+from service.config import Settings
 from service.db.store import in_thread
 from service.fhir import fhir_client
 from service.governance.records import CDS_OUTCOMES, record_cds_feedback
@@ -89,8 +90,21 @@ async def cds_discovery(request: Request) -> JSONResponse:
     return JSONResponse(discovery(get_runtime(request).settings.writer.identifier_system))
 
 
+def known_fhir_servers(settings: Settings) -> set[str]:
+    """The FHIR servers chartbrief may read a hook's record from: the EHRs it launches from
+    (smart.allowed_issuers) and its own (fhir.base_url)."""
+    servers = [*settings.smart.allowed_issuers, settings.fhir.base_url or ""]
+    return {s.rstrip("/") for s in servers if s}
+
+
 def _reader(request: Request, hook: HookRequest) -> FhirClient | None:
     runtime = get_runtime(request)
+    if hook.fhir_server and hook.fhir_server.rstrip("/") not in known_fhir_servers(runtime.settings):
+        # The EHR's token goes to no server the deployment does not name, whoever signed the hook.
+        raise HookRequestError(
+            "fhirServer is not a FHIR server chartbrief is configured for "
+            "(smart.allowed_issuers, fhir.base_url)"
+        )
     if hook.access_token and hook.fhir_server:
         return fhir_client(
             runtime.settings.fhir,
