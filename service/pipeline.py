@@ -102,6 +102,8 @@ class SummaryResult:
     notes: int = 0  # notes in the record
     # A prompt that reads the notes: the ones read, and the others with their reasons.
     notes_read: NotesRead | None = None
+    # The draft as built (written, or on a dry run what would have been): the FHIR face returns it.
+    draft: SummaryDraft | None = None
 
     def to_json(self) -> dict[str, Any]:
         """The CLI's `--json` object."""
@@ -418,6 +420,7 @@ async def complete_summary(
         facts=len(ctx.facts),
         notes=notes.total if notes else prep.notes,
         notes_read=notes,
+        draft=draft,
     )
     await _record(svc, result)
     log.info(

@@ -46,7 +46,7 @@ from service.api.deps import (
 from service.api.errors import FHIR_JSON, ApiError, Unauthenticated, issue_code_for_status, operation_outcome
 from service.api.jobs import JobRegistry
 from service.api.limits import WorkAdmission
-from service.api.routes import api, cds, health, launch, review
+from service.api.routes import api, cds, fhir_operation, health, launch, review
 from service.api.security import JwtVerifier, SecurityHeaders, frame_ancestor_origins, page_csp
 from service.api.throttle import BodyLimit, Throttle
 from service.config import Settings, web_settings_problems
@@ -129,7 +129,7 @@ def create_app(
         openapi_url="/openapi.json" if docs else None,
     )
     app.mount("/static", StaticFiles(directory=str(STATIC_DIR)), name="static")
-    for module in (health, launch, review, api, cds):
+    for module in (health, launch, review, api, cds, fhir_operation):
         app.include_router(module.router)
     _install_error_handlers(app, templates)
     csp = page_csp(frame_ancestor_origins(settings.smart.frame_ancestors, settings.smart.allowed_issuers))
@@ -234,7 +234,7 @@ class RequestLog:
 
 
 def _is_api(request: Request) -> bool:
-    return request.url.path.startswith("/api")
+    return request.url.path.startswith(("/api", "/fhir"))
 
 
 def error_response(
