@@ -22,6 +22,7 @@ from service.config_web import (
     PLACEHOLDER_SESSION_SECRET,
     ApiSettings,
     CdsSettings,
+    MetricsSettings,
     SmartSettings,
     _http_url,
     _is_plain_http_off_loopback,
@@ -262,6 +263,7 @@ class Settings(BaseSettings):
     smart: SmartSettings = Field(default_factory=SmartSettings)
     api: ApiSettings = Field(default_factory=ApiSettings)
     cds: CdsSettings = Field(default_factory=CdsSettings)
+    metrics: MetricsSettings = Field(default_factory=MetricsSettings)
     # Defined at the end of this module; the lambdas defer the name lookup until a default is built.
     batch: BatchSettings = Field(default_factory=lambda: BatchSettings())
     backend: BackendSettings = Field(default_factory=lambda: BackendSettings())

@@ -313,3 +313,22 @@ class CdsSettings(BaseModel):
     max_token_age_seconds: int = Field(
         default=300, ge=10, le=3600, description="How old a CDS client's JWT (its iat) may be."
     )
+
+
+class MetricsSettings(BaseModel):
+    port: int | None = Field(
+        default=None,
+        ge=1,
+        le=65535,
+        description="Serve /metrics on this port of its own (no authentication: bind it to an address only "
+        "Prometheus reaches, CHARTBRIEF_METRICS__HOST); then the main port has no /metrics. Empty = "
+        "/metrics on the main port, behind CHARTBRIEF_METRICS__BEARER_TOKEN.",
+    )
+    host: str = Field(
+        default="127.0.0.1", min_length=1, description="Address the metrics port binds to."
+    )
+    bearer_token: SecretStr | None = Field(
+        default=None,
+        description="The token Prometheus sends (`Authorization: Bearer`) to read /metrics on the main port. "
+        "Empty and no CHARTBRIEF_METRICS__PORT = /metrics is off (404).",
+    )

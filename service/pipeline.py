@@ -9,6 +9,7 @@ API and batch workers share it.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -73,6 +74,7 @@ class Services:
     client: FhirClient
     engine: Engine
     store: SummaryStore
+    observer: Callable[[SummaryResult], None] | None = None  # told of each recorded summary (metrics)
 
 
 @dataclass
@@ -95,6 +97,9 @@ class SummaryResult:
     seconds_fetch: float
     seconds_generate: float
     finish_reason: str | None = None
+    seconds_prompt: float = 0.0  # normalize, pack and render the model request
+    seconds_grounding: float = 0.0
+    seconds_write: float = 0.0
     write: WriteResult | None = None
     dry_run: bool = False
     facts: int = 0
@@ -305,6 +310,7 @@ class PreparedSummary:
     plan: NotePlan | None = None  # a prompt that reads the notes: which, and why not the others
     seconds_budget: float = 60.0
     quotations: bool = True
+    seconds_prompt: float = 0.0
 
 
 async def prepare_summary(
@@ -361,6 +367,7 @@ async def prepare_summary(
         notes=len(record.notes),
         started=started,
         seconds_fetch=fetched - started,
+        seconds_prompt=time.perf_counter() - fetched,
         plan=plan,
         seconds_budget=settings.narrative.seconds_budget,
         quotations=settings.narrative.quotations,
@@ -377,7 +384,7 @@ async def complete_summary(
 ) -> SummaryResult:
     """Ground the model's output, write the draft back (unless dry run), record it."""
     ctx, structured = prep.ctx, prep.structured
-    kept, dropped = ground_narration(prep, narration)
+    grounding_started, (kept, dropped) = time.perf_counter(), ground_narration(prep, narration)
     notes = notes_read(prep, narration)
     markdown = compose_markdown(ctx, structured, kept, dropped, prep.packed.omitted, notes)
     grounded = GroundingResult(kept=kept, dropped=dropped)
@@ -395,6 +402,7 @@ async def complete_summary(
         encounter=ctx.encounter,
         **_period(ctx),
     )
+    write_started = time.perf_counter()
     write = None if dry_run else await write_summary(svc.client, draft, write_options(svc.settings.writer))
     result = SummaryResult(
         patient=prep.patient_id,
@@ -415,6 +423,9 @@ async def complete_summary(
         seconds=time.perf_counter() - prep.started,
         seconds_fetch=prep.seconds_fetch,
         seconds_generate=narration.seconds,
+        seconds_prompt=prep.seconds_prompt,
+        seconds_grounding=write_started - grounding_started,
+        seconds_write=time.perf_counter() - write_started if write is not None else 0.0,
         write=write,
         dry_run=dry_run,
         facts=len(ctx.facts),
@@ -424,12 +435,8 @@ async def complete_summary(
     )
     await _record(svc, result)
     log.info(
-        "summary.done",
-        kept=len(result.kept),
-        dropped=len(result.dropped),
-        written=bool(write and write.created),
-        document_reference=write.document_reference if write else None,
-        seconds=round(result.seconds, 2),
+        "summary.done", kept=len(result.kept), dropped=len(result.dropped), seconds=round(result.seconds, 2),
+        written=bool(write and write.created), document_reference=write.document_reference if write else None,
     )
     return result
 
@@ -583,17 +590,11 @@ async def _record(svc: Services, r: SummaryResult) -> None:
             "superseded": w.superseded if w else None,
         },
     )
+    if svc.observer is not None:
+        svc.observer(r)
 
 
 __all__ = [
-    "PackedContext",
-    "PreparedSummary",
-    "Services",
-    "SummaryResult",
-    "complete_summary",
-    "compose_markdown",
-    "ground_narration",
-    "narrate_summary",
-    "prepare_summary",
-    "summarize_patient",
+    "PackedContext", "PreparedSummary", "Services", "SummaryResult", "complete_summary", "compose_markdown",
+    "ground_narration", "narrate_summary", "prepare_summary", "summarize_patient",
 ]

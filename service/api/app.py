@@ -20,6 +20,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from wsgiref.simple_server import WSGIServer
 
 import httpx
 import structlog
@@ -28,6 +29,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
+from prometheus_client import start_http_server
 from sqlalchemy.exc import SQLAlchemyError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -46,7 +48,7 @@ from service.api.deps import (
 from service.api.errors import FHIR_JSON, ApiError, Unauthenticated, issue_code_for_status, operation_outcome
 from service.api.jobs import JobRegistry
 from service.api.limits import WorkAdmission
-from service.api.routes import api, cds, fhir_operation, health, launch, review
+from service.api.routes import api, cds, fhir_operation, health, launch, metrics, review
 from service.api.security import JwtVerifier, SecurityHeaders, frame_ancestor_origins, page_csp
 from service.api.throttle import BodyLimit, Throttle
 from service.config import Settings, web_settings_problems
@@ -93,6 +95,7 @@ def create_app(
             model=ModelSlot(engine=engine),
         )
         app.state.runtime = runtime
+        metrics_server = _watch(runtime)
         if settings.api.purge_interval_seconds > 0:
             purge = asyncio.create_task(_purge_every(runtime, settings.api.purge_interval_seconds))
             runtime.background.add(purge)
@@ -112,6 +115,9 @@ def create_app(
                 await runtime.service_client.aclose()
             if engine is None and runtime.model.engine is not None:
                 await runtime.model.engine.aclose()
+            if metrics_server is not None:
+                metrics_server.shutdown()
+                metrics_server.server_close()
             store.close()
             if own_http:
                 await shared.aclose()
@@ -129,7 +135,7 @@ def create_app(
         openapi_url="/openapi.json" if docs else None,
     )
     app.mount("/static", StaticFiles(directory=str(STATIC_DIR)), name="static")
-    for module in (health, launch, review, api, cds, fhir_operation):
+    for module in (health, metrics, launch, review, api, cds, fhir_operation):
         app.include_router(module.router)
     _install_error_handlers(app, templates)
     csp = page_csp(frame_ancestor_origins(settings.smart.frame_ancestors, settings.smart.allowed_issuers))
@@ -140,6 +146,21 @@ def create_app(
     app.add_middleware(SecurityHeaders, csp=csp, hsts=settings.environment == "production")
     app.add_middleware(RequestLog)
     return app
+
+
+def _watch(runtime: Runtime) -> WSGIServer | None:
+    """Tell the metrics what they count, and serve them on their own port if one is set."""
+    figures = runtime.metrics
+    figures.watch(in_flight=lambda: runtime.admission.in_flight, jobs_live=lambda: runtime.jobs.live)
+    figures.watch_database(runtime.db)
+    runtime.admission.on_refusal = figures.refused
+    runtime.jobs.on_failure = figures.summary_failed
+    port = runtime.settings.metrics.port
+    if port is None:
+        return None
+    server, _thread = start_http_server(port, addr=runtime.settings.metrics.host, registry=figures.registry)
+    log.info("api.metrics_port", port=port)
+    return server
 
 
 async def _purge_every(runtime: Runtime, seconds: int) -> None:

@@ -37,6 +37,7 @@ from service.config import Settings, SmartSettings
 from service.db.launch import TokenCipher
 from service.db.store import SqlSummaryStore, SummaryStore
 from service.llm.base import Engine
+from service.metrics import Metrics
 from service.pipeline import Services
 
 TEMPLATES_DIR = Path(__file__).resolve().parent / "templates"
@@ -129,10 +130,13 @@ class Pipeline:
     settings: Settings
     store: SummaryStore
     model: ModelSlot
+    metrics: Metrics | None = None
 
     def services(self, client: FhirClient) -> Services:
         """`Services` reading and writing through `client` (a session's EHR, or the API's server)."""
-        return Services(settings=self.settings, client=client, engine=self.model.ready(), store=self.store)
+        observer = self.metrics.summary_done if self.metrics is not None else None
+        engine, store = self.model.ready(), self.store
+        return Services(settings=self.settings, client=client, engine=engine, store=store, observer=observer)
 
 
 @dataclass(frozen=True)
@@ -166,6 +170,7 @@ class Runtime:
     service_client: FhirClient | None = None  # settings.fhir: the REST API's FHIR server
     model: ModelSlot = field(default_factory=ModelSlot)
     background: set[asyncio.Task[None]] = field(default_factory=set)
+    metrics: Metrics = field(default_factory=Metrics)
 
     @property
     def db(self) -> sessionmaker[Session]:
@@ -232,7 +237,8 @@ def get_verifier(request: Request) -> JwtVerifier | None:
 
 def get_pipeline(request: Request) -> Pipeline:
     runtime = get_runtime(request)
-    return Pipeline(settings=runtime.settings, store=runtime.store, model=runtime.model)
+    metrics = runtime.metrics
+    return Pipeline(settings=runtime.settings, store=runtime.store, model=runtime.model, metrics=metrics)
 
 
 def get_api_fhir(request: Request) -> ApiFhir:

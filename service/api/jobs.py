@@ -71,6 +71,7 @@ class JobRegistry:
 
     def __init__(self, max_jobs: int, *, concurrency: int = 2) -> None:
         self.max_jobs = max_jobs
+        self.on_failure: Callable[[], None] | None = None  # told of each failed job (the metrics count them)
         self._jobs: OrderedDict[str, Job] = OrderedDict()
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._slots = asyncio.Semaphore(concurrency)
@@ -128,6 +129,8 @@ class JobRegistry:
             raise
         except Exception as exc:  # one job's failure is reported on the job, never raised further
             job.status, job.error = "failed", describe_error(exc)
+            if self.on_failure is not None:
+                self.on_failure()
             log.warning("api.job_failed", job_id=job.id, patient_id=job.patient_id, error=type(exc).__name__)
         finally:
             job.finished_at = time.time()

@@ -76,6 +76,8 @@ class WorkAdmission:
         self._default_estimate = estimate_seconds
         self._recent: deque[float] = deque(maxlen=RECENT_RUNS)
         self._by_client: dict[str, list[Place]] = {}
+        # Told of each refusal as (kind, "client" | "total"): the metrics count them.
+        self.on_refusal: Callable[[WorkKind, str], None] | None = None
 
     @classmethod
     def from_settings(cls, api: ApiSettings) -> WorkAdmission:
@@ -106,6 +108,7 @@ class WorkAdmission:
             self._refuse(
                 client,
                 kind,
+                "client",
                 mine,
                 f"this client already has {len(mine)} of at most {self.max_per_client} summaries queued or "
                 "running (CHARTBRIEF_API__MAX_QUEUED_WORK_PER_CLIENT)",
@@ -115,6 +118,7 @@ class WorkAdmission:
             self._refuse(
                 client,
                 kind,
+                "total",
                 everyone,
                 f"chartbrief is busy: {total} of at most {self.max_total} summaries are queued or running "
                 "(CHARTBRIEF_API__MAX_QUEUED_WORK)",
@@ -153,8 +157,10 @@ class WorkAdmission:
         if not places:
             del self._by_client[place.client]
 
-    def _refuse(self, client: str, kind: WorkKind, full: list[Place], message: str) -> None:
+    def _refuse(self, client: str, kind: WorkKind, bound: str, full: list[Place], message: str) -> None:
         retry_after = self.retry_after(full)
+        if self.on_refusal is not None:
+            self.on_refusal(kind, bound)
         log.warning(
             "work.refused",
             client=client,
