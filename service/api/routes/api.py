@@ -299,7 +299,7 @@ async def create_summary(
 ) -> JSONResponse:
     await authorize(db, request, principal, "create", body.patient)
     svc = pipeline.services(fhir.ready())
-    place = await _take_place(admission, db, request, principal, body.patient, "job")
+    place = await take_place(admission, db, request, principal, body.patient, "job")
 
     async def run() -> dict[str, Any]:
         result = await summarize_patient(svc, body.patient, encounter_id=body.encounter, skip_unchanged=True)
@@ -357,7 +357,7 @@ async def latest_summary(
     fhir: ApiFhirDep,
     store: StoreDep,
 ) -> JSONResponse:
-    if not _is_fhir_id(patient_id):
+    if not is_fhir_id(patient_id):
         raise BadRequest("patient id is not a valid FHIR id ([A-Za-z0-9-.]{1,64})")
     await authorize(db, request, principal, "read", patient_id)
     client = fhir.ready()
@@ -410,7 +410,7 @@ async def stream_summary_events(
 ) -> Response:
     await authorize(db, request, principal, "create", body.patient)
     svc = pipeline.services(fhir.ready())
-    place = await _take_place(admission, db, request, principal, body.patient, "api-stream")
+    place = await take_place(admission, db, request, principal, body.patient, "api-stream")
     # The background task covers a response whose body is never iterated (HEAD, a send that fails
     # first); the generator's own exit covers a client that goes away mid-stream.
     return EventSourceResponse(
@@ -418,7 +418,7 @@ async def stream_summary_events(
     )
 
 
-async def _take_place(
+async def take_place(
     admission: WorkAdmission,
     db: sessionmaker[Session],
     request: Request,
@@ -474,5 +474,5 @@ async def _api_summary_events(svc: Services, body: SummaryRequest) -> AsyncGener
         yield {"event": "error", "data": json.dumps(outcome)}
 
 
-def _is_fhir_id(value: str) -> bool:
+def is_fhir_id(value: str) -> bool:
     return 0 < len(value) <= 64 and all(c.isascii() and (c.isalnum() or c in "-.") for c in value)

@@ -47,7 +47,7 @@ from service.api.operation import (
     parse_parameters,
     parse_query,
 )
-from service.api.routes.api import ERROR_RESPONSES, PrincipalDep, _is_fhir_id, _take_place, authorize
+from service.api.routes.api import ERROR_RESPONSES, PrincipalDep, is_fhir_id, take_place, authorize
 from service.api.security import Principal
 from service.fhir import write_options
 from service.pipeline import Services, SummaryResult, summarize_patient
@@ -127,7 +127,7 @@ async def summarize_get(
 
 
 def _patient(patient_id: str) -> str:
-    if not _is_fhir_id(patient_id):
+    if not is_fhir_id(patient_id):
         raise BadRequest("patient id is not a valid FHIR id ([A-Za-z0-9-.]{1,64})")
     return patient_id
 
@@ -146,7 +146,7 @@ async def _summarize(
     if operation.prompt_version is not None:
         svc = _with_prompt(svc, operation.prompt_version)
     # A place before anything is fetched, like every other model work (`service.api.limits`).
-    place = await _take_place(admission, db, request, principal, patient, "api-stream")
+    place = await take_place(admission, db, request, principal, patient, "api-stream")
     try:
         try:
             await client.read("Patient", patient)
