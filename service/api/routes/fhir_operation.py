@@ -47,7 +47,7 @@ from service.api.operation import (
     parse_parameters,
     parse_query,
 )
-from service.api.routes.api import ERROR_RESPONSES, PrincipalDep, is_fhir_id, take_place, authorize
+from service.api.routes.api import ERROR_RESPONSES, PrincipalDep, authorize, is_fhir_id, take_place
 from service.api.security import Principal
 from service.fhir import write_options
 from service.pipeline import Services, SummaryResult, summarize_patient
