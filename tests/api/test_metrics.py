@@ -7,6 +7,8 @@ from __future__ import annotations
 import json
 import re
 import socket
+import uuid
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +19,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from service.db.batch import BatchRepository, ItemOutcome
 from service.dev.sandbox import LoadedPatient
 from service.governance.records import record_cds_feedback
-from service.llm.fake import FakeEngine
+from service.llm.fake import FAKE_IDENTITY, FakeEngine
 from service.metrics import Metrics
 from tests.api.conftest import APP_BASE, app_settings, running_app
 from tests.api.test_api import READ, SMALL, WRITE, bearer
@@ -92,7 +94,12 @@ async def test_a_summary_through_the_api_moves_outcomes_stages_tokens_and_claims
     ehr: TestEhr, tmp_path: Path, fhir_base: str, loaded_patients: dict[str, LoadedPatient]
 ) -> None:
     patient = loaded_patients[SMALL].id
-    engine = FakeEngine()
+    # Its own sampling tag: a summary key no other test wrote, so this one is written, not found.
+    engine = FakeEngine(
+        identity=replace(
+            FAKE_IDENTITY, sampling=f"{FAKE_IDENTITY.sampling} test=metrics-{uuid.uuid4().hex}"
+        )
+    )
     # One claim that cites nothing in the record: grounding drops it, and the metrics count the drop.
     engine.enqueue(json.dumps({"claims": [{"text": "Takes warfarin 5 mg daily.", "citations": ["M999"]}]}))
     token = ehr.issue_token(patient=patient, scope=f"{READ} {WRITE}", audience=APP_BASE, subject="portal")
@@ -150,7 +157,10 @@ async def test_review_outcomes_and_batch_progress_are_read_from_the_database(
         batch = BatchRepository.from_url(settings.db.url)  # what a batch process on another machine does
         try:
             run_id = batch.create_run(
-                fhir_base="http://fhir.test/r4", mode="local", selection="changed", patient_ids=["a", "b", "c"]
+                fhir_base="http://fhir.test/r4",
+                mode="local",
+                selection="changed",
+                patient_ids=["a", "b", "c"],
             )
             batch.start_item(run_id, "a", "worker-1")
             batch.finish_item(run_id, "a", ItemOutcome(state="done"))
@@ -167,9 +177,7 @@ async def test_review_outcomes_and_batch_progress_are_read_from_the_database(
 def test_every_label_value_comes_from_a_closed_set() -> None:
     figures = Metrics()
     figures.refused("a-kind-nobody-declared", "somewhere")
-    text = "\n".join(
-        f"{s.name}{s.labels}" for family in figures.registry.collect() for s in family.samples
-    )
+    text = "\n".join(f"{s.name}{s.labels}" for family in figures.registry.collect() for s in family.samples)
     assert "a-kind-nobody-declared" not in text and "somewhere" not in text
     assert "other" in text
 
@@ -188,5 +196,7 @@ def test_the_dashboard_asks_only_for_metrics_chartbrief_exposes() -> None:
     suffixes = ("_total", "_bucket", "_sum", "_count")
     for expr in exprs:
         for used in re.findall(r"chartbrief_[a-z_]+", expr):
-            base = next((used[: -len(x)] for x in suffixes if used.endswith(x) and used[: -len(x)] in names), used)
+            base = next(
+                (used[: -len(x)] for x in suffixes if used.endswith(x) and used[: -len(x)] in names), used
+            )
             assert base in names, f"{used} in {expr!r} is not a metric chartbrief exposes"
