@@ -4,9 +4,10 @@ Nothing here reads the network or the database: the route hands in the request b
 chartbrief DocumentReference (or None) and the Patient, and gets back the CDS Hooks answer.
 
 State of a summary: `approved` when the DocumentReference's docStatus is final, `draft` for
-preliminary; `stale` when the Patient resource changed after the summary was written (its
-meta.lastUpdated is later than the document's date) - a cheap signal that fits the time budget;
-the review screen's claim-by-claim check stays the authority.
+preliminary; `stale` when the record changed after the summary was written: a resource the summary
+reads was updated since (service.cds.freshness asks the FHIR server, and the card names the changed
+types), or, when the server could not be asked, the Patient's meta.lastUpdated is later than the
+document's date. The review screen's claim-by-claim check stays the authority.
 
 What it must not do: put a token, a name or a birth date in a card's uuid, or invent a summary
 line that the stored document does not hold.
@@ -20,7 +21,7 @@ import json
 import re
 import uuid
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Literal
 
@@ -133,14 +134,35 @@ def _lines(data: Mapping[str, Any], title: str) -> list[str]:
     for section in data.get("sections") or []:
         if isinstance(section, dict) and section.get("title") == title:
             return [
-                str(line.get("text", ""))
-                for line in section.get("lines") or []
-                if isinstance(line, dict)
+                str(line.get("text", "")) for line in section.get("lines") or [] if isinstance(line, dict)
             ]
     return []
 
 
-def _when(value: Any) -> datetime | None:
+@dataclass(frozen=True)
+class Freshness:
+    """`checked`: every type was asked and answered. `changed`: resource type -> changed resources
+    found (capped per type). `reason`: why it was not checked."""
+
+    checked: bool
+    changed: Mapping[str, int] = field(default_factory=dict)
+    reason: str = ""
+
+    @property
+    def stale(self) -> bool:
+        return bool(self.changed)
+
+
+def describe(changed: Mapping[str, int]) -> str:
+    """The changes as the card names them.
+
+    >>> describe({"Observation": 2, "Condition": 1})
+    '2 Observation, 1 Condition'
+    """
+    return ", ".join(f"{n} {kind}" for kind, n in changed.items())
+
+
+def instant_of(value: Any) -> datetime | None:
     if not isinstance(value, str):
         return None
     try:
@@ -150,16 +172,31 @@ def _when(value: Any) -> datetime | None:
     return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
 
 
-def state_of(doc: Mapping[str, Any], patient: Mapping[str, Any] | None) -> State:
-    written = _when(doc.get("date"))
-    changed = _when(((patient or {}).get("meta") or {}).get("lastUpdated"))
-    if written and changed and changed > written:
+def state_of(
+    doc: Mapping[str, Any], patient: Mapping[str, Any] | None, freshness: Freshness | None = None
+) -> State:
+    """`stale` from the FHIR server's answer when it was asked, else from the Patient's lastUpdated.
+
+    >>> summary = {"docStatus": "final", "date": "2026-03-01T10:00:00Z"}
+    >>> later = {"meta": {"lastUpdated": "2026-03-02T08:00:00Z"}}
+    >>> state_of(summary, later), state_of(summary, later, Freshness(checked=True))
+    ('stale', 'approved')
+    >>> state_of(summary, None, Freshness(checked=True, changed={"Observation": 1}))
+    'stale'
+    """
+    if freshness is not None and freshness.checked:
+        stale = freshness.stale
+    else:
+        written = instant_of(doc.get("date"))
+        changed = instant_of(((patient or {}).get("meta") or {}).get("lastUpdated"))
+        stale = bool(written and changed and changed > written)
+    if stale:
         return "stale"
     return "approved" if doc.get("docStatus") == "final" else "draft"
 
 
 def age_text(doc: Mapping[str, Any], now: datetime) -> str:
-    written = _when(doc.get("date"))
+    written = instant_of(doc.get("date"))
     if written is None:
         return "of unknown age"
     minutes = max(0, int((now - written).total_seconds() // 60))
@@ -183,9 +220,10 @@ def summary_card(
     launch_url: str,
     now: datetime,
     queued: bool,
+    freshness: Freshness | None = None,
 ) -> dict[str, Any]:
     data = stored_summary(doc)
-    state = state_of(doc, patient)
+    state = state_of(doc, patient, freshness)
     synopsis = next(iter(_lines(data, SYNOPSIS)), "") or "chartbrief summary"
     flagged = _lines(data, FLAGGED)
     conflicts = [
@@ -194,6 +232,10 @@ def summary_card(
         if isinstance(c, dict)
     ] or _lines(data, CONFLICTS_TITLE)
     detail = [f"**State:** {state}, {age_text(doc, now)}."]
+    if freshness is not None and freshness.stale:
+        detail.append(f"Changed in the record since it was written: {describe(freshness.changed)}.")
+    elif freshness is not None and not freshness.checked:
+        detail.append(f"Whether the record changed since it was written was not checked: {freshness.reason}.")
     if state == "stale" and queued:
         detail.append("The record changed since; an updated summary is being prepared.")
     if flagged:

@@ -220,6 +220,8 @@ async def test_a_ready_summary_becomes_a_card_with_its_state_and_a_smart_link(
     assert f"**State:** {state}" in card["detail"]
     assert card["indicator"] == indicator
     assert card["source"]["label"] == "chartbrief"
+    # Nothing here may ask a FHIR server, so the card falls back on the Patient and says so.
+    assert "was not checked: chartbrief has no access to the FHIR server" in card["detail"]
     (link,) = card["links"]
     assert link["type"] == "smart" and link["url"].startswith(f"{APP_BASE}/launch")
     if "Flagged" in json.dumps(document):

@@ -1,11 +1,14 @@
-"""The patient-view card read from the real local FHIR server, and the time budget with a slow one."""
+"""The patient-view card read from the real local FHIR server (and whether the record changed since
+the summary), and the time budget with a slow one."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import threading
 import time
+import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -14,10 +17,12 @@ from typing import Any
 
 import pytest
 
+from fhir_adapters.auth.scopes import CHANGE_TYPES
 from fhir_adapters.client import FhirClient
+from service.cds.freshness import versioned
 from service.dev.sandbox import LoadedPatient
 from tests.api.conftest import ehr, running_app
-from tests.api.test_cds_hooks import SYSTEM, call, hook, settings_for, signed
+from tests.api.test_cds_hooks import SYSTEM, call, hook, settings_for, signed, summary_fields
 from tests.smart_ehr.server import TestEhr
 
 __all__ = ["ehr"]  # the module-scoped test EHR (its JWKS signs the CDS JWTs)
@@ -27,9 +32,7 @@ SMALL = "Luigi_Wiegand_e27d88b0-c5e5-4042-ad49-184f6a900ee3.json"
 
 def summary_document(patient_id: str) -> dict[str, Any]:
     data = {
-        "sections": [
-            {"title": "Synopsis", "lines": [{"text": "Adult, no active problems", "citations": []}]}
-        ]
+        "sections": [{"title": "Synopsis", "lines": [{"text": "Adult, no active problems", "citations": []}]}]
     }
     return {
         "resourceType": "DocumentReference",
@@ -49,12 +52,31 @@ def summary_document(patient_id: str) -> dict[str, Any]:
     }
 
 
+async def recorded_summary(fhir_base: str, patient_id: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """A summary document written for the patient after reading its record, and the row chartbrief
+    keeps of it (the versions it read), as `runtime.store.record` takes it."""
+
+    def by_patient(resource_type: str) -> dict[str, str]:
+        return {"_id" if resource_type == "Patient" else "patient": patient_id}
+
+    async with FhirClient(fhir_base) as fhir:
+        found = await asyncio.gather(*(fhir.search_all(t, by_patient(t)) for t in CHANGE_TYPES))
+        document = await fhir.create(summary_document(patient_id))
+    row = {
+        **summary_fields(fhir_base),
+        "patient_id": patient_id,
+        "idempotency_key": f"cds-{patient_id}-{document['id']}",
+        "inputs": [versioned(r) for resources in found for r in resources],
+        "document_reference": f"DocumentReference/{document['id']}",
+    }
+    return document, row
+
+
 async def test_without_prefetch_the_card_is_read_from_the_fhir_server_with_the_ehr_token(
     ehr: TestEhr, tmp_path: Path, fhir_base: str, loaded_patients: dict[str, LoadedPatient]
 ) -> None:
     patient = loaded_patients[SMALL].id
-    async with FhirClient(fhir_base) as client:
-        await client.create(summary_document(patient))
+    _, row = await recorded_summary(fhir_base, patient)
     body = hook(
         patient,
         fhirServer=fhir_base,
@@ -65,7 +87,8 @@ async def test_without_prefetch_the_card_is_read_from_the_fhir_server_with_the_e
             "subject": "cds",
         },
     )
-    async with running_app(settings_for(tmp_path, ehr, fhir_servers=(fhir_base,))) as (client, _):
+    async with running_app(settings_for(tmp_path, ehr, fhir_servers=(fhir_base,))) as (client, app):
+        app.state.runtime.store.record(row)
         response = await call(client, body, signed(ehr))
         foreign = await call(client, {**body, "fhirServer": "http://127.0.0.1:9/fhir"}, signed(ehr))
     assert response.status_code == 200
@@ -73,7 +96,8 @@ async def test_without_prefetch_the_card_is_read_from_the_fhir_server_with_the_e
     assert foreign.status_code == 400 and "fhirServer" in foreign.json()["error"]
     (card,) = response.json()["cards"]
     assert card["summary"] == "Adult, no active problems"
-    assert "**State:** draft" in card["detail"]
+    assert "**State:** draft" in card["detail"], card["detail"]
+    assert "Changed in the record" not in card["detail"]
 
 
 class _Slow(BaseHTTPRequestHandler):
@@ -136,3 +160,102 @@ async def test_a_patient_without_a_summary_gets_one_queued_and_a_card_saying_so(
     (card,) = response.json()["cards"]
     assert card["summary"] == "A chartbrief summary is being prepared"
     assert [(j.patient_id, j.requested_by) for j in jobs] == [(patient, f"cds:{ehr.base_url}")]
+
+
+def _glucose(patient_id: str, value: float) -> dict[str, Any]:
+    return {
+        "resourceType": "Observation",
+        "status": "final",
+        "code": {"coding": [{"system": "http://loinc.org", "code": "2339-0", "display": "Glucose"}]},
+        "subject": {"reference": f"Patient/{patient_id}"},
+        "valueQuantity": {"value": value, "unit": "mg/dL"},
+    }
+
+
+async def test_a_result_added_after_the_summary_makes_the_card_stale_and_names_what_changed(
+    ehr: TestEhr, tmp_path: Path, fhir_base: str
+) -> None:
+    async with FhirClient(fhir_base) as fhir:
+        patient = await fhir.create({"resourceType": "Patient", "gender": "female"})
+        await fhir.create(_glucose(patient["id"], 98))
+    # The summary read the Patient and its result at their versions: found again, they are no change.
+    _, row = await recorded_summary(fhir_base, patient["id"])
+    auth = {"access_token": "ehr-token", "token_type": "Bearer"}
+    body = hook(patient["id"], fhirServer=fhir_base, fhirAuthorization=auth)
+    async with running_app(settings_for(tmp_path, ehr, fhir_servers=(fhir_base,))) as (client, app):
+        app.state.runtime.store.record(row)
+        before = (await call(client, body, signed(ehr))).json()["cards"][0]
+        async with FhirClient(fhir_base) as fhir:
+            await fhir.create(_glucose(patient["id"], 212))
+        after = (await call(client, {**body, "hookInstance": str(uuid.uuid4())}, signed(ehr))).json()[
+            "cards"
+        ][0]
+    assert "**State:** draft" in before["detail"], before["detail"]
+    assert "Changed in the record" not in before["detail"] and "not checked" not in before["detail"]
+    assert before["indicator"] == "info"
+    assert "**State:** stale" in after["detail"], after["detail"]
+    assert "Changed in the record since it was written: 1 Observation." in after["detail"]
+    assert after["indicator"] == "warning"
+
+
+async def test_a_slow_answer_on_changes_leaves_the_card_saying_it_was_not_checked(
+    ehr: TestEhr, tmp_path: Path, slow_fhir: str
+) -> None:
+    from tests.api.test_cds_hooks import doc, prefetch
+
+    body = hook(
+        "p1",
+        prefetch=prefetch(doc("final")),
+        fhirServer=slow_fhir,
+        fhirAuthorization={"access_token": "ehr-token", "token_type": "Bearer"},
+    )
+    settings = settings_for(tmp_path, ehr, fhir_servers=(slow_fhir,), budget_seconds=0.4)
+    async with running_app(settings) as (client, _):
+        started = time.perf_counter()
+        response = await call(client, body, signed(ehr))
+        took = time.perf_counter() - started
+    assert took < 1.2, f"the card took {took:.2f} s with a 0.4 s budget"
+    (card,) = response.json()["cards"]
+    # The summary is shown from the prefetch; it is never called current when that went unchecked.
+    assert card["summary"] == "68 y, type 2 diabetes, hypertension"
+    assert "**State:** approved" in card["detail"]
+    assert "was not checked: the FHIR server did not answer in time" in card["detail"]
+
+
+async def test_right_after_chartbrief_writes_a_summary_the_card_is_current_until_a_result_comes_in(
+    ehr: TestEhr, tmp_path: Path, fhir_base: str
+) -> None:
+    from service.llm.fake import FakeEngine
+    from tests.api.conftest import APP_BASE, app_settings
+    from tests.api.test_api import READ, WRITE, bearer
+
+    async with FhirClient(fhir_base) as fhir:
+        patient = await fhir.create({"resourceType": "Patient", "gender": "male", "birthDate": "1961-04-02"})
+        await fhir.create(_glucose(patient["id"], 101))
+    engine = FakeEngine()
+    engine.enqueue(json.dumps({"claims": []}))
+    settings = app_settings(
+        tmp_path,
+        ehr,
+        api={"jwt_issuer": ehr.base_url, "jwks_url": ehr.jwks_url},
+        fhir={"base_url": fhir_base},
+        cds={"clients": [{"issuer": ehr.base_url, "jwks_url": ehr.jwks_url}]},
+        writer={"identifier_system": SYSTEM},
+        smart={"allowed_issuers": [ehr.base_url]},
+    )
+    token = ehr.issue_token(patient=patient["id"], scope=f"{READ} {WRITE}", audience=APP_BASE)
+    body = hook(patient["id"], fhirServer=fhir_base)  # read with chartbrief's own client
+    async with running_app(settings, engine=engine) as (client, app):
+        started = await client.post("/api/summaries", json={"patient": patient["id"]}, headers=bearer(token))
+        await app.state.runtime.jobs.wait(started.json()["id"])
+        job = (await client.get(started.headers["location"], headers=bearer(token))).json()
+        assert job["status"] == "succeeded", job["error"]
+        current = (await call(client, body, signed(ehr))).json()["cards"][0]
+        async with FhirClient(fhir_base) as fhir:
+            await fhir.create(_glucose(patient["id"], 240))
+        changed = (await call(client, {**body, "hookInstance": str(uuid.uuid4())}, signed(ehr))).json()
+    assert "**State:** draft" in current["detail"], current["detail"]
+    assert "Changed in the record" not in current["detail"] and "not checked" not in current["detail"]
+    (card,) = changed["cards"]
+    assert "**State:** stale" in card["detail"], card["detail"]
+    assert "1 Observation" in card["detail"]

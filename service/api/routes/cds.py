@@ -9,8 +9,10 @@ POST /cds-services/chartbrief-summary/feedback   accepted / overridden outcomes 
 Every POST carries the CDS client's JWT (checked by `service.cds.tokens`). The summary is read
 from the request's prefetch, else from `fhirServer` with `fhirAuthorization`'s token, else from
 chartbrief's own FHIR server (Backend Services credentials, `CHARTBRIEF_FHIR__*`) when
-`fhirServer` is that server; none of them = 412. A missing or stale summary is queued through the
-REST API's job registry and work admission (their bounds hold); the hook never waits for it.
+`fhirServer` is that server; none of them = 412. Whether the record changed since the summary is
+asked of the same server in what is left of the budget (`service.cds.freshness`). A missing or stale
+summary is queued through the REST API's job registry and work admission (their bounds hold); the
+hook never waits for it.
 
 What it must not do: generate a summary inside the request, log a token or the card text, or
 send the EHR's token anywhere but the request's own fhirServer.
@@ -34,6 +36,7 @@ from service.api.deps import get_runtime
 from service.api.errors import TooManyRequests, Unauthenticated, Unavailable
 from service.cds.cards import (
     SERVICE_ID,
+    Freshness,
     HookRequest,
     HookRequestError,
     discovery,
@@ -43,9 +46,10 @@ from service.cds.cards import (
     state_of,
     summary_card,
 )
+from service.cds.freshness import changes_since, check_freshness
 from service.cds.tokens import CdsTokenVerifier, StoredJti
 from service.config import Settings
-from service.db.store import in_thread
+from service.db.store import StoredSummary, in_thread
 from service.fhir import fhir_client
 from service.governance.records import CDS_OUTCOMES, record_cds_feedback
 
@@ -80,9 +84,7 @@ async def _caller(request: Request) -> dict[str, Any]:
     )
     header = request.headers.get("authorization", "")
     scheme, _, token = header.partition(" ")
-    return await verifier.verify(
-        token.strip() if scheme.lower() == "bearer" else None, service_url(request)
-    )
+    return await verifier.verify(token.strip() if scheme.lower() == "bearer" else None, service_url(request))
 
 
 @router.get("", summary="CDS Hooks discovery")
@@ -122,12 +124,17 @@ def _reader(request: Request, hook: HookRequest) -> FhirClient | None:
 
 async def _latest(
     request: Request, hook: HookRequest
-) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
-    """(document, patient): the latest chartbrief DocumentReference and the Patient, or 412."""
+) -> tuple[dict[str, Any] | None, dict[str, Any] | None, FhirClient | None]:
+    """(document, patient, reader): the latest chartbrief DocumentReference, the Patient, and the
+    client that may ask the FHIR server whether the record changed since (None: nothing may), or 412."""
     given, doc = latest_from_prefetch(hook.prefetch)
     patient = hook.prefetch.get("patient") if isinstance(hook.prefetch.get("patient"), dict) else None
     if given and patient is not None:
-        return doc, patient
+        try:
+            return doc, patient, _reader(request, hook)
+        except HookRequestError:
+            # A complete prefetch needs no server; an unnamed fhirServer is simply not asked.
+            return doc, patient, None
     client = _reader(request, hook)
     if client is None:
         raise HookRequestError(
@@ -148,7 +155,41 @@ async def _latest(
         doc = docs[0] if docs else None
     if patient is None:
         patient = await client.read("Patient", hook.patient_id)
-    return doc, patient
+    return doc, patient, client
+
+
+async def _freshness(
+    request: Request,
+    hook: HookRequest,
+    reader: FhirClient | None,
+    doc: dict[str, Any],
+    row: StoredSummary | None,
+    deadline: float,
+) -> Freshness:
+    """Whether the record changed since `doc`, asked before `deadline`; unchecked (with the reason)
+    when nothing may ask, the document has no time, the server fails or time runs out."""
+    settings = get_runtime(request).settings
+    since = changes_since(doc, settings.batch.watermark_overlap_seconds)
+    if reader is None:
+        return Freshness(checked=False, reason="chartbrief has no access to the FHIR server for this hook")
+    if since is None:
+        return Freshness(checked=False, reason="the summary carries no date")
+    try:
+        async with asyncio.timeout_at(deadline):
+            return await check_freshness(
+                reader,
+                hook.patient_id,
+                since,
+                types=settings.batch.change_types,
+                inputs=frozenset(row.inputs) if row is not None else frozenset(),
+                identifier_system=settings.writer.identifier_system,
+            )
+    except TimeoutError:
+        log.info("cds.freshness_over_budget")
+        return Freshness(checked=False, reason="the FHIR server did not answer in time")
+    except FhirError as exc:
+        log.warning("cds.freshness_failed", error=type(exc).__name__)
+        return Freshness(checked=False, reason="the FHIR server refused the search")
 
 
 def _queue(request: Request, hook: HookRequest, who: str) -> bool:
@@ -205,12 +246,11 @@ async def patient_view(request: Request) -> JSONResponse:
     runtime = get_runtime(request)
     who = f"cds:{claims['iss']}"
     launch = _launch_url(request, hook)
+    deadline = asyncio.get_running_loop().time() + runtime.settings.cds.budget_seconds
     try:
-        async with asyncio.timeout(runtime.settings.cds.budget_seconds):
-            doc, patient = await _latest(request, hook)
-            row = await in_thread(
-                runtime.store.latest_for_patient, _base(request, hook), hook.patient_id
-            )
+        async with asyncio.timeout_at(deadline):
+            doc, patient, reader = await _latest(request, hook)
+            row = await in_thread(runtime.store.latest_for_patient, _base(request, hook), hook.patient_id)
     except HookRequestError as exc:
         return _error(exc.status, str(exc))
     except TimeoutError:
@@ -221,21 +261,21 @@ async def patient_view(request: Request) -> JSONResponse:
         return JSONResponse({"cards": []})
     if doc is None:
         return JSONResponse({"cards": [preparing_card(launch, queued=_queue(request, hook, who))]})
-    queued = state_of(doc, patient) == "stale" and _queue(request, hook, who)
-    summary_id = (
-        row.id
-        if row is not None and row.document_reference == f"DocumentReference/{doc.get('id')}"
-        else None
-    )
+    # The row's inputs say which versions the summary read; only the row of this very document.
+    if row is not None and row.document_reference != f"DocumentReference/{doc.get('id')}":
+        row = None
+    freshness = await _freshness(request, hook, reader, doc, row, deadline)
+    queued = state_of(doc, patient, freshness) == "stale" and _queue(request, hook, who)
     card = summary_card(
         doc,
         patient,
-        summary_id=summary_id,
+        summary_id=row.id if row is not None else None,
         launch_url=launch,
         now=datetime.now(UTC),
         queued=queued,
+        freshness=freshness,
     )
-    log.info("cds.card", summary_id=summary_id, indicator=card["indicator"])
+    log.info("cds.card", summary_id=card["uuid"].split(".")[0], indicator=card["indicator"])
     return JSONResponse({"cards": [card]})
 
 
