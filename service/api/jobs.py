@@ -39,6 +39,7 @@ class Job:
     patient_id: str
     encounter_id: str | None
     requested_by: str  # principal subject: an id, never a secret
+    kind: str = "summary"  # which face started it: "summary" (REST API, CDS) or "fhir-operation"
     status: JobStatus = "queued"
     created_at: float = field(default_factory=time.time)
     finished_at: float | None = None
@@ -85,6 +86,7 @@ class JobRegistry:
         requested_by: str,
         describe_error: Callable[[BaseException], str],
         place: Place | None = None,
+        kind: str = "summary",
     ) -> Job:
         """Start `runner` as a task; `place`, if given, is given back when the task ends."""
         job = Job(
@@ -92,6 +94,7 @@ class JobRegistry:
             patient_id=patient_id,
             encounter_id=encounter_id,
             requested_by=requested_by,
+            kind=kind,
         )
         self._jobs[job.id] = job
         self._forget_oldest()

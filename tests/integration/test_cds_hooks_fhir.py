@@ -40,7 +40,7 @@ def summary_document(patient_id: str) -> dict[str, Any]:
         "docStatus": "preliminary",
         "identifier": [{"system": SYSTEM, "value": f"cds-test-{patient_id}"}],
         "subject": {"reference": f"Patient/{patient_id}"},
-        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+        "date": datetime.now(UTC).isoformat(timespec="milliseconds"),
         "content": [
             {
                 "attachment": {

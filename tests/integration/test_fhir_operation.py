@@ -3,6 +3,7 @@ three resources and writes nothing; a real POST writes them once, and a retry re
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 from typing import Any
 
@@ -104,3 +105,71 @@ async def test_an_unknown_patient_is_404(ehr: Any, tmp_path: Path, fhir_base: st
         response = await client.get(SUMMARIZE.format("no-such-patient-404"), headers=bearer(token))
     issue = outcome(response, 404)
     assert issue["code"] == "not-found" and "Patient/no-such-patient-404" in issue["diagnostics"]
+
+
+async def poll(client: httpx.AsyncClient, url: str, token: str) -> httpx.Response:
+    """GET the status URL until it is no longer 202 (each 202 must say how far the job is)."""
+    path = url.removeprefix(APP_BASE)
+    for _ in range(200):
+        response = await client.get(path, headers=bearer(token))
+        if response.status_code != 202:
+            return response
+        assert response.headers["X-Progress"] in ("queued", "running")
+        assert int(response.headers["Retry-After"]) > 0
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"{url} still 202 after 200 polls")
+
+
+async def test_respond_async_answers_202_then_the_status_url_gives_the_bundle_written_once(
+    ehr: Any, tmp_path: Path, fhir_base: str, loaded_patients: dict[str, LoadedPatient]
+) -> None:
+    patient = loaded_patients[SMALL].id
+    engine = scripted_engine("fhir-op-async", NO_CLAIMS)
+    token = ehr.issue_token(patient=patient, scope=f"{READ} {WRITE}", audience=APP_BASE)
+    other = ehr.issue_token(patient="someone-else", scope=f"{READ} {WRITE}", audience=APP_BASE)
+    prefer = {**bearer(token), "Prefer": "respond-async"}
+    async with running_app(operation_settings(tmp_path, ehr, fhir_base), engine=engine) as (client, _app):
+        accepted = await client.post(SUMMARIZE.format(patient), json=parameters(), headers=prefer)
+        assert accepted.status_code == 202, accepted.text
+        url = accepted.headers["Content-Location"]
+        assert url.startswith(f"{APP_BASE}/fhir/$summarize-status/")
+        done = await poll(client, url, token)
+        # Another patient's caller learns nothing of the job, as for an unknown id.
+        foreign = await client.get(url.removeprefix(APP_BASE), headers=bearer(other))
+        # The same request without Prefer: the same summary, found by its key, written once.
+        sync = await client.post(SUMMARIZE.format(patient), json=parameters(), headers=bearer(token))
+    assert accepted.json()["resourceType"] == "OperationOutcome"
+    assert done.status_code == 200, done.text
+    body = done.json()
+    get_fhir_model_class("Bundle").model_validate(body)
+    assert body["type"] == "batch-response"
+    (entry,) = body["entry"]
+    assert entry["response"]["status"] == "200 OK"
+    inner = {e["resource"]["resourceType"]: e["resource"] for e in entry["resource"]["entry"]}
+    assert list(inner) == ["DocumentReference", "Device", "Provenance"]
+    doc = inner["DocumentReference"]
+    assert resources_of(sync)["DocumentReference"]["id"] == doc["id"]
+    assert await documents_with(fhir_base, summary_key(doc)) == 1
+    assert foreign.status_code == 404
+    assert len(engine.history) == 1
+
+
+async def test_an_async_request_for_an_unknown_encounter_ends_with_the_404_it_would_have_had(
+    ehr: Any, tmp_path: Path, fhir_base: str, loaded_patients: dict[str, LoadedPatient]
+) -> None:
+    patient = loaded_patients[SMALL].id
+    token = ehr.issue_token(patient=patient, scope=f"{READ} {WRITE}", audience=APP_BASE)
+    body = parameters({"name": "encounter", "valueReference": {"reference": "Encounter/no-such-visit"}})
+    prefer = {**bearer(token), "Prefer": "respond-async"}
+    engine = scripted_engine("fhir-op-async-404")
+    async with running_app(operation_settings(tmp_path, ehr, fhir_base), engine=engine) as (client, _app):
+        accepted = await client.post(SUMMARIZE.format(patient), json=body, headers=prefer)
+        done = await poll(client, accepted.headers["Content-Location"], token)
+        unknown = await client.get("/fhir/$summarize-status/no-such-job", headers=bearer(token))
+    assert done.status_code == 200, done.text
+    (entry,) = done.json()["entry"]
+    assert entry["response"]["status"] == "404 Not Found"
+    issue = entry["response"]["outcome"]["issue"][0]
+    assert issue["code"] == "not-found" and "Encounter/no-such-visit" in issue["diagnostics"]
+    assert "resource" not in entry
+    assert unknown.status_code == 404 and unknown.json()["resourceType"] == "OperationOutcome"
