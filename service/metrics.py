@@ -10,7 +10,8 @@ process and every batch machine shows the same figures wherever Prometheus scrap
 
 What it must not do: put a patient id, a resource id, a name, a URL or any text from a record or a
 claim in a label. Every label value comes from a closed set written here (`OUTCOMES`, `STAGES`,
-grounding's verdicts and severities, review outcome actions, work kinds, batch item states).
+grounding's verdicts and severities, review outcome actions, work kinds, batch item states), or
+names the model file (`chartbrief_model_info`).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from sqlalchemy import func, select
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
+from fhir_adapters.models import ModelIdentity
 from service.api.limits import WorkKind
 from service.db.batch import ITEM_STATES, Run, RunItem
 from service.db.models import ReviewOutcomeRow
@@ -140,9 +142,39 @@ class Metrics:
         self.in_flight.set_function(lambda: float(in_flight()))
         self.jobs_live.set_function(lambda: float(jobs_live()))
 
+    def watch_model(self, identity: Callable[[], ModelIdentity | None]) -> None:
+        """`chartbrief_model_info`: the model this process summarizes with, read at each scrape
+        (none while it loads), so every other figure can be joined to the exact model file."""
+        self.registry.register(ModelInfo(identity))
+
     def watch_database(self, db: sessionmaker[Session]) -> None:
         """Review outcomes and batch progress, read from chartbrief's database at each scrape."""
         self.registry.register(DatabaseFigures(db))
+
+
+class ModelInfo(Collector):
+    """One sample of 1 naming the loaded model: name, file, quantization, sha256 (no record data:
+    these come from the model file and the catalogue)."""
+
+    LABELS = ("model", "file", "quantization", "sha256")
+
+    def __init__(self, identity: Callable[[], ModelIdentity | None]) -> None:
+        self.identity = identity
+
+    def _family(self) -> GaugeMetricFamily:
+        return GaugeMetricFamily(
+            "chartbrief_model_info", "The model this process summarizes with (1).", labels=list(self.LABELS)
+        )
+
+    def describe(self) -> Iterable[Metric]:
+        return [self._family()]
+
+    def collect(self) -> Iterator[Metric]:
+        family = self._family()
+        model = self.identity()
+        if model is not None:
+            family.add_metric([model.name, model.file_name, model.quantization, model.sha256], 1.0)
+        yield family
 
 
 class DatabaseFigures(Collector):

@@ -153,6 +153,7 @@ def _watch(runtime: Runtime) -> WSGIServer | None:
     figures = runtime.metrics
     figures.watch(in_flight=lambda: runtime.admission.in_flight, jobs_live=lambda: runtime.jobs.live)
     figures.watch_database(runtime.db)
+    figures.watch_model(lambda: runtime.model.engine.identity if runtime.model.engine is not None else None)
     runtime.admission.on_refusal = figures.refused
     runtime.jobs.on_failure = figures.summary_failed
     port = runtime.settings.metrics.port

@@ -116,6 +116,14 @@ async def test_a_summary_through_the_api_moves_outcomes_stages_tokens_and_claims
         assert figures[("chartbrief_stage_seconds_count", (("stage", stage),))] == 1, stage
     assert figures[("chartbrief_stage_seconds_sum", (("stage", "fetch"),))] > 0
     assert figures[("chartbrief_tokens_total", (("kind", "prompt"),))] == job["result"]["prompt_tokens"] > 0
+    identity = engine.identity
+    model = (
+        ("file", identity.file_name),
+        ("model", identity.name),
+        ("quantization", identity.quantization),
+        ("sha256", identity.sha256),
+    )
+    assert figures[("chartbrief_model_info", model)] == 1
     dropped = sum(v for (name, _), v in figures.items() if name == "chartbrief_claims_dropped_total")
     assert dropped == len(job["result"]["dropped"]) == 1
     # Nothing of the patient is in a label or a value name: ids, names.
@@ -192,6 +200,7 @@ def test_the_dashboard_asks_only_for_metrics_chartbrief_exposes() -> None:
         "chartbrief_review_outcomes",
         "chartbrief_batch_items",
         "chartbrief_batch_running",
+        "chartbrief_model_info",
     }
     suffixes = ("_total", "_bucket", "_sum", "_count")
     for expr in exprs:
