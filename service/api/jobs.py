@@ -113,6 +113,13 @@ class JobRegistry:
     def get(self, job_id: str) -> Job | None:
         return self._jobs.get(job_id)
 
+    def unfinished_for(self, patient_id: str, kind: str = "summary") -> Job | None:
+        """A queued or running job of `kind` for the patient, if any (so a second ask waits on it)."""
+        return next(
+            (j for j in self._jobs.values() if j.patient_id == patient_id and j.kind == kind and not j.done),
+            None,
+        )
+
     async def _run(
         self,
         job: Job,

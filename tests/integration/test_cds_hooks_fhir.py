@@ -21,6 +21,8 @@ from fhir_adapters.auth.scopes import CHANGE_TYPES
 from fhir_adapters.client import FhirClient
 from service.cds.freshness import versioned
 from service.dev.sandbox import LoadedPatient
+from service.llm.base import EngineError, Generation, GenerationRequest
+from service.llm.fake import FakeEngine
 from tests.api.conftest import ehr, running_app
 from tests.api.test_cds_hooks import SYSTEM, call, hook, settings_for, signed, summary_fields
 from tests.smart_ehr.server import TestEhr
@@ -147,18 +149,35 @@ async def test_a_slow_fhir_server_never_holds_the_card_past_its_budget(
     assert card["summary"] in ("No chartbrief summary yet", "A chartbrief summary is being prepared")
 
 
+class _HeldEngine(FakeEngine):
+    """A model that does not answer until the test lets it: its job stays unfinished meanwhile."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.release = asyncio.Event()
+
+    async def generate(self, request: GenerationRequest) -> Generation:
+        await self.release.wait()
+        raise EngineError("released by the test")
+
+
 async def test_a_patient_without_a_summary_gets_one_queued_and_a_card_saying_so(
     ehr: TestEhr, tmp_path: Path, fhir_base: str, loaded_patients: dict[str, LoadedPatient]
 ) -> None:
     patient = next(p.id for name, p in sorted(loaded_patients.items()) if name != SMALL)
     base = settings_for(tmp_path, ehr)
     settings = base.model_copy(update={"fhir": base.fhir.model_copy(update={"base_url": fhir_base})})
-    async with running_app(settings) as (client, app):
+    engine = _HeldEngine()
+    async with running_app(settings, engine=engine) as (client, app):
         response = await call(client, hook(patient, fhirServer=fhir_base), signed(ehr))
+        # The chart opened again while that summary is still being made: no second one.
+        again = await call(client, hook(patient, fhirServer=fhir_base), signed(ehr))
         jobs = list(app.state.runtime.jobs._jobs.values())
+        engine.release.set()
     assert response.status_code == 200
-    (card,) = response.json()["cards"]
-    assert card["summary"] == "A chartbrief summary is being prepared"
+    for answer in (response, again):
+        (card,) = answer.json()["cards"]
+        assert card["summary"] == "A chartbrief summary is being prepared"
     assert [(j.patient_id, j.requested_by) for j in jobs] == [(patient, f"cds:{ehr.base_url}")]
 
 
@@ -225,7 +244,6 @@ async def test_a_slow_answer_on_changes_leaves_the_card_saying_it_was_not_checke
 async def test_right_after_chartbrief_writes_a_summary_the_card_is_current_until_a_result_comes_in(
     ehr: TestEhr, tmp_path: Path, fhir_base: str
 ) -> None:
-    from service.llm.fake import FakeEngine
     from tests.api.conftest import APP_BASE, app_settings
     from tests.api.test_api import READ, WRITE, bearer
 

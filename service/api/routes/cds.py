@@ -197,6 +197,10 @@ def _queue(request: Request, hook: HookRequest, who: str) -> bool:
     runtime = get_runtime(request)
     if runtime.service_client is None or runtime.model.engine is None:
         return False
+    if runtime.jobs.unfinished_for(hook.patient_id) is not None:
+        # Every view of the chart asks; one summary in the making is enough.
+        log.info("cds.already_queued")
+        return True
     from service.api.deps import get_pipeline
     from service.api.routes.api import describe_failure
     from service.pipeline import summarize_patient
