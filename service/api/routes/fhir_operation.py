@@ -58,7 +58,7 @@ from service.api.deps import (
 )
 from service.api.errors import FHIR_JSON, ApiError, BadRequest, Forbidden, NotFound, operation_outcome
 from service.api.jobs import JobRegistry
-from service.api.limits import WorkAdmission
+from service.api.limits import WorkAdmission, WorkKind
 from service.api.operation import (
     OPERATION_ID,
     SummarizeRequest,
@@ -133,11 +133,10 @@ async def summarize_post(
     else:
         operation = SummarizeRequest()
     await authorize(db, request, principal, "create", patient)
-    if respond_async(request.headers.get("prefer", "")):
-        return await _start(
-            request, principal, db, fhir.ready(), pipeline, admission, jobs, patient, operation
-        )
-    return await _summarize(request, principal, db, fhir.ready(), pipeline, admission, patient, operation)
+    queue = jobs if respond_async(request.headers.get("prefer", "")) else None
+    return await _summarize(
+        request, principal, db, fhir.ready(), pipeline, admission, patient, operation, jobs=queue
+    )
 
 
 @router.get(
@@ -164,27 +163,6 @@ def _patient(patient_id: str) -> str:
     if not is_fhir_id(patient_id):
         raise BadRequest("patient id is not a valid FHIR id ([A-Za-z0-9-.]{1,64})")
     return patient_id
-
-
-async def _summarize(
-    request: Request,
-    principal: Principal,
-    db: sessionmaker[Session],
-    client: FhirClient,
-    pipeline: Pipeline,
-    admission: WorkAdmission,
-    patient: str,
-    operation: SummarizeRequest,
-) -> JSONResponse:
-    svc = _services(pipeline, client, operation)
-    # A place before anything is fetched, like every other model work (`service.api.limits`).
-    place = await take_place(admission, db, request, principal, patient, "api-stream")
-    try:
-        bundle = await _answer(svc, client, patient, operation)
-        place.finish()
-    finally:
-        place.release()
-    return _fhir(bundle)
 
 
 def _services(pipeline: Pipeline, client: FhirClient, operation: SummarizeRequest) -> Services:
@@ -237,20 +215,30 @@ def _status_url(request: Request, job_id: str) -> str:
     return f"{base}/fhir/$summarize-status/{job_id}"
 
 
-async def _start(
+async def _summarize(
     request: Request,
     principal: Principal,
     db: sessionmaker[Session],
     client: FhirClient,
     pipeline: Pipeline,
     admission: WorkAdmission,
-    jobs: JobRegistry,
     patient: str,
     operation: SummarizeRequest,
+    jobs: JobRegistry | None = None,
 ) -> JSONResponse:
-    """Accept the operation as a job: 202 with the status URL to poll."""
+    """The answer while the request waits; with `jobs` (Prefer: respond-async), a job instead and
+    202 with the status URL to poll."""
     svc = _services(pipeline, client, operation)
-    place = await take_place(admission, db, request, principal, patient, "job")
+    # A place before anything is fetched, like every other model work (`service.api.limits`).
+    kind: WorkKind = "api-stream" if jobs is None else "job"
+    place = await take_place(admission, db, request, principal, patient, kind)
+    if jobs is None:
+        try:
+            bundle = await _answer(svc, client, patient, operation)
+            place.finish()
+        finally:
+            place.release()
+        return _fhir(bundle)
 
     async def run() -> dict[str, Any]:
         try:
