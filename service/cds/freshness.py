@@ -20,12 +20,13 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Collection, Iterable, Mapping, Sequence
-from datetime import UTC, timedelta
+from datetime import timedelta
 from typing import Any
 
 import structlog
 
 from fhir_adapters.client import FhirClient
+from service.batch.selection import fhir_instant
 from service.cds.cards import Freshness, instant_of
 from service.safety import is_ai_asserted
 
@@ -52,8 +53,7 @@ def changes_since(doc: Mapping[str, Any], overlap_seconds: int) -> str | None:
     ]
     if not times:
         return None
-    since = min(times) - timedelta(seconds=overlap_seconds)
-    return since.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return fhir_instant(min(times) - timedelta(seconds=overlap_seconds))
 
 
 def versioned(resource: Mapping[str, Any]) -> str:

@@ -268,18 +268,19 @@ async def patient_view(request: Request) -> JSONResponse:
     # The row's inputs say which versions the summary read; only the row of this very document.
     if row is not None and row.document_reference != f"DocumentReference/{doc.get('id')}":
         row = None
+    summary_id = row.id if row is not None else None
     freshness = await _freshness(request, hook, reader, doc, row, deadline)
     queued = state_of(doc, patient, freshness) == "stale" and _queue(request, hook, who)
     card = summary_card(
         doc,
         patient,
-        summary_id=row.id if row is not None else None,
+        summary_id=summary_id,
         launch_url=launch,
         now=datetime.now(UTC),
         queued=queued,
         freshness=freshness,
     )
-    log.info("cds.card", summary_id=card["uuid"].split(".")[0], indicator=card["indicator"])
+    log.info("cds.card", summary_id=summary_id, indicator=card["indicator"])
     return JSONResponse({"cards": [card]})
 
 
